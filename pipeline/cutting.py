@@ -1,0 +1,197 @@
+"""The CPU path: one decode of each frame serves scene detection and clip sampling.
+
+`cut_source` streams a source's frames through a `SceneTracker`, keeps only the frames
+of the scene still open, and turns each finished scene (or each full-length window of
+a long scene, as soon as no later cut can fall inside it) into bucket-shaped clips:
+resampled to the bucket fps by timestamps, resized and center-cropped. Memory is bounded
+by one window of frames plus the detector's lag, however long the source is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.buckets import (
+    BucketConfig, SourceBucketing, available_target_frames, cover_size, make_bucket, resample_indices, resize_crop,
+)
+from pipeline.decode import DecodeConfig, DecodeError, iter_frames
+from pipeline.scenes import SceneConfig, SceneTracker, detect_size
+
+
+@dataclass
+class Clip:
+    """One bucket-shaped clip cut from a source."""
+
+    scene_index: int
+    window_index: int
+    start_frame: int  # first source frame (inclusive)
+    end_frame: int  # source frame after the clip (exclusive)
+    start_s: float
+    end_s: float
+    bucket_name: str
+    frames: np.ndarray  # (T, H, W, 3) uint8
+
+
+@dataclass
+class SpanReject:
+    """A span of a source that yields no clip, and why."""
+
+    stage: str
+    reason: str
+    start_frame: int = -1
+    end_frame: int = -1
+
+
+@dataclass
+class _Buffered:
+    index: int
+    pts_s: float
+    frame: np.ndarray = field(repr=False)
+
+
+class Cutter:
+    """Incremental scene → window → clip logic for one source (no I/O; unit-testable)."""
+
+    def __init__(self, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, source_fps: float) -> None:
+        self.sb, self.cfg = sb, buckets
+        self.fps = buckets.fps
+        self.max_frames = max(buckets.num_frames)
+        self.min_frames = min(buckets.num_frames)
+        self.tracker = SceneTracker(scenes, source_fps)
+        self.source_fps = source_fps
+        self.buffer: list[_Buffered] = []
+        self.scene_index = 0
+        self.window_index = 0
+        self.window_start = 0  # source frame index where the next window starts
+
+    # -- buffer helpers -------------------------------------------------------
+    def _pos(self, index: int) -> int:
+        return index - self.buffer[0].index
+
+    def _pts(self, index: int) -> float:
+        return self.buffer[self._pos(index)].pts_s
+
+    def _drop_before(self, index: int) -> None:
+        if self.buffer and index > self.buffer[0].index:
+            del self.buffer[: min(len(self.buffer), self._pos(index))]
+
+    def _first_at_or_after(self, t: float, start: int, stop: int) -> int | None:
+        """First buffered frame index in [start, stop) shown at or after time t."""
+        for b in self.buffer[self._pos(start) :]:
+            if b.index >= stop:
+                return None
+            if b.pts_s >= t - 1e-4:
+                return b.index
+        return None
+
+    def _make_clip(self, start: int, end: int, num_frames: int) -> Clip:
+        span = self.buffer[self._pos(start) : self._pos(start) + (end - start)]
+        pts = np.array([b.pts_s for b in span])
+        start_s = span[0].pts_s
+        picks = resample_indices(pts, start_s, num_frames, self.fps)
+        frames = np.stack([resize_crop(span[k].frame, self.sb.height_px, self.sb.width_px) for k in picks])
+        bucket = make_bucket(self.sb, num_frames, self.cfg)
+        clip = Clip(self.scene_index, self.window_index, start, end, start_s, start_s + num_frames / self.fps,
+                    bucket.name, frames)
+        self.window_index += 1
+        return clip
+
+    # -- the two events: a frame arrives, a scene closes ---------------------------
+    def push(self, index: int, pts_s: float, frame: np.ndarray) -> list[Clip | SpanReject]:
+        """Add one decoded frame; return clips/rejects that became final."""
+        self.buffer.append(_Buffered(index, pts_s, frame))
+        out: list[Clip | SpanReject] = []
+        for cut in self.tracker.push(index, frame):
+            out += self._close_scene(cut, self._pts(cut))
+        out += self._emit_ready_windows(index)
+        return out
+
+    def finish(self, frame_duration_s: float | None = None) -> list[Clip | SpanReject]:
+        """End of stream: flush the detector and close the last scene."""
+        if not self.buffer:
+            return []
+        out: list[Clip | SpanReject] = []
+        last = self.buffer[-1]
+        for cut in self.tracker.finish():
+            if cut <= last.index:
+                out += self._close_scene(cut, self._pts(cut))
+        if frame_duration_s is None:
+            frame_duration_s = 1.0 / self.source_fps
+        out += self._close_scene(last.index + 1, last.pts_s + frame_duration_s)
+        return out
+
+    def _emit_ready_windows(self, newest: int) -> list[Clip | SpanReject]:
+        out: list[Clip | SpanReject] = []
+        while self.buffer:
+            start_s = self._pts(self.window_start)
+            nxt = self._first_at_or_after(start_s + self.max_frames / self.fps, self.window_start, newest + 1)
+            # Emit only once no cut can still be reported inside [window_start, nxt).
+            if nxt is None or newest < nxt - 1 + self.tracker.lag_frames:
+                break
+            out.append(self._make_clip(self.window_start, nxt, self.max_frames))
+            self.window_start = nxt
+            self._drop_before(nxt)
+        return out
+
+    def _close_scene(self, end: int, end_s: float) -> list[Clip | SpanReject]:
+        out: list[Clip | SpanReject] = []
+        if end <= self.window_start:  # a (late) cut inside an emitted window: nothing left to close
+            return out
+        while True:
+            start_s = self._pts(self.window_start)
+            available = available_target_frames(start_s, end_s, self.fps)
+            if available >= self.max_frames:
+                nxt = self._first_at_or_after(start_s + self.max_frames / self.fps, self.window_start, end)
+                out.append(self._make_clip(self.window_start, nxt if nxt is not None else end, self.max_frames))
+                if nxt is None:
+                    break
+                self.window_start = nxt
+                continue
+            fitting = [n for n in self.cfg.num_frames if n <= available]
+            if fitting:
+                out.append(self._make_clip(self.window_start, end, max(fitting)))
+            elif available > 0 or self.window_index == 0:
+                out.append(SpanReject(
+                    "scene", f"scene {self.scene_index} span of {available} frame(s) at {self.fps:g} fps is shorter "
+                    f"than the shortest bucket ({self.min_frames} frames)", self.window_start, end))
+            break
+        self.scene_index += 1
+        self.window_index = 0
+        self.window_start = end
+        self._drop_before(end)
+        return out
+
+
+def decode_size(src_h: int, src_w: int, sb: SourceBucketing, detect_width_px: int) -> tuple[int, int]:
+    """Decode at the size that covers the bucket, but never below the detection width (or above source)."""
+    ch, cw = cover_size(src_h, src_w, sb.height_px, sb.width_px)
+    dh, dw = detect_size(src_h, src_w, detect_width_px)
+    if dw > cw:
+        ch, cw = dh, dw
+    return ch + (ch % 2), cw + (cw % 2)  # even sizes keep swscale's chroma paths exact
+
+
+def cut_source(
+    path: str, *, width_px: int, height_px: int, fps: float, codec: str, rotation_cw: int,
+    sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
+) -> Iterator[Clip | SpanReject]:
+    """Decode `path` once and yield its clips (and rejected spans) as they become final."""
+    dh, dw = decode_size(height_px, width_px, sb, scenes.detect_width_px)
+    dh, dw = min(dh, height_px), min(dw, width_px)
+    cutter = Cutter(sb, buckets, scenes, fps)
+    last_pts = None
+    deltas: list[float] = []
+    try:
+        for index, pts_s, frame in iter_frames(path, dh, dw, codec=codec, rotation_cw=rotation_cw, cfg=decode):
+            if last_pts is not None:
+                deltas = (deltas + [pts_s - last_pts])[-8:]
+            last_pts = pts_s
+            yield from cutter.push(index, pts_s, frame)
+    except DecodeError as e:
+        yield SpanReject("decode", f"decoding stopped after {e.frames_decoded} frame(s); clips before that were "
+                         f"kept: {e}", e.frames_decoded, -1)
+    positive = [d for d in deltas if d > 0]
+    yield from cutter.finish(float(np.median(positive)) if positive else None)

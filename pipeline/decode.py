@@ -1,0 +1,114 @@
+"""Stream RGB frames from a local video file: decord fast path, PyAV fallback.
+
+Frames come out one at a time as (index, pts_s, frame (H, W, 3) uint8), already scaled
+to the requested size by the decoder (downscale early: a long 1080p source never sits in
+memory) and turned upright by the source's display rotation. decord serves the codecs it
+handles well; anything it cannot open (AV1 with decord 0.6, for one) goes to PyAV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import av
+import numpy as np
+
+from pipeline.logs import get_logger
+
+log = get_logger(__name__)
+
+# Codecs decord 0.6 decodes correctly here (see tests/media.py for the checked table);
+# everything else goes straight to PyAV rather than risking a crash inside decord.
+DECORD_CODECS = {"h264", "hevc", "mpeg4", "vp8", "vp9", "mjpeg", "mpeg2video", "mpeg1video"}
+
+Frame = tuple[int, float, np.ndarray]
+
+
+class DecodeError(Exception):
+    """Decoding stopped early; `frames_decoded` frames were delivered before it."""
+
+    def __init__(self, message: str, frames_decoded: int) -> None:
+        super().__init__(message)
+        self.frames_decoded = frames_decoded
+
+
+@dataclass
+class DecodeConfig:
+    """Decoder choice and threading."""
+
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    num_threads: int = 0  # 0 = let the decoder choose
+
+
+def _upright(frame: np.ndarray, rotation_cw: int) -> np.ndarray:
+    if rotation_cw % 360 == 0:
+        return frame
+    return np.ascontiguousarray(np.rot90(frame, k=-(rotation_cw // 90)))
+
+
+def _coded_size(height_px: int, width_px: int, rotation_cw: int) -> tuple[int, int]:
+    return (width_px, height_px) if rotation_cw in (90, 270) else (height_px, width_px)
+
+
+def _decord_frames(path: str, height_px: int, width_px: int, rotation_cw: int, threads: int) -> Iterator[Frame]:
+    import decord  # imported lazily: only workers that decode need it
+
+    ch, cw = _coded_size(height_px, width_px, rotation_cw)
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=cw, height=ch, num_threads=threads)
+    n = len(vr)
+    stamps = vr.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
+    t0 = float(stamps[0]) if n else 0.0
+    for i in range(n):
+        try:
+            frame = vr.next().asnumpy()
+        except StopIteration:
+            return
+        except decord.DECORDError as e:
+            raise DecodeError(f"decord failed at frame {i}: {e}", i) from None
+        yield i, float(stamps[i]) - t0, _upright(frame, rotation_cw)
+
+
+def _pyav_frames(path: str, height_px: int, width_px: int, rotation_cw: int, threads: int) -> Iterator[Frame]:
+    ch, cw = _coded_size(height_px, width_px, rotation_cw)
+    i, t0 = 0, None
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if threads:
+                stream.codec_context.thread_count = threads
+            fps = float(stream.average_rate or stream.guessed_rate or 25)
+            for frame in container.decode(stream):
+                t = frame.time if frame.time is not None else i / fps
+                t0 = t if t0 is None else t0
+                rgb = frame.to_ndarray(format="rgb24", width=cw, height=ch)
+                yield i, float(t - t0), _upright(rgb, rotation_cw)
+                i += 1
+    except (av.error.FFmpegError, ValueError) as e:
+        raise DecodeError(f"PyAV failed after frame {i}: {e}", i) from None
+
+
+def iter_frames(
+    path: str, height_px: int, width_px: int, *, codec: str, rotation_cw: int = 0, cfg: DecodeConfig | None = None
+) -> Iterator[Frame]:
+    """Yield (index, pts_s from the first frame, RGB uint8 (height_px, width_px, 3)), upright."""
+    cfg = cfg or DecodeConfig()
+    use_decord = cfg.backend == "decord" or (cfg.backend == "auto" and codec in DECORD_CODECS)
+    if use_decord:
+        try:
+            gen = _decord_frames(path, height_px, width_px, rotation_cw, cfg.num_threads)
+            first = next(gen, None)
+        except Exception as e:  # decord raises its own error types, and RuntimeError/ValueError
+            if cfg.backend == "decord":
+                raise DecodeError(f"decord cannot open {codec} stream: {e}", 0) from None
+            log.debug("decord could not open %s (%s); using PyAV", path, e)
+        else:
+            if first is not None:
+                yield first
+                yield from gen
+                return
+            if cfg.backend == "decord":
+                raise DecodeError("decord delivered no frames", 0)
+    yield from _pyav_frames(path, height_px, width_px, rotation_cw, cfg.num_threads)

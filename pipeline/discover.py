@@ -1,0 +1,142 @@
+"""Find candidate videos (by extension and by sniffed content) and give each a content id.
+
+A file is a candidate when its extension says video OR its first bytes look like a video
+container — a mislabelled file is sniffed, not trusted. Sidecar captions (`<stem>.txt`,
+one caption per line, or `<stem>.json` with "caption"/"captions") are attached to the
+video they sit beside. The source id is a hash of the bytes, so a renamed copy is the
+same source and is processed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from pipeline import storage
+
+VIDEO_EXTENSIONS = [
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mts", ".m2ts",
+    ".mpg", ".mpeg", ".wmv", ".asf", ".ogv", ".3gp", ".y4m", ".ivf",
+]
+SIDECAR_EXTENSIONS = (".txt", ".json")
+SNIFF_BYTES = 4096
+
+
+@dataclass
+class InputConfig:
+    """Where sources come from and which files count as videos."""
+
+    uri: str = ""  # local folder or pyarrow.fs URI; "" = the bundled sample clips
+    extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    sniff_content: bool = True  # also take files whose bytes look like a video container
+    use_sidecars: bool = True
+    max_sidecar_bytes: int = 65536
+
+
+def sniff_container(head: bytes) -> str | None:
+    """Name of the container format these first bytes announce, or None."""
+    if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4/mov"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska/webm"
+    if head.startswith(b"RIFF") and head[8:12] in (b"AVI ", b"AVIX"):
+        return "avi"
+    if head.startswith(b"FLV"):
+        return "flv"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head.startswith(b"\x00\x00\x01\xba") or head.startswith(b"\x00\x00\x01\xb3"):
+        return "mpeg-ps"
+    if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):
+        return "asf"
+    if head.startswith(b"YUV4MPEG2"):
+        return "y4m"
+    if head.startswith(b"DKIF"):
+        return "ivf"
+    # MPEG-TS: sync byte 0x47 every 188 bytes.
+    if len(head) >= 188 * 3 and all(head[i * 188] == 0x47 for i in range(3)):
+        return "mpeg-ts"
+    return None
+
+
+def sniff_other(head: bytes) -> str:
+    """A short human name for what a non-video file looks like (for reject reasons)."""
+    known = {
+        b"\x89PNG": "PNG image", b"\xff\xd8\xff": "JPEG image", b"GIF8": "GIF image",
+        b"%PDF": "PDF document", b"PK\x03\x04": "ZIP archive", b"ID3": "MP3 audio",
+        b"fLaC": "FLAC audio",
+    }
+    for magic, name in known.items():
+        if head.startswith(magic):
+            return name
+    if not head:
+        return "empty file"
+    try:
+        head.decode("utf-8")
+        return "text file"
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+
+
+@dataclass
+class Candidate:
+    """One file that may be a video, plus what was found beside it."""
+
+    uri: str
+    size_bytes: int
+    sniffed: str | None
+    sidecar_captions: list[str] = field(default_factory=list)
+
+
+def _read_sidecar(uri: str, max_bytes: int) -> list[str]:
+    text = storage.read_bytes(uri, max_bytes).decode("utf-8", errors="replace")
+    if uri.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return []
+        if not isinstance(data, dict):
+            return []
+        caps = data.get("captions") or ([data["caption"]] if "caption" in data else [])
+        return [str(c).strip() for c in caps if str(c).strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def discover(cfg: InputConfig, uri: str) -> tuple[list[Candidate], list[str]]:
+    """List `uri` recursively → (video candidates, ignored non-video files)."""
+    return discover_files(cfg, storage.list_files(uri))
+
+
+def discover_files(cfg: InputConfig, files: list[tuple[str, int]]) -> tuple[list[Candidate], list[str]]:
+    """Classify (uri, size) files into video candidates (with sidecars) and ignored files."""
+    exts = {e.lower() for e in cfg.extensions}
+    candidates, others = [], []
+    for f, size in files:
+        suffix = PurePosixPath(f).suffix.lower()
+        head = storage.read_bytes(f, SNIFF_BYTES) if (cfg.sniff_content or suffix in exts) else b""
+        sniffed = sniff_container(head)
+        if suffix in exts or (cfg.sniff_content and sniffed):
+            candidates.append(Candidate(f, size, sniffed))
+        else:
+            others.append(f)
+    used: set[str] = set()
+    if cfg.use_sidecars:
+        by_stem: dict[str, list[str]] = {}
+        for f in others:
+            if PurePosixPath(f).suffix.lower() in SIDECAR_EXTENSIONS:
+                by_stem.setdefault(str(PurePosixPath(f).with_suffix("")), []).append(f)
+        for c in candidates:
+            for side in sorted(by_stem.get(str(PurePosixPath(c.uri).with_suffix("")), [])):
+                c.sidecar_captions += _read_sidecar(side, cfg.max_sidecar_bytes)
+                used.add(side)
+    return candidates, [f for f in others if f not in used]
+
+
+def content_id(uri: str) -> str:
+    """Stable source id: sha256 of the file's bytes (first 32 hex digits)."""
+    h = hashlib.sha256()
+    for chunk in storage.iter_chunks(uri):
+        h.update(chunk)
+    return "src" + h.hexdigest()[:29]

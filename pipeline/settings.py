@@ -1,0 +1,78 @@
+"""The pipeline job's config: one dataclass tree, laptop defaults = the demo.
+
+Each component owns its Config dataclass (discover.InputConfig, probe.ProbeConfig, …);
+this module composes them and adds output and compute settings. Production settings
+live in `pipeline/configs/production.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.buckets import BucketConfig
+from pipeline.captions import CaptionConfig
+from pipeline.config import to_dict
+from pipeline.decode import DecodeConfig
+from pipeline.discover import InputConfig
+from pipeline.probe import ProbeConfig
+from pipeline.scenes import SceneConfig
+from pipeline.vae import VAEConfig
+
+
+@dataclass
+class OutputConfig:
+    """Where shards go and how they are grouped."""
+
+    uri: str = "runs/demo/data"
+    val_fraction: float = 0.0  # share of sources held out as split="val" (by hash of source id)
+    keyframe_jpeg_quality: int = 85
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"output.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class ComputeConfig:
+    """Ray resources. Model stages run as actor pools, on GPUs when the cluster has them."""
+
+    cut_cpus: float = 1.0  # one decode+scene-cut task per source, one core each
+    caption_batch_size: int = 8
+    caption_actors: int = 1
+    vae_batch_size: int = 4
+    vae_actors: int = 1
+    model_actor_cpus: float = 0.5  # CPUs reserved per model actor (0.5 leaves a 2-core laptop room to cut)
+    gpus_per_model_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0 (CPU)
+    sources_per_commit: int = 64  # sources processed and committed atomically together
+    commit_retries: int = 2  # a failed batch (node lost, …) is redone from scratch this often
+
+    def validate(self) -> None:
+        if self.sources_per_commit < 1:
+            raise ValueError("compute.sources_per_commit must be >= 1")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything `pipeline/run.py` reads."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scenes: SceneConfig = field(default_factory=SceneConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+# Sections that change what the shards contain; compute/placement settings do not.
+DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "caption", "vae")
+
+
+def data_config(cfg: PipelineConfig) -> dict:
+    """The part of the config that defines the data (hashed into the fingerprint)."""
+    d = {k: to_dict(getattr(cfg, k)) for k in DATA_SECTIONS}
+    d["input"] = {k: v for k, v in to_dict(cfg.input).items() if k != "uri"}
+    d["output"] = {k: v for k, v in to_dict(cfg.output).items() if k != "uri"}
+    return d

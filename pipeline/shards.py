@@ -1,0 +1,149 @@
+"""The shard contract between pipeline, training and eval — defined once, versioned.
+
+A shard is an Arrow IPC file `shards/<bucket>/part-00000.arrow` holding clips of one
+bucket. Latents and text embeddings are `arrow.fixed_shape_tensor` columns (one shape
+per bucket), so bare pyarrow reads them zero-copy with `to_numpy_ndarray()`; no pickle
+anywhere. `clips_table` builds a shard table from plain column arrays and checks every
+shape; `read_shard` memory-maps one back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline import storage
+
+SCHEMA_VERSION = 1
+
+# Scalar columns: name → arrow type. Tensor columns follow in TENSOR_COLUMNS.
+SCALAR_COLUMNS: dict[str, pa.DataType] = {
+    "clip_id": pa.string(),  # f"{source_id}-{start_frame:07d}-{num_frames}f", unique and stable
+    "source_id": pa.string(),  # sha256 of the source bytes (see pipeline.discover.content_id)
+    "source_uri": pa.string(),
+    "split": pa.string(),  # "train" or "val", by hash of source_id (held-out clips for eval)
+    "bucket": pa.string(),
+    "scene_index": pa.int32(),
+    "window_index": pa.int32(),
+    "start_frame": pa.int64(),  # source frame index, inclusive
+    "end_frame": pa.int64(),  # source frame index, exclusive
+    "start_s": pa.float64(),  # source time of the first sampled frame
+    "end_s": pa.float64(),  # start_s + num_frames / fps
+    "source_fps": pa.float32(),
+    "fps": pa.float32(),  # bucket (target) fps
+    "num_frames": pa.int32(),
+    "height_px": pa.int32(),
+    "width_px": pa.int32(),
+    "caption": pa.string(),
+    "caption_source": pa.string(),  # "sidecar" or "template" (or a future captioner's name)
+    "clip_score": pa.float32(),  # CLIP cosine × 100 between the clip and its caption
+    "keyframe_jpeg": pa.binary(),  # middle frame, for data cards and eyeballing
+}
+# Tensor columns: name → (numpy dtype, shape key). Shapes are per bucket / per model.
+TENSOR_COLUMNS = ("image_embedding", "text_embedding", "text_mask", "latents")
+
+REJECT_COLUMNS: dict[str, pa.DataType] = {
+    "source_id": pa.string(),
+    "source_uri": pa.string(),
+    "stage": pa.string(),  # discover, probe, dedupe, decode, bucket, scene, caption, vae
+    "reason": pa.string(),
+    "start_frame": pa.int64(),
+    "end_frame": pa.int64(),
+}
+
+
+class ShardError(ValueError):
+    """Rows that do not fit the shard contract."""
+
+
+def clip_id(source_id: str, start_frame: int, num_frames: int) -> str:
+    return f"{source_id}-{start_frame:07d}-{num_frames}f"
+
+
+def split_of(source_id: str, val_fraction: float) -> str:
+    """Deterministic train/val split by source (all clips of a source on one side)."""
+    h = int(hashlib.sha256(source_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def shard_schema(bucket: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> pa.Schema:
+    """The schema of one bucket's shards: scalar columns + fixed-shape tensor columns."""
+    fields = [pa.field(n, t, nullable=False) for n, t in SCALAR_COLUMNS.items()]
+    for name in TENSOR_COLUMNS:
+        value_type = pa.from_numpy_dtype(np.dtype(dtypes[name]))
+        fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(shapes[name])), nullable=False))
+    meta = {"ditharos.schema_version": str(SCHEMA_VERSION), "ditharos.bucket": bucket}
+    return pa.schema(fields, metadata=meta)
+
+
+def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
+    """Build one bucket's shard table from column arrays (lists or numpy), checking shapes."""
+    missing = [c for c in list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS) if c not in columns]
+    if missing:
+        raise ShardError(f"shard rows for bucket {bucket!r} lack columns {missing}")
+    n = len(columns["clip_id"])
+    arrays, shapes, dtypes = {}, {}, {}
+    for name in TENSOR_COLUMNS:
+        stacked = np.ascontiguousarray(np.stack(list(columns[name])) if n else np.asarray(columns[name]))
+        if stacked.shape[0] != n:
+            raise ShardError(f"column {name!r} has {stacked.shape[0]} rows, expected {n}")
+        if name == "text_mask":
+            stacked = stacked.astype(np.uint8)
+        shapes[name], dtypes[name] = stacked.shape[1:], stacked.dtype
+        arrays[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+    schema = shard_schema(bucket, shapes, dtypes)
+    for name, typ in SCALAR_COLUMNS.items():
+        values = list(columns[name])
+        if len(values) != n:
+            raise ShardError(f"column {name!r} has {len(values)} rows, expected {n}")
+        arrays[name] = pa.array(values, type=typ)
+    bad = [b for b in columns["bucket"] if b != bucket]
+    if bad:
+        raise ShardError(f"rows of bucket {bad[0]!r} in a shard of bucket {bucket!r}")
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def rejects_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{k: r.get(k, -1 if REJECT_COLUMNS[k] == pa.int64() else "") for k in REJECT_COLUMNS} for r in rows],
+        schema=pa.schema(REJECT_COLUMNS),
+    )
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Serialise as an Arrow IPC *file* (random access, memory-mappable)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=256)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(table: pa.Table, uri: str) -> dict[str, Any]:
+    """Atomically write a shard; return {path, rows, bytes, sha256}."""
+    data = table_bytes(table)
+    storage.write_bytes_atomic(uri, data)
+    return {"uri": uri, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_shard(uri: str) -> pa.Table:
+    """Read a shard (memory-mapped when local) and check its schema version."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    else:
+        with fs.open_input_file(path) as f:
+            table = pa.ipc.open_file(f).read_all()
+    meta = table.schema.metadata or {}
+    version = meta.get(b"ditharos.schema_version")
+    if version != str(SCHEMA_VERSION).encode():
+        raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
+    return table
+
+
+def tensor(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-shape tensor column as one numpy array (N, *shape) — zero-copy when possible."""
+    return table.column(name).combine_chunks().to_numpy_ndarray()

@@ -1,0 +1,127 @@
+"""Local folders and `pyarrow.fs` URIs (s3://, gs://, file://) behind one small API.
+
+Everything that touches input or output goes through here, so the pipeline runs the
+same on a laptop folder and on a bucket. Writes are atomic: a temp file in the same
+directory, then a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """URI or local path → (filesystem, path inside it). Local paths become absolute."""
+    if not uri:
+        raise ValueError("empty path/URI")
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def canonical(uri: str) -> str:
+    """The one spelling of a location: absolute local path, or scheme://path."""
+    return to_uri(*resolve(uri))
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """Inverse of `resolve` for the filesystems we use."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    return f"{fs.type_name}://{path}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str) -> list[tuple[str, int]]:
+    """All regular files below `uri` (recursive), as (uri, size_bytes), sorted."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [(to_uri(fs, path), info.size)]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = [(to_uri(fs, i.path), i.size) for i in infos if i.type == pafs.FileType.File]
+    return sorted(files)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read(max_bytes) if max_bytes is not None else f.read()
+
+
+def iter_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(chunk_bytes):
+            yield chunk
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write via temp file + rename so readers never see a partial file."""
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def move(src_uri: str, dst_uri: str) -> None:
+    fs, src = resolve(src_uri)
+    _, dst = resolve(dst_uri)
+    fs.create_dir(os.path.dirname(dst), recursive=True)
+    fs.move(src, dst)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local file path for `uri`: the path itself when local, else a streamed temp copy."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    tmpdir = tempfile.mkdtemp(prefix="ditharos-src-")
+    local = os.path.join(tmpdir, "source" + Path(path).suffix)
+    try:
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield local
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
