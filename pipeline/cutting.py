@@ -176,7 +176,7 @@ def decode_size(src_h: int, src_w: int, sb: SourceBucketing, detect_width_px: in
 
 def cut_source(
     path: str, *, width_px: int, height_px: int, fps: float, codec: str, rotation_cw: int,
-    sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
+    container: str = "mp4", duration_s: float = 0.0, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
 ) -> Iterator[Clip | SpanReject]:
     """Decode `path` once and yield its clips (and rejected spans) as they become final."""
     dh, dw = decode_size(height_px, width_px, sb, scenes.detect_width_px)
@@ -185,7 +185,8 @@ def cut_source(
     last_pts = None
     deltas: list[float] = []
     try:
-        for index, pts_s, frame in iter_frames(path, dh, dw, codec=codec, rotation_cw=rotation_cw, cfg=decode):
+        frames = iter_frames(path, dh, dw, codec=codec, container=container, rotation_cw=rotation_cw, cfg=decode)
+        for index, pts_s, frame in frames:
             if last_pts is not None:
                 deltas = (deltas + [pts_s - last_pts])[-8:]
             last_pts = pts_s
@@ -193,5 +194,11 @@ def cut_source(
     except DecodeError as e:
         yield SpanReject("decode", f"decoding stopped after {e.frames_decoded} frame(s); clips before that were "
                          f"kept: {e}", e.frames_decoded, -1)
+    else:
+        # A stream that ends well before its declared duration was cut short (truncated file).
+        decoded_s = (last_pts or 0.0) + 1.0 / fps
+        if duration_s > 0 and decoded_s < 0.9 * duration_s and duration_s - decoded_s > 0.5:
+            yield SpanReject("decode", f"stream ended at {decoded_s:.2f} s but declares {duration_s:.2f} s "
+                             "(truncated?); clips before that were kept", -1, -1)
     positive = [d for d in deltas if d > 0]
     yield from cutter.finish(float(np.median(positive)) if positive else None)

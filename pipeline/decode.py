@@ -22,6 +22,9 @@ log = get_logger(__name__)
 # Codecs decord 0.6 decodes correctly here (see tests/media.py for the checked table);
 # everything else goes straight to PyAV rather than risking a crash inside decord.
 DECORD_CODECS = {"h264", "hevc", "mpeg4", "vp8", "vp9", "mjpeg", "mpeg2video", "mpeg1video"}
+# decord trusts the container's index; without one (MPEG-TS, raw streams) it silently
+# repeats "recovered" frames on damage, so only indexed containers take the fast path.
+DECORD_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi")
 
 Frame = tuple[int, float, np.ndarray]
 
@@ -91,11 +94,13 @@ def _pyav_frames(path: str, height_px: int, width_px: int, rotation_cw: int, thr
 
 
 def iter_frames(
-    path: str, height_px: int, width_px: int, *, codec: str, rotation_cw: int = 0, cfg: DecodeConfig | None = None
+    path: str, height_px: int, width_px: int, *, codec: str, container: str = "mp4", rotation_cw: int = 0,
+    cfg: DecodeConfig | None = None,
 ) -> Iterator[Frame]:
     """Yield (index, pts_s from the first frame, RGB uint8 (height_px, width_px, 3)), upright."""
     cfg = cfg or DecodeConfig()
-    use_decord = cfg.backend == "decord" or (cfg.backend == "auto" and codec in DECORD_CODECS)
+    indexed = any(name in container.split(",") for name in DECORD_CONTAINERS)
+    use_decord = cfg.backend == "decord" or (cfg.backend == "auto" and codec in DECORD_CODECS and indexed)
     if use_decord:
         try:
             gen = _decord_frames(path, height_px, width_px, rotation_cw, cfg.num_threads)

@@ -85,7 +85,8 @@ def make_cut_fn(cfg: PipelineConfig, staging_uri: str) -> Callable[[Row], Iterat
         with storage.local_copy(row["uri"]) as path:
             pieces = cut_source(
                 path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
-                codec=info["codec"], rotation_cw=info["rotation_deg"], sb=sb,
+                codec=info["codec"], rotation_cw=info["rotation_deg"], container=info["container"],
+                duration_s=info["duration_s"], sb=sb,
                 buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode,
             )
             for piece in pieces:

@@ -1,0 +1,26 @@
+# DiTharos: `make demo` runs the platform end to end on the bundled sample clips;
+# `make test` runs the test suite. Both create .venv (Python >= 3.11) when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ditharos-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) pipeline/run.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) tests/bench/pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache
