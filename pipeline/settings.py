@@ -65,6 +65,16 @@ class PipelineConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
+    def validate(self) -> None:
+        if self.vae.kind == "wan":
+            bad = [n for n in self.buckets.num_frames if (n - 1) % 4]
+            if bad:
+                raise ValueError(f"buckets.num_frames {bad} are not 4k+1: the wan VAE compresses time 4x "
+                                 "and needs 1, 5, 9, 13, 17, ... frames")
+        if self.buckets.size_multiple_px % 8:
+            raise ValueError(f"buckets.size_multiple_px={self.buckets.size_multiple_px} must be a multiple of 8 "
+                             "(the VAE's spatial factor)")
+
 
 # Sections that change what the shards contain; compute/placement settings do not.
 DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "caption", "vae")

@@ -157,3 +157,18 @@ def test_corpus_of_odd_and_bad_inputs(ray_local: None, tmp_path: Path, odd_video
     assert manifest["totals"]["inputs"] == len(names)
     assert manifest["totals"]["ignored_files"] == 1  # README.md; the sidecar .txt is not ignored
     assert summary["clips"] == len(set(_clip_ids(out)))
+
+
+def test_wan_video_vae_end_to_end(ray_local: None, tmp_path: Path, sample_clips: dict[str, Path]) -> None:
+    src = tmp_path / "raw"
+    src.mkdir()
+    shutil.copy(sample_clips["carphone_pristine"], src / "carphone.mp4")
+    out = tmp_path / "data"
+    main(["--input", str(src), "--output", str(out), "--set", "vae.kind=wan", "--set", "vae.preset=tiny-wan"])
+    manifest = _manifest(out)
+    assert manifest["fingerprint"]["models"]["vae"]["class"] == "AutoencoderKLWan"
+    for name, entry in manifest["buckets"].items():
+        frames = entry["num_frames"]
+        assert entry["latent_shape"][1] == 1 + (frames - 1) // 4  # 4x temporal compression
+        table = pa.ipc.open_file(pa.memory_map(str(out / entry["files"][0]["path"]))).read_all()
+        assert table.column("latents").combine_chunks().to_numpy_ndarray().shape[1:] == tuple(entry["latent_shape"])

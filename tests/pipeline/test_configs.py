@@ -1,0 +1,35 @@
+"""The shipped example configs parse and validate against the pipeline's config tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.settings import PipelineConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "pipeline" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_config_loads(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(PipelineConfig, path)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_yaml(cfg))
+    assert to_dict(load_config(PipelineConfig, again)) == to_dict(cfg)
+
+
+def test_demo_yaml_equals_defaults() -> None:
+    demo = [p for p in CONFIGS if p.name == "demo.yaml"][0]
+    assert to_dict(load_config(PipelineConfig, demo)) == to_dict(PipelineConfig())
+
+
+def test_production_uses_wan_frame_counts() -> None:
+    prod = load_config(PipelineConfig, [p for p in CONFIGS if p.name == "production.yaml"][0])
+    assert prod.vae.kind == "wan" and all((n - 1) % 4 == 0 for n in prod.buckets.num_frames)
+
+
+def test_wan_vae_requires_4k_plus_1_frames() -> None:
+    with pytest.raises(ValueError, match="4k\\+1"):
+        load_config(PipelineConfig, None, ["vae.kind=wan", "vae.preset=tiny-wan", "buckets.num_frames=[1, 16]"])
