@@ -58,8 +58,8 @@ def _coded_size(height_px: int, width_px: int, rotation_cw: int) -> tuple[int, i
 def _decord_frames(path: str, height_px: int, width_px: int, rotation_cw: int, threads: int) -> Iterator[Frame]:
     import decord  # imported lazily: only workers that decode need it
 
-    ch, cw = _coded_size(height_px, width_px, rotation_cw)
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=cw, height=ch, num_threads=threads)
+    # decord 0.6 applies the display matrix itself (rotation_cw unused): ask for the display size.
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=width_px, height=height_px, num_threads=threads)
     n = len(vr)
     stamps = vr.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
     t0 = float(stamps[0]) if n else 0.0
@@ -70,7 +70,10 @@ def _decord_frames(path: str, height_px: int, width_px: int, rotation_cw: int, t
             return
         except decord.DECORDError as e:
             raise DecodeError(f"decord failed at frame {i}: {e}", i) from None
-        yield i, float(stamps[i]) - t0, _upright(frame, rotation_cw)
+        if frame.shape != (height_px, width_px, 3):
+            # decord 0.6 mis-strides some narrow widths (16, 24, 48, 72 px): (H, W, 4) garbage.
+            raise DecodeError(f"decord returned shape {frame.shape}, expected {(height_px, width_px, 3)}", i)
+        yield i, float(stamps[i]) - t0, frame
 
 
 def _pyav_frames(path: str, height_px: int, width_px: int, rotation_cw: int, threads: int) -> Iterator[Frame]:

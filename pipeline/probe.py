@@ -92,6 +92,10 @@ def probe(path: str, cfg: ProbeConfig) -> VideoInfo:
             raise ProbeError(f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        fmt = container.format.name
+        if fmt == "image2" or fmt.endswith("_pipe"):
+            # FFmpeg reads a lone PNG/JPEG as a 1-frame "video"; say what it really is.
+            raise ProbeError(f"a still image, not a video ({ctx.name.upper()} image, read by {fmt})")
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if width <= 0 or height <= 0:
             raise ProbeError(f"video stream has no valid size ({width}x{height})")

@@ -88,13 +88,22 @@ def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
     n = len(columns["clip_id"])
     arrays, shapes, dtypes = {}, {}, {}
     for name in TENSOR_COLUMNS:
-        stacked = np.ascontiguousarray(np.stack(list(columns[name])) if n else np.asarray(columns[name]))
+        try:
+            stacked = np.ascontiguousarray(np.stack(list(columns[name])) if n else np.asarray(columns[name]))
+        except ValueError:  # np.stack on rows of different shapes
+            seen = sorted({tuple(np.shape(v)) for v in columns[name]})
+            raise ShardError(f"column {name!r} has rows of different shapes {seen}; "
+                             f"a shard of bucket {bucket!r} needs one shape") from None
         if stacked.shape[0] != n:
             raise ShardError(f"column {name!r} has {stacked.shape[0]} rows, expected {n}")
         if name == "text_mask":
             stacked = stacked.astype(np.uint8)
         shapes[name], dtypes[name] = stacked.shape[1:], stacked.dtype
-        arrays[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+        if n:
+            arrays[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+        else:  # from_numpy_ndarray refuses empty arrays
+            typ = pa.fixed_shape_tensor(pa.from_numpy_dtype(stacked.dtype), list(stacked.shape[1:]))
+            arrays[name] = pa.ExtensionArray.from_storage(typ, pa.array([], typ.storage_type))
     schema = shard_schema(bucket, shapes, dtypes)
     for name, typ in SCALAR_COLUMNS.items():
         values = list(columns[name])

@@ -172,3 +172,15 @@ def test_wan_video_vae_end_to_end(ray_local: None, tmp_path: Path, sample_clips:
         assert entry["latent_shape"][1] == 1 + (frames - 1) // 4  # 4x temporal compression
         table = pa.ipc.open_file(pa.memory_map(str(out / entry["files"][0]["path"]))).read_all()
         assert table.column("latents").combine_chunks().to_numpy_ndarray().shape[1:] == tuple(entry["latent_shape"])
+
+
+def test_pyarrow_fs_uris_for_input_and_output(ray_local: None, tmp_path: Path, sample_clips: dict[str, Path]) -> None:
+    # file:// goes through pyarrow.fs.FileSystem.from_uri, the same path s3:// and gs:// take.
+    src = tmp_path / "raw"
+    src.mkdir()
+    shutil.copy(sample_clips["carphone_pristine"], src / "carphone.mp4")
+    out = tmp_path / "data"
+    summary = main(["--input", f"file://{src}", "--output", f"file://{out}"])
+    assert summary["clips"] > 0 and (out / "manifest.json").is_file()
+    assert all(u.startswith(str(src)) for u in pa.ipc.open_file(pa.memory_map(str(
+        next(out.glob("shards/*/*.arrow"))))).read_all().column("source_uri").to_pylist())
