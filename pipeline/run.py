@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `python pipeline/run.py`: import the package, n
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import ray
+import ray.util.scheduling_strategies
 
 from pipeline import storage
 from pipeline.buckets import all_buckets, choose_source_bucket
@@ -143,6 +144,43 @@ def run_batch(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerpr
     return sink.results
 
 
+class BatchStalled(RuntimeError):
+    """A batch made no progress for compute.stall_timeout_s."""
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _batch_task(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerprints: dict) -> list[dict]:
+    return run_batch(cfg, batch, staging_uri, fingerprints)
+
+
+def _progress(staging_uri: str) -> int:
+    """Files a batch has produced so far (finished sources + staged shards)."""
+    return len(storage.list_files(staging_uri)) if storage.exists(staging_uri) else 0
+
+
+def run_batch_watched(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerprints: dict) -> list[dict]:
+    """run_batch as a Ray task on this node, cancelled if it stops making progress.
+
+    The task owns the batch's Ray Data execution (its actors and tasks), so cancelling it
+    tears the whole batch down and the caller can redo it from scratch.
+    """
+    here = ray.get_runtime_context().get_node_id()
+    ref = _batch_task.options(
+        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=True)
+    ).remote(cfg, batch, staging_uri, fingerprints)
+    seen, last_change = -1, time.monotonic()
+    while True:
+        ready, _ = ray.wait([ref], timeout=5.0)
+        if ready:
+            return ray.get(ref)
+        count = _progress(staging_uri)
+        if count != seen:
+            seen, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > cfg.compute.stall_timeout_s:
+            ray.cancel(ref, force=True, recursive=True)
+            raise BatchStalled(f"no progress for {cfg.compute.stall_timeout_s:.0f} s ({count} file(s) staged)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
@@ -150,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ValueError) as e:
         sys.exit(f"config error: {e}")
     t_start = time.perf_counter()
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    # Worker logs reach the driver: the batch task prints Ray Data's progress from there.
+    ray.init(ignore_reinit_error=True)
     out = storage.canonical(cfg.output.uri)
     storage.makedirs(out)
     check_output_compatible(cfg)
@@ -176,11 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         for attempt in range(cfg.compute.commit_retries + 1):
             staging = storage.join(out, "_staging", f"batch-{index:05d}-{uuid.uuid4().hex[:8]}")
             try:
-                written = run_batch(cfg, batch, staging, fingerprints)
+                written = run_batch_watched(cfg, batch, staging, fingerprints)
                 entry = commit_batch(out, staging, index, batch, written, journal, code_version())
                 journal.append(entry)
                 break
-            except (CommitError, ray.exceptions.RayError) as e:
+            except (CommitError, BatchStalled, ray.exceptions.RayError) as e:
                 storage.delete_dir(staging)
                 if attempt == cfg.compute.commit_retries:
                     raise

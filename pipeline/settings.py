@@ -45,8 +45,13 @@ class ComputeConfig:
     gpus_per_model_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0 (CPU)
     sources_per_commit: int = 64  # sources processed and committed atomically together
     commit_retries: int = 2  # a failed batch (node lost, …) is redone from scratch this often
+    # A batch that finishes no source and writes no file for this long is cancelled and redone
+    # (a lost node can leave Ray Data waiting forever). Must exceed the slowest single source.
+    stall_timeout_s: float = 1800.0
 
     def validate(self) -> None:
+        if self.stall_timeout_s <= 0:
+            raise ValueError("compute.stall_timeout_s must be > 0")
         if self.sources_per_commit < 1:
             raise ValueError("compute.sources_per_commit must be >= 1")
 

@@ -23,10 +23,21 @@ def _clip_ids(out: Path) -> list[str]:
     return ids
 
 
+def _wait(proc: subprocess.Popen, timeout_s: float) -> str:
+    """Wait for a pipeline run; on timeout, kill it and fail with the end of its log."""
+    try:
+        return proc.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"pipeline run did not finish in {timeout_s} s:\n{proc.communicate()[0][-8000:]}")
+
+
 def _launch(address: str, src: Path, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "pipeline/run.py", "--input", str(src), "--output", str(out),
-         "--set", "compute.model_actor_cpus=0.25"],
+         "--set", "compute.model_actor_cpus=0.25",
+         # Each source finishes in seconds; a batch silent for 60 s is stuck, not slow.
+         "--set", "compute.stall_timeout_s=60", "--set", "compute.commit_retries=3"],
         cwd=ROOT, env=dict(env, RAY_ADDRESS=address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -47,7 +58,7 @@ def test_worker_node_killed_mid_run(tmp_path: Path, odd_videos: dict[str, Path])
         cluster.wait_for_nodes()
 
         ref = _launch(cluster.address, src, tmp_path / "ref", env)
-        log = ref.communicate(timeout=600)[0]
+        log = _wait(ref, 600)
         assert ref.returncode == 0, log[-4000:]
         expected = _clip_ids(tmp_path / "ref")
         assert expected and len(expected) == len(set(expected))
@@ -62,7 +73,9 @@ def test_worker_node_killed_mid_run(tmp_path: Path, odd_videos: dict[str, Path])
             time.sleep(0.2)
         assert job.poll() is None, "the run ended before the node could be killed"
         cluster.remove_node(workers[0], allow_graceful=False)
-        log = job.communicate(timeout=600)[0]
+        # As a cluster autoscaler would, bring a replacement node up after the loss.
+        cluster.add_node(num_cpus=1, resources={"replacement": 1})
+        log = _wait(job, 600)
         assert job.returncode == 0, log[-4000:]
         got = _clip_ids(out)
         assert len(got) == len(set(got)), "duplicate clips after node loss"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,23 @@ def test_pyarrow_fs_uris_for_input_and_output(ray_local: None, tmp_path: Path, s
     assert summary["clips"] > 0 and (out / "manifest.json").is_file()
     assert all(u.startswith(str(src)) for u in pa.ipc.open_file(pa.memory_map(str(
         next(out.glob("shards/*/*.arrow"))))).read_all().column("source_uri").to_pylist())
+
+
+def test_stalled_batch_is_cancelled_then_a_rerun_completes(ray_local: None, tmp_path: Path,
+                                                            sample_clips: dict[str, Path]) -> None:
+    from pipeline.run import BatchStalled
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    shutil.copy(sample_clips["bikes"], src / "bikes.mp4")
+    out = tmp_path / "data"
+    # Nothing can finish a source within 0.1 s: every attempt is cancelled as stalled.
+    t0 = time.monotonic()
+    with pytest.raises(BatchStalled):
+        main(["--input", str(src), "--output", str(out), "--set", "compute.stall_timeout_s=0.1",
+              "--set", "compute.commit_retries=1"])
+    assert time.monotonic() - t0 < 120
+    assert not list(out.glob("shards/*/*.arrow")) and not (out / "manifest.json").exists()
+    summary = main(["--input", str(src), "--output", str(out)])
+    ids = _clip_ids(out)
+    assert summary["clips"] == len(ids) == len(set(ids)) >= 6
