@@ -169,8 +169,9 @@ def run_batch_watched(cfg: PipelineConfig, batch: list[dict], staging_uri: str, 
         scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=True)
     ).remote(cfg, batch, staging_uri, fingerprints)
     seen, last_change = -1, time.monotonic()
+    poll_s = min(5.0, cfg.compute.stall_timeout_s / 4)
     while True:
-        ready, _ = ray.wait([ref], timeout=5.0)
+        ready, _ = ray.wait([ref], timeout=poll_s)
         if ready:
             return ray.get(ref)
         count = _progress(staging_uri)

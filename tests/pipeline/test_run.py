@@ -195,7 +195,7 @@ def test_stalled_batch_is_cancelled_then_a_rerun_completes(ray_local: None, tmp_
     src.mkdir()
     shutil.copy(sample_clips["bikes"], src / "bikes.mp4")
     out = tmp_path / "data"
-    # Nothing can finish a source within 0.1 s: every attempt is cancelled as stalled.
+    # Starting the batch's actors alone takes longer than 0.1 s: every attempt is cancelled as stalled.
     t0 = time.monotonic()
     with pytest.raises(BatchStalled):
         main(["--input", str(src), "--output", str(out), "--set", "compute.stall_timeout_s=0.1",
