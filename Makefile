@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/bench/pipeline.py
+	$(PY) tests/bench/packing.py
 
 clean:
 	rm -rf runs .pytest_cache

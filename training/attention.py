@@ -1,0 +1,139 @@
+"""One attention function over packed variable-length segments, with interchangeable backends.
+
+`attention(q, k, v, cu_q, cu_k, max_q, max_k)` takes flat q (Nq, H, Dh) and k/v
+(Nk, H, Dh); segment i of the queries (`cu_q[i]:cu_q[i+1]`) attends only to segment i
+of the keys. Self-attention passes the same boundaries twice; cross-attention passes
+the text boundaries as `cu_k`. Every key segment must be non-empty.
+
+Backends (all compute the same function):
+- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16).
+- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16).
+- `flex`: FlexAttention with a document block mask (CUDA; runs unfused on CPU).
+- `sdpa_masked`: SDPA with a dense block-diagonal mask over all tokens (the CPU reference).
+- `sdpa_segments`: SDPA per segment in a loop: exact and O(Σ n²), the CPU default.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa_masked", "sdpa_segments")
+
+
+# ---------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def has_torch_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def pick_backend(q: torch.Tensor) -> str:
+    """flash → varlen → flex on CUDA (fused kernels want fp16/bf16), sdpa_segments on CPU."""
+    if q.is_cuda:
+        if q.dtype in (torch.float16, torch.bfloat16):
+            if has_flash_attn():
+                return "flash"
+            if has_torch_varlen():
+                return "varlen"
+        return "flex"
+    return "sdpa_segments"
+
+
+def segment_ids(cu: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) index of the segment each position belongs to, from boundaries cu (S+1,)."""
+    return torch.searchsorted(cu[1:].long(), torch.arange(n, device=cu.device), right=True)
+
+
+# ---------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seg_q = segment_ids(cu_q, q.shape[0])  # (Nq,)
+    seg_k = segment_ids(cu_k, k.shape[0])  # (Nk,)
+
+    def same_segment(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return seg_q[qi] == seg_k[ki]
+
+    mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+    fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex is an unfused reference on CPU
+    q, k, v = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
+    out = fn(q, k, v, block_mask=mask)  # (1, H, Nq, Dh)
+    return rearrange(out, "1 h n d -> n h d")
+
+
+def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    mask = segment_ids(cu_q, q.shape[0])[:, None] == segment_ids(cu_k, k.shape[0])[None, :]  # (Nq, Nk)
+    q, k, v = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, H, Nq, Dh)
+    return rearrange(out, "1 h n d -> n h d")
+
+
+def _sdpa_segments(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    out = []
+    for q0, q1, k0, k1 in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        qs, ks, vs = (rearrange(x, "n h d -> h n d") for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        out.append(rearrange(F.scaled_dot_product_attention(qs, ks, vs), "h n d -> n h d"))  # (n, H, Dh)
+    return torch.cat(out)
+
+
+_IMPLS = {"flash": _flash, "varlen": _varlen, "flex": _flex,
+          "sdpa_masked": _sdpa_masked, "sdpa_segments": _sdpa_segments}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh)."""
+    if backend == "auto":
+        backend = pick_backend(q)
+    if backend not in _IMPLS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"query and key segment counts differ: cu_q {tuple(cu_q.shape)} vs cu_k {tuple(cu_k.shape)}")
+    return _IMPLS[backend](q, k, v, cu_q, cu_k, max_q, max_k)

@@ -1,0 +1,175 @@
+"""Rectified flow: the training loss and an Euler ODE sampler with classifier-free guidance.
+
+Convention: x_t = (1 − t)·x0 + t·ε with t = 0 data and t = 1 noise; the model predicts the
+velocity v = dx_t/dt = ε − x0. Training times are logit-normal and shifted towards noise
+for samples with more tokens (SD3 / FLUX resolution-dependent shift), each sample by its
+own token count. Everything random takes an explicit `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from training.model import VideoDiT
+from training.packing import PackedBatch, pack, unpack
+
+
+@dataclass
+class FlowConfig:
+    """Rectified-flow objective and sampler settings."""
+
+    cfg_drop_p: float = 0.1  # probability a training sample's text is replaced by the null caption
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std²))
+    logit_std: float = 1.0
+    shift: bool = True  # resolution-dependent timestep shift, per sample
+    base_tokens: int = 256  # token count at which the shift is exp(base_shift)
+    max_tokens: int = 4096  # token count at which the shift is exp(max_shift); linear in between and beyond
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    sample_steps: int = 50
+    guidance_scale: float = 5.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cfg_drop_p < 1.0:
+            raise ValueError(f"flow.cfg_drop_p must be in [0, 1), got {self.cfg_drop_p}")
+        if self.logit_std <= 0:
+            raise ValueError(f"flow.logit_std must be > 0, got {self.logit_std}")
+        if self.max_tokens <= self.base_tokens:
+            raise ValueError(f"flow.max_tokens ({self.max_tokens}) must exceed flow.base_tokens ({self.base_tokens})")
+        if self.sample_steps < 1:
+            raise ValueError(f"flow.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+# ---------------------------------------------------------------------------
+# Timesteps
+# ---------------------------------------------------------------------------
+
+
+def sample_timesteps(n: int, generator: torch.Generator | None = None, mean: float = 0.0,
+                     std: float = 1.0) -> torch.Tensor:
+    """(n,) logit-normal times: t = sigmoid(mean + std·z), z ~ N(0, 1)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def shift_mu(num_tokens: torch.Tensor, base_tokens: int = 256, max_tokens: int = 4096,
+             base_shift: float = 0.5, max_shift: float = 1.15) -> torch.Tensor:
+    """mu = base_shift + (max_shift − base_shift)·(n − base_tokens)/(max_tokens − base_tokens)."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + slope * (num_tokens.double() - base_tokens)
+
+
+def shift_timesteps(t: torch.Tensor, num_tokens: torch.Tensor | list[int], base_tokens: int = 256,
+                    max_tokens: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> torch.Tensor:
+    """Shift times towards noise for larger samples (SD3 / FLUX):
+
+        mu = base_shift + (max_shift − base_shift)·(n − base_tokens)/(max_tokens − base_tokens)
+        t' = exp(mu) / (exp(mu) + (1/t − 1))      (= exp(mu)·t / (exp(mu)·t + 1 − t), exact at t = 0)
+
+    `t` (B, …) and `num_tokens` (B,): each sample's whole-grid token count sets its own mu.
+    """
+    n = torch.as_tensor(num_tokens, device=t.device)
+    e = shift_mu(n, base_tokens, max_tokens, base_shift, max_shift).exp()  # (B,)
+    e = e.reshape(e.shape + (1,) * (t.ndim - 1)).to(t.dtype)
+    return e * t / (e * t + (1 - t))  # (1 − t) first: exact 1 at t = 1
+
+
+def _shifted(t: torch.Tensor, batch: PackedBatch, cfg: FlowConfig) -> torch.Tensor:
+    if not cfg.shift:
+        return t
+    return shift_timesteps(t, batch.full_lengths, cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift)
+
+
+# ---------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------
+
+
+def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified-flow MSE on a packed batch: (scalar mean over real tokens, (B,) per-sample means).
+
+    x0 = batch.tokens. Times, noise and CFG text drops are drawn per sample in sample
+    order, so the loss does not depend on how samples were packed or how much padding
+    there is; padding tokens never enter the loss.
+    """
+    device = batch.tokens.device
+    b = batch.num_samples
+    t = _shifted(sample_timesteps(b, generator, cfg.logit_mean, cfg.logit_std), batch, cfg)  # (B,)
+    drop = torch.rand(b, generator=generator) < cfg.cfg_drop_p  # (B,)
+    real = batch.real_index()  # (R,)
+    x0 = batch.tokens.float()  # (N, P)
+    noise = torch.zeros_like(x0)  # (N, P): padding stays exactly zero
+    noise[real] = torch.randn(len(real), x0.shape[1], generator=generator).to(device)
+    token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
+    t_tok = torch.cat([t, t.new_zeros(1)]).to(device)[token_sample][:, None]  # (N, 1)
+    x_t = (1 - t_tok) * x0 + t_tok * noise  # (N, P)
+    target = noise - x0  # (N, P)
+    pred = model(x_t, t.to(device), batch, drop)  # (N, P)
+    err = (pred.float() - target).pow(2).mean(dim=1)  # (N,)
+    err_real = err[real]  # (R,)
+    lengths = torch.tensor(batch.lengths, device=device)
+    per_sample = torch.zeros(b, device=device).index_add_(0, batch.sample_ids[real], err_real) / lengths  # (B,)
+    return err_real.mean(), per_sample
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(
+    model: VideoDiT,
+    shapes: list[tuple[int, int, int, int]],
+    text: list[torch.Tensor],
+    cfg: FlowConfig,
+    generator: torch.Generator | None = None,
+    *,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    text_mask: list[torch.Tensor] | None = None,
+    budget: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """Euler ODE from t = 1 (noise) to t = 0: x_{t−Δ} = x_t − Δ·v, one latent (C, T, H, W) per shape.
+
+    Classifier-free guidance v = v_uncond + s·(v_cond − v_uncond), with the conditional and
+    unconditional copies of every sample packed together in one forward. Each sample's
+    time grid is shifted by its own token count, as in training. Seeded by `generator`.
+    """
+    steps = cfg.sample_steps if steps is None else steps
+    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    b = len(shapes)
+    guided = scale != 1.0
+    noise = [torch.randn(s, generator=generator) for s in shapes]
+    copies = 2 if guided else 1
+    lat, txt = noise * copies, list(text) * copies
+    mask = None if text_mask is None else list(text_mask) * copies
+    patch = model.cfg.patch
+    if budget is None:  # one sequence holding everything
+        budget = sum(math.prod(s.shape[1:]) // math.prod(patch) for s in lat)
+    batch = pack(lat, txt, patch, budget, text_mask=mask).to(device)
+    drop = torch.tensor([False] * b + [True] * b * (copies - 1))
+    real = batch.real_index()  # (R,): the conditional copies' tokens first, then the unconditional ones
+    x = batch.tokens.float()[real]  # (R, P)
+    half = x.shape[0] // copies
+    x = x[:half]  # (R/copies, P) one state per sample, shared by both copies
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[None].expand(copies * b, -1)  # (2B, steps+1)
+    grid = _shifted(grid, batch, cfg).float().to(device)  # (2B, steps+1) per-sample schedules
+    was_training = model.training
+    model.eval()
+    tokens = batch.tokens.float().clone()  # (N, P)
+    for i in range(steps):
+        tokens[real] = x.repeat(copies, 1)
+        v = model(tokens, grid[:, i], batch, drop).float()[real]  # (R, P)
+        if guided:
+            v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
+        dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)
+        dt_tok = torch.repeat_interleave(dt, torch.tensor(batch.lengths[:b], device=device))[:, None]  # (R/copies, 1)
+        x = x - dt_tok * v  # (R/copies, P)
+    model.train(was_training)
+    tokens[real] = x.repeat(copies, 1)
+    return [y.float() for y in unpack(tokens, batch)[:b]]
