@@ -239,7 +239,6 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
-    print_summary(summary)
     read_manifest(out)  # the written manifest must read back
     return summary
 
@@ -259,4 +258,6 @@ def print_summary(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    ray.shutdown()  # worker logs stream in asynchronously: stop them so the summary comes last
+    print_summary(result)
