@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from pipeline.buckets import choose_source_bucket  # noqa: E402
 from pipeline.cutting import Clip, cut_source  # noqa: E402
@@ -75,16 +76,18 @@ def main() -> None:
     num_clips = 0
     seconds = 0.0
     per_source = []
+    proc = psutil.Process()
     for p in sources:
         t0 = time.perf_counter()
         info = probe(p, cfg.probe)
         t1 = time.perf_counter()
         sb = choose_source_bucket(info.width_px, info.height_px, cfg.buckets)
-        made = 0
+        made, rss_start, rss_max = 0, proc.memory_info().rss, 0
         for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
                             codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
                             duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
                             decode=cfg.decode):
+            rss_max = max(rss_max, proc.memory_info().rss)
             if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
                 made += 1
                 if len(clips) < MODEL_CLIPS:
@@ -93,7 +96,8 @@ def main() -> None:
         probe_s, cut_s, seconds = probe_s + t1 - t0, cut_s + t2 - t1, seconds + info.duration_s
         num_clips += made
         per_source.append({"source": Path(p).name, "size": f"{info.width_px}x{info.height_px}",
-                           "seconds": round(info.duration_s, 2), "clips": made, "cut_s": round(t2 - t1, 3)})
+                           "seconds": round(info.duration_s, 2), "clips": made, "cut_s": round(t2 - t1, 3),
+                           "cut_rss_growth_mib": round(max(0, rss_max - rss_start) / 2**20, 1)})
     cpu_path_s = probe_s + cut_s
 
     result = {
