@@ -1,0 +1,264 @@
+"""training/data.py: shard index, deterministic global steps, worker shares, exact resume, prefetch."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.manifest import build_manifest
+from pipeline.shards import clips_table, read_shard, rejects_table, tensor, write_shard
+from tests.pipeline.test_shards import make_columns
+from training.data import (
+    FingerprintMismatch,
+    Loader,
+    LoaderState,
+    Prefetcher,
+    ShardIndex,
+    check_fingerprint,
+    epoch_order,
+    plan_steps,
+)
+from training.packing import plan_packs, unpack
+
+PATCH = (1, 2, 2)
+BUDGET = 48
+PACKS = 4
+# bucket → (latent shape (C, T', H', W'), rows per file); tokens with PATCH: 8, 24, 64 (over BUDGET)
+BUCKETS = {
+    "a": ((4, 2, 4, 4), [13, 11]),
+    "b": ((4, 3, 4, 8), [10]),
+    "big": ((4, 4, 8, 8), [6]),
+}
+TOKENS = {"a": 8, "b": 24, "big": 64}
+FINGERPRINT = {"code_version": "git:test", "config_sha256": "c" * 64, "models": {"vae": {"weights": "sha:1"}}}
+
+
+def write_dataset(out: Path) -> dict[str, Any]:
+    """Small real shards (two files in one bucket, an oversized bucket) and their manifest."""
+    files = []
+    for k, (bucket, (shape, rows)) in enumerate(BUCKETS.items()):
+        for part, n in enumerate(rows):
+            cols = make_columns(n, bucket=bucket, seed=10 * k + part)
+            rng = np.random.default_rng(100 + 10 * k + part)
+            cols["latents"] = rng.standard_normal((n, *shape)).astype(np.float16)
+            cols["clip_id"] = [f"clip-{bucket}-{part}-{i:03d}" for i in range(n)]
+            rel = f"shards/{bucket}/part-{part:05d}.arrow"
+            info = write_shard(clips_table(bucket, cols), str(out / rel))
+            shapes = {"latents": list(shape), "text_embedding": [77, 64], "image_embedding": [64]}
+            files.append({"path": rel, "bucket": bucket, "rows": n, "bytes": info["bytes"],
+                          "sha256": info["sha256"], "shapes": shapes})
+    journal = [{"batch": 0, "files": files, "rejects": "", "sources": []}]
+    manifest = build_manifest(journal, rejects_table([]), FINGERPRINT, {}, num_inputs=0, ignored_files=[])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    write_dataset(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def index(data_dir: Path) -> ShardIndex:
+    return ShardIndex.open(str(data_dir), PATCH, split="train")
+
+
+def all_train_ids(data_dir: Path) -> dict[str, str]:
+    """clip_id → bucket of every train clip, read the plain way."""
+    ids = {}
+    for path in sorted((data_dir / "shards").rglob("*.arrow")):
+        t = read_shard(str(path))
+        for c, s, b in zip(t.column("clip_id").to_pylist(), t.column("split").to_pylist(),
+                           t.column("bucket").to_pylist()):
+            if s == "train":
+                ids[c] = b
+    return ids
+
+
+def loader(index: ShardIndex, **kw: Any) -> Loader:
+    return Loader(index, **{"seed": 7, "packs_per_step": PACKS, "token_budget": BUDGET, **kw})
+
+
+def step_ids(step: Any) -> list[str]:
+    return sorted(c for ids in step.clip_ids for c in ids)
+
+
+def epoch_steps(index: ShardIndex, epoch: int = 0, **kw: Any) -> list[Any]:
+    """The global plans of one epoch."""
+    plans = plan_steps(index, LoaderState(epoch, 0, 0), kw.get("seed", 7), PACKS, BUDGET)
+    out = []
+    for p in plans:
+        out.append(p)
+        if p.state.epoch != epoch:
+            return out
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------
+# Index and order
+# ---------------------------------------------------------------------------
+
+
+def test_index_lists_clips_sorted_with_token_counts(data_dir: Path, index: ShardIndex) -> None:
+    train = all_train_ids(data_dir)
+    assert [c.clip_id for c in index.clips] == sorted(train)
+    assert all(c.num_tokens == TOKENS[c.bucket] for c in index.clips)
+    assert index.fingerprint == json.loads((data_dir / "manifest.json").read_text())["fingerprint"]["data_sha256"]
+    everything = ShardIndex.open(str(data_dir), PATCH, split=None)
+    val = ShardIndex.open(str(data_dir), PATCH, split="val")
+    assert len(everything.clips) == len(index.clips) + len(val.clips) == sum(sum(r) for _, r in BUCKETS.values())
+    assert val.clips and all(c.clip_id not in train for c in val.clips)
+
+
+def test_order_depends_on_seed_and_epoch_only() -> None:
+    assert np.array_equal(epoch_order(50, 3, 1), epoch_order(50, 3, 1))
+    assert not np.array_equal(epoch_order(50, 3, 1), epoch_order(50, 3, 2))
+    assert not np.array_equal(epoch_order(50, 3, 1), epoch_order(50, 4, 1))
+    assert sorted(epoch_order(50, 3, 1)) == list(range(50))
+
+
+def test_same_seed_same_steps_other_epoch_other_steps(index: ShardIndex) -> None:
+    run1 = [step_ids(s) for s in islice(loader(index), 3)]
+    run2 = [step_ids(s) for s in islice(loader(index), 3)]
+    epoch1 = [step_ids(s) for s in islice(loader(index, state=LoaderState(1, 0, 0)), 3)]
+    assert run1 == run2 and run1 != epoch1
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+
+def test_epoch_takes_every_fitting_clip_once_and_skips_oversized(data_dir: Path, index: ShardIndex) -> None:
+    train = all_train_ids(data_dir)
+    fitting = sorted(c for c, b in train.items() if TOKENS[b] <= BUDGET)
+    oversized = sorted(c for c, b in train.items() if TOKENS[b] > BUDGET)
+    assert oversized, "the fixture must hold oversized train clips"
+    plans = epoch_steps(index)
+    seen = sorted(index.clips[i].clip_id for p in plans for pk in p.packs for i in pk)
+    skipped = sorted(index.clips[i].clip_id for p in plans for i in p.skipped)
+    assert seen == fitting and skipped == oversized
+    assert plans[-1].state == LoaderState(1, 0, len(plans))  # the last step rolls the state over
+    assert [p.step for p in plans] == list(range(len(plans)))
+    ldr = loader(index)
+    steps = list(islice(ldr, len(plans)))
+    assert ldr.num_skipped == sum(s.num_skipped for s in steps) == len(oversized)
+
+
+def test_packs_fit_budget_and_step_size(index: ShardIndex) -> None:
+    plans = epoch_steps(index) + epoch_steps(index, epoch=1)
+    for p in plans:
+        assert 1 <= len(p.packs) <= PACKS
+        assert all(sum(index.clips[i].num_tokens for i in pk) <= BUDGET for pk in p.packs)
+    full = [p for p in plans if p.state.epoch == p.epoch]  # every step but an epoch's last
+    assert full and all(len(p.packs) == PACKS for p in full)
+    assert any(len(p.packs) < PACKS for p in plans)  # epoch 1 ends on a short step, which is kept
+    # Greedy: a full step ends at the first clip that would need one pack more.
+    for p, q in zip(plans, plans[1:]):
+        if p.state.epoch == p.epoch:
+            taken = [index.clips[i].num_tokens for pk in p.packs for i in pk]
+            assert len(plan_packs(taken + [index.clips[q.packs[0][0]].num_tokens], BUDGET)) > PACKS \
+                or q.skipped  # (or an oversized clip came first, which q then skipped)
+    for step in islice(loader(index), len(plans)):
+        assert len(step.packs) == step.num_packs <= PACKS
+        assert all(b.num_packs == 1 and b.tokens.shape[0] == BUDGET and b.num_real_tokens <= BUDGET
+                   for b in step.packs)
+
+
+def test_worker_count_does_not_change_the_global_step(index: ShardIndex) -> None:
+    n = len(epoch_steps(index)) + 2  # across an epoch boundary
+    one = [step_ids(s) for s in islice(loader(index), n)]
+    for world in (2, 4):
+        shards = [list(islice(loader(index, rank=r, world_size=world), n)) for r in range(world)]
+        for k in range(n):
+            assert sorted(c for w in shards for c in step_ids(w[k])) == one[k]
+            assert sum(len(w[k].packs) for w in shards) == shards[0][k].num_packs
+            assert all(len(w[k].packs) <= PACKS // world for w in shards)
+    with pytest.raises(ValueError, match="not divisible by 3 workers"):
+        loader(index, world_size=3)
+    with pytest.raises(ValueError, match="rank 2"):
+        loader(index, rank=2, world_size=2)
+
+
+def test_resume_with_other_worker_count_neither_skips_nor_repeats(index: ShardIndex) -> None:
+    n, k = len(epoch_steps(index)) + 3, 2
+    straight = [[step_ids(s) for s in islice(loader(index, rank=r, world_size=2), n)] for r in range(2)]
+    straight_global = [sorted(a + b) for a, b in zip(*straight)]
+    first = list(islice(loader(index, rank=0, world_size=2), k + 1))
+    saved = json.loads(json.dumps(first[k].state.to_dict()))  # through a checkpoint file
+    state = LoaderState.from_dict(saved)
+    assert state == first[k].state and state.step == k + 1
+    resumed = [step_ids(s) for s in islice(loader(index, state=state), n - k - 1)]
+    assert resumed == straight_global[k + 1:]
+    epoch0 = [c for ids in straight_global[:len(epoch_steps(index))] for c in ids]
+    assert len(epoch0) == len(set(epoch0))
+
+
+def test_small_budget_without_fitting_clips_fails_clearly(index: ShardIndex) -> None:
+    with pytest.raises(ValueError, match="no clip .* fits a pack of 4 tokens"):
+        next(iter(loader(index, token_budget=4)))
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def test_packed_tokens_unpack_to_the_stored_latents_and_text(data_dir: Path, index: ShardIndex) -> None:
+    rows = {}
+    for path in sorted((data_dir / "shards").rglob("*.arrow")):
+        t = read_shard(str(path))
+        for c, lat, txt, m in zip(t.column("clip_id").to_pylist(), tensor(t, "latents"),
+                                  tensor(t, "text_embedding"), tensor(t, "text_mask")):
+            rows[c] = (lat, txt, m)
+    checked = 0
+    for step in islice(loader(index, rank=1, world_size=2), 3):
+        for batch, ids in zip(step.packs, step.clip_ids):
+            for i, (x, c) in enumerate(zip(unpack(batch.tokens, batch), ids)):
+                lat, txt, m = rows[c]
+                assert x.dtype == torch.float32
+                assert torch.equal(x, torch.from_numpy(lat.astype(np.float32)))
+                text = batch.text[batch.text_offsets[i]:batch.text_offsets[i] + batch.text_lengths[i]]
+                assert torch.equal(text, torch.from_numpy(txt[m.astype(bool)].astype(np.float32)))
+                checked += 1
+    assert checked > 10
+
+
+def test_prefetch_yields_the_same_steps_and_reports_wait(index: ShardIndex) -> None:
+    n = 6
+    plain = [(s.step, s.clip_ids, s.state) for s in islice(loader(index, rank=1, world_size=2), n)]
+    pre = Prefetcher(iter(loader(index, rank=1, world_size=2)), depth=2)
+    try:
+        fetched = [(s.step, s.clip_ids, s.state) for s in islice(pre, n)]
+    finally:
+        pre.close()
+    assert fetched == plain
+    assert pre.wait_s >= 0.0 and pre.last_wait_s >= 0.0
+    finite = Prefetcher(islice(loader(index), 2), depth=1)
+    assert len(list(finite)) == 2  # ends when its source ends
+
+
+def test_prefetch_raises_the_producer_error_in_the_consumer() -> None:
+    def broken():
+        yield from ()
+        raise RuntimeError("shard vanished")
+
+    with pytest.raises(RuntimeError, match="shard vanished"):
+        next(Prefetcher(broken()))
+
+
+def test_fingerprint_check(data_dir: Path, index: ShardIndex) -> None:
+    current = index.fingerprint
+    check_fingerprint(current, index.manifest, allow_mismatch=False)
+    with pytest.raises(FingerprintMismatch) as e:
+        check_fingerprint("f" * 64, index.manifest, allow_mismatch=False)
+    assert "f" * 64 in str(e.value) and current in str(e.value)
+    check_fingerprint("f" * 64, index.manifest, allow_mismatch=True)
