@@ -1,0 +1,67 @@
+"""DeepSpeed config generation, LR schedule and EMA (pure pieces of the training job)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from training.model import DIT_MODELS
+from training.optim import EMA, OptimConfig, deepspeed_config, lr_at
+
+
+def test_lr_warmup_then_cosine_to_min() -> None:
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # (0+1)/10 of lr
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(10_000, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_config(stage: int) -> None:
+    cfg = OptimConfig(zero_stage=stage, grad_accumulation=4, grad_clip=0.5)
+    gpu = deepspeed_config(cfg, world_size=8, on_gpu=True)
+    cpu = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    assert gpu["zero_optimization"]["stage"] == stage and gpu["bf16"]["enabled"] is True
+    assert cpu["bf16"]["enabled"] is False
+    assert gpu["train_batch_size"] == 32 and cpu["train_batch_size"] == 8
+    assert gpu["gradient_accumulation_steps"] == 4 and gpu["gradient_clipping"] == 0.5
+    assert ("stage3_gather_16bit_weights_on_model_save" in gpu["zero_optimization"]) == (stage == 3)
+    assert "gradient_clipping" not in deepspeed_config(OptimConfig(grad_clip=0), 1, False)
+
+
+def test_optim_config_validation_and_keys() -> None:
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimConfig(lr=1e-4, min_lr=1e-3).validate()
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(OptimConfig, None, ["zero_stage=4"])
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_config(OptimConfig, None, ["zero=2"])
+
+
+def test_ema_tracks_and_restores() -> None:
+    torch.manual_seed(0)
+    model = DIT_MODELS["DiT-tiny"](in_channels=4, text_dim=16)
+    ema = EMA(model, decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for n, p in model.named_parameters():  # shadow = 0.5 * old + 0.5 * new
+        assert torch.allclose(ema.shadow[n], before[n] + 0.5)
+    state = ema.state_dict()
+    other = EMA(model, decay=0.9)
+    other.load_state_dict(state)
+    assert other.decay == 0.5
+    other.copy_to(model)
+    for n, p in model.named_parameters():  # the EMA weights, bit for bit
+        assert torch.equal(p, state["shadow"][n]) and torch.allclose(p, before[n] + 0.5)
+    with pytest.raises(KeyError, match="differing"):
+        EMA(DIT_MODELS["DiT-tiny"](in_channels=8, text_dim=16, depth=1), 0.9).load_state_dict(state)
