@@ -145,6 +145,16 @@ def test_override_values_are_parsed_with_yaml() -> None:
     assert cfg.buckets.resolutions_px == PipelineConfig().buckets.resolutions_px
 
 
+def test_exponent_without_dot_is_a_number() -> None:
+    # YAML 1.1 parses "1e-3" as a string; float fields accept it, and reject non-finite text.
+    assert load_config(PipelineConfig, overrides=["buckets.fps=2.4e1"]).buckets.fps == 24.0
+    assert load_config(PipelineConfig, overrides=["buckets.fps=24e0"]).buckets.fps == 24.0
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(PipelineConfig, overrides=["buckets.fps=nan"])
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(PipelineConfig, overrides=["buckets.fps=.inf"])
+
+
 def test_empty_override_value_is_empty_string() -> None:
     assert load_config(PipelineConfig, overrides=["output.uri="]).output.uri == ""
 
