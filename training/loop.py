@@ -49,10 +49,11 @@ def model_config_for(cfg: TrainConfig, manifest: dict[str, Any]) -> DiTConfig:
     return dit_config(cfg.model.name, **cfg.model.overrides, in_channels=channels.pop(), text_dim=text_dims.pop())
 
 
-def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """Times, noise and CFG drops of one micro-batch: a function of (seed, step, rank, micro) only."""
+def step_generator(seed: int, step: int, pack_index: int) -> torch.Generator:
+    """Times, noise and CFG drops of one pack: a function of (seed, step, the pack's index in the
+    global step) only — so a run resumed on another number of workers draws the same numbers."""
     g = torch.Generator()
-    g.manual_seed(hash((seed, step, rank, micro)) & (2**63 - 1))  # hash of an int tuple is stable
+    g.manual_seed(hash((seed, step, pack_index)) & (2**63 - 1))  # hash of an int tuple is stable
     return g
 
 
@@ -157,7 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for micro in range(share):
                 real = micro < len(step.packs)
                 batch = (step.packs[micro] if real else filler).to(device)
-                gen = step_generator(cfg.run.seed, step.step, rank, micro)
+                # Worker r holds packs [r·G, (r+1)·G) of the step (training.data.worker_packs).
+                gen = step_generator(cfg.run.seed, step.step, rank * share + micro)
                 mean, _ = flow_loss(engine, batch, cfg.flow, gen)
                 total = mean * sum(batch.lengths)  # summed over this pack's real tokens
                 engine.backward(total * (weight if real else 0.0))
