@@ -115,8 +115,7 @@ def all_rejects(out_uri: str, journal: list[dict[str, Any]], driver_rejects: lis
     tables = [rejects_table(driver_rejects)]
     for e in journal:
         if e.get("rejects"):
-            with storage.resolve(out_uri)[0].open_input_file(storage.resolve(storage.join(out_uri, e["rejects"]))[1]) as f:
-                tables.append(pq.read_table(f))
+            tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out_uri, e["rejects"])))))
     table = pa.concat_tables(tables)
     return table.sort_by([("source_uri", "ascending"), ("start_frame", "ascending"), ("reason", "ascending")])
 

