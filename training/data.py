@@ -402,5 +402,5 @@ def check_fingerprint(saved: str, manifest: dict[str, Any], allow_mismatch: bool
     message = (f"checkpoint was trained on data {saved} but the shards given have fingerprint {current}; "
                "its loader position does not apply to them")
     if not allow_mismatch:
-        raise FingerprintMismatch(message + " (pass allow_mismatch to resume anyway)")
-    log.warning("%s — resuming anyway (allow_mismatch)", message)
+        raise FingerprintMismatch(message + " (set data.allow_fingerprint_mismatch=true to resume anyway)")
+    log.warning("%s — resuming anyway (data.allow_fingerprint_mismatch)", message)

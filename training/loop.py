@@ -2,7 +2,14 @@
 
 `train_loop_per_worker(config)` is what `training/train.py` hands to `TorchTrainer`; the pieces
 it uses are plain functions a unit test can call without Ray or DeepSpeed (`model_config_for`,
-`step_generator`, `pack_loss_weight`, `filler_pack`, `MetricsWriter`).
+`step_generator`, `pack_loss_weight`, `filler_pack`, `progress_line`).
+
+Checkpoints (training/checkpoint.py) are saved after every `run.checkpoint_every` steps and
+the last one: DeepSpeed `save_checkpoint` on every rank into a temp folder, rank 0 adds the
+trainer state, EMA weights and config, and every rank reports its folder to Ray Train, which
+merges them into `<run dir>/checkpoint-NNNNNNNN`. A worker started by a relaunch or by Ray
+Train's failure handling loads `ray.train.get_checkpoint()` and continues at the saved step
+and loader state; Ray Train keeps the last `run.keep_checkpoints`.
 
 Loss normalisation: every global step is one token-weighted mean over all its real tokens,
 whatever the worker count. A pack's loss is its summed token error times W·G / N_step
@@ -15,19 +22,26 @@ stay in lockstep across ranks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import from_dict
+from pipeline.config import dump_yaml, from_dict
 from pipeline.logs import get_logger
-from training.data import Loader, Prefetcher, ShardIndex
+from pipeline.version import code_version
+from training import checkpoint as ckpt
+from training.data import Loader, LoaderState, Prefetcher, ShardIndex, Step, check_fingerprint
+from training.flops import train_step_flops
+from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
 from training.model import DiTConfig, dit_config
+from training.optim import EMA, param_items
 from training.packing import PackedBatch, pack
 from training.settings import TrainConfig
 
@@ -69,27 +83,21 @@ def filler_pack(index: ShardIndex, token_budget: int) -> PackedBatch:
     return pack([latents], [text], index.patch, token_budget, text_mask=[mask])
 
 
-class MetricsWriter:
-    """Appends one JSON line per step to `<run dir>/metrics.jsonl` (rank 0 only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def progress_line(row: dict[str, Any], max_steps: int, elapsed_s: float) -> str:
+def progress_line(row: dict[str, Any], max_steps: int, elapsed_s: float, steps_this_session: int) -> str:
+    """One log line; the ETA extrapolates this session's (not the resumed run's) pace."""
     done = row["step"] + 1
-    eta_s = elapsed_s / done * (max_steps - done)
+    eta_s = elapsed_s / max(1, steps_this_session) * (max_steps - done)
+    mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
     return (f"step {done}/{max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-            f"{row['tokens_per_s']:.0f} tok/s  data-wait {row['data_wait_s']:.2f} s  ETA {eta_s:.0f} s")
+            f"{row['tokens_per_s']:.0f} tok/s  {row['clips_per_s']:.1f} clips/s{mfu}  "
+            f"data-wait {row['data_wait_fraction']:.1%}  mem {row['peak_memory_gb']:.2f} GB  ETA {eta_s:.0f} s")
+
+
+
+
+def pack_flops(model_cfg: DiTConfig, packs: list[PackedBatch]) -> float:
+    """Training FLOPs of these packs' real tokens (MFU numerator)."""
+    return sum(train_step_flops(model_cfg, p.lengths, p.text_lengths) for p in packs)
 
 
 # ---------------------------------------------------------------------------
@@ -98,9 +106,9 @@ def progress_line(row: dict[str, Any], max_steps: int, elapsed_s: float) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker. `config` = {"cfg": TrainConfig as a dict, "run_dir": absolute path}."""
+    """One Ray Train worker. `config` = {"cfg": TrainConfig as a dict, "run_uri": run dir path or URI}."""
     cfg = from_dict(TrainConfig, config["cfg"])
-    run_dir = Path(config["run_dir"])
+    run_uri = config["run_uri"]
     on_gpu = cfg.scaling.use_gpu
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: no CUDA probing
@@ -119,27 +127,98 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # GPU); with one initialised, DeepSpeed wraps it instead of creating another.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    stage3 = cfg.optim.zero_stage == 3
 
     index = ShardIndex.open(cfg.data.uri, dit_config(cfg.model.name, **cfg.model.overrides).patch, cfg.data.split)
     model_cfg = model_config_for(cfg, index.manifest)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VideoDiT(model_cfg)
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
+    # Rank 0 keeps the fp32 EMA; made before deepspeed.initialize, which partitions ZeRO-3 weights.
+    ema = EMA(model, cfg.optim.ema_decay) if rank == 0 and cfg.optim.ema_decay > 0 else None
+    # ---- resume (a relaunch, or Ray Train restarting the group after a failure) ----
+    restored = ray.train.get_checkpoint()
+    saved: ckpt.TrainerState | None = None
+    ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
+    if restored is not None:
+        d = _checkpoint_dir(restored)
+        saved = ckpt.read_state(d)
+        check_fingerprint(saved.data_fingerprint, index.manifest, cfg.data.allow_fingerprint_mismatch)
+        ds_dir = str(Path(d) / ckpt.DEEPSPEED_DIR)
+        if saved.world_size != world:
+            # Another worker count: load through DeepSpeed's universal format, converted once
+            # per node by its first worker into node-local temp space.
+            universal = True
+            out = Path(tempfile.gettempdir()) / "ditharos-universal" / _digest(f"{restored.path}:{world}")
+            if ctx.get_local_rank() == 0:
+                ckpt.to_universal(ds_dir, str(out))
+            dist.barrier()
+            ds_dir, ds_tag = str(out), ckpt.UNIVERSAL_TAG
+        ema_weights = None
+        if ema is not None:
+            if saved.weights != ckpt.EMA_FILE:
+                raise RuntimeError(f"{d} was saved without an EMA (optim.ema_decay was 0); keep it 0 to resume")
+            from safetensors.torch import load_file
+
+            ema_weights = load_file(str(Path(d) / ckpt.EMA_FILE))
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, cfg.optim), betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg.optim, world, on_gpu))
-    num_params = sum(p.numel() for p in model.parameters())
+    ds_config = deepspeed_config(cfg.optim, world, cfg.micro_batches, on_gpu)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    num_params = sum(p.ds_numel if stage3 else p.numel() for p in model.parameters())
+
+    state, steps_done = LoaderState(), 0
+    if saved is not None:
+        path, _ = engine.load_checkpoint(ds_dir, tag=ds_tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {ds_tag} in {ds_dir}")
+        if ema is not None:
+            ema.load_state_dict({"decay": cfg.optim.ema_decay, "shadow": ema_weights})
+        state, steps_done = saved.loader, saved.steps_done
+        if rank == 0:
+            log.info("resumed from %s: step %d, epoch %d, position %d (saved by %d worker(s), now %d%s)",
+                     restored.path, steps_done, state.epoch, state.position, saved.world_size, world,
+                     "; universal checkpoint" if universal else "")
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
-                    token_budget=cfg.data.token_budget, rank=rank, world_size=world)
+                    token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state)
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)
     filler = filler_pack(index, cfg.data.token_budget)
-    share = cfg.optim.grad_accumulation
-    metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    share = cfg.micro_batches
+    peak = peak_tflops(device, cfg.run.peak_tflops)
+    runlog = None
     if rank == 0:
-        log.info("%s: %.2fM parameters, %d clips, %d worker(s), ZeRO-%d, %s",
-                 model_cfg, num_params / 1e6, len(index.clips), world, cfg.optim.zero_stage, device)
+        local = Path(run_uri) if not run_uri.count("://") else Path(tempfile.mkdtemp(prefix="ditharos-run-"))
+        runlog = RunLog(run_uri, local, steps_done, cfg.run.tensorboard)
+        log.info("%s: %.2fM parameters, %d clips, %d worker(s), ZeRO-%d, %s, from step %d",
+                 model_cfg, num_params / 1e6, len(index.clips), world, cfg.optim.zero_stage, device, steps_done)
+
+    def save_checkpoint(step: Step, metrics: dict[str, Any]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="ditharos-ckpt-", dir=os.environ.get("DITHAROS_TMP")))
+        try:
+            engine.save_checkpoint(str(tmp / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG)
+            weights = ema.shadow if ema is not None else None
+            if cfg.optim.ema_decay == 0:  # no EMA: plain weights of the model itself
+                weights = _full_params(engine, stage3, rank, world, dist)  # collective under ZeRO-3
+            if rank == 0:
+                name = ckpt.EMA_FILE if ema is not None else ckpt.MODEL_FILE
+                ckpt.save_weights(str(tmp / name), weights)
+                (tmp / "config.yaml").write_text(dump_yaml(cfg))
+                saved = ckpt.TrainerState(
+                    steps_done=step.step + 1, loader=step.state, data_fingerprint=index.fingerprint,
+                    data_uri=index.data_uri, world_size=world, zero_stage=cfg.optim.zero_stage,
+                    model=asdict(model_cfg), weights=name, code_version=code_version())
+                (tmp / ckpt.STATE_FILE).write_text(saved.to_json())  # last: marks the part complete
+                runlog.sync()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=ckpt.checkpoint_name(step.step + 1))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     t_start = time.perf_counter()
     try:
         for step in steps:
@@ -149,10 +228,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr = lr_at(step.step, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            counts = torch.tensor([sum(sum(p.lengths) for p in step.packs), sum(p.num_samples for p in step.packs)],
-                                  dtype=torch.float64, device=device)
+            counts = torch.tensor([sum(sum(p.lengths) for p in step.packs), sum(p.num_samples for p in step.packs),
+                                   pack_flops(model_cfg, step.packs)], dtype=torch.float64, device=device)
             dist.all_reduce(counts)
-            step_tokens, step_samples = int(counts[0]), int(counts[1])
+            step_tokens, step_samples, step_flops = int(counts[0]), int(counts[1]), float(counts[2])
             weight = pack_loss_weight(step_tokens, world, share)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed token error, this rank
             for micro in range(share):
@@ -166,24 +245,86 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
                 if real:
                     loss_sum += total.detach().double()
+            if cfg.optim.ema_decay > 0 and (ema is not None or stage3):  # ZeRO-3: every rank joins the gather
+                full = _full_params(engine, stage3, rank, world, dist)
+                if ema is not None:
+                    ema.update_from(full)
             dist.all_reduce(loss_sum)
+            memory = torch.tensor([peak_memory_gb(device)], dtype=torch.float64, device=device)
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+            clip_ids = _gather_clip_ids(step, dist) if cfg.run.log_clip_ids else None
             step_s = time.perf_counter() - t0
+            wait_s = steps.last_wait_s
             row = {"step": step.step, "epoch": step.epoch, "loss": float(loss_sum) / max(1, step_tokens),
                    "lr": lr, "grad_norm": _grad_norm(engine), "tokens": step_tokens, "samples": step_samples,
                    "packs": step.num_packs, "skipped": step.num_skipped, "step_s": round(step_s, 4),
-                   "tokens_per_s": step_tokens / step_s, "data_wait_s": round(steps.last_wait_s, 4)}
-            if metrics is not None:
-                metrics.write(row)
-            if (step.step + 1) % cfg.run.log_every == 0 or step.step + 1 == cfg.run.max_steps:
-                if rank == 0:
-                    log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start))
+                   "tokens_per_s": step_tokens / step_s, "clips_per_s": step_samples / step_s,
+                   "mfu": mfu(step_flops, step_s, world, peak), "data_wait_s": round(wait_s, 4),
+                   "data_wait_fraction": wait_s / (wait_s + step_s), "peak_memory_gb": round(float(memory[0]), 3),
+                   "workers": world}
+            if runlog is not None:
+                runlog.write(row, clip_ids)
+            report = {k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")}
+            if cfg.is_checkpoint_step(step.step):
+                save_checkpoint(step, report)
+            elif (step.step + 1) % cfg.run.log_every == 0:
                 # A barrier over all workers (each must call it equally often) costing ~1-2 s on
                 # local Ray, hence only every log_every steps; metrics.jsonl has every step.
-                ray.train.report({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
+                ray.train.report(report)
+            if rank == 0 and ((step.step + 1) % cfg.run.log_every == 0 or step.step + 1 == cfg.run.max_steps):
+                log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start,
+                                       step.step + 1 - steps_done))
     finally:
         steps.close()
-        if metrics is not None:
-            metrics.close()
+        if runlog is not None:
+            runlog.close()
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _checkpoint_dir(checkpoint: Any) -> str:
+    """A local folder with the checkpoint: itself on local/NFS storage, else a download."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="ditharos-ckpt-load-", dir=os.environ.get("DITHAROS_TMP")))
+
+
+def _full_params(engine: Any, stage3: bool, rank: int, world: int, dist: Any) -> dict[str, torch.Tensor] | None:
+    """Every parameter unpartitioned, under state-dict names, on rank 0 (None on other ranks).
+
+    ZeRO-1/2 keep full weights on every rank. Under ZeRO-3 each rank holds an equal-size slice
+    of every parameter (`ds_tensor`, padded at the end); one `gather` of the concatenated slices
+    to rank 0 rebuilds them — a single collective, the same on every rank.
+    """
+    items = list(param_items(engine.module))
+    if not stage3:
+        return {n: p.detach() for n, p in items} if rank == 0 else None
+    flat = torch.cat([p.ds_tensor.detach().reshape(-1) for _, p in items])  # (sum of slice sizes,)
+    slices = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
+    dist.gather(flat, slices, dst=0)
+    if rank != 0:
+        return None
+    out, offset = {}, 0
+    for n, p in items:
+        size = p.ds_tensor.numel()
+        whole = torch.cat([s[offset:offset + size] for s in slices])  # (world·size,) ≥ numel
+        out[n] = whole[:p.ds_numel].view(p.ds_shape)
+        offset += size
+    return out
+
+
+def _gather_clip_ids(step: Step, dist: Any) -> list[str]:
+    """The clip ids every rank trained this step, in global pack order (rank 0 gets the list)."""
+    mine = [c for ids in step.clip_ids for c in ids]
+    everyone: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [c for ids in everyone for c in (ids or [])]
 
 
 def _grad_norm(engine: Any) -> float | None:

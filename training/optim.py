@@ -11,6 +11,7 @@ together; no DeepSpeed or Ray imports here, so unit tests call them directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +32,6 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
-    grad_accumulation: int = 1  # micro-batches (packs) per worker per global step
     ema_decay: float = 0.9999  # 0 disables the EMA copy
 
     def validate(self) -> None:
@@ -40,8 +40,6 @@ class OptimConfig:
         if self.warmup_steps < 0 or self.total_steps < 1 or self.warmup_steps > self.total_steps:
             raise ValueError(f"optim: need 0 <= warmup_steps <= total_steps, got {self.warmup_steps}, "
                              f"{self.total_steps}")
-        if self.grad_accumulation < 1:
-            raise ValueError(f"optim.grad_accumulation must be >= 1, got {self.grad_accumulation}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -55,16 +53,22 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(cfg: OptimConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: OptimConfig, world_size: int, grad_accumulation: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's config dict for our settings (the optimizer itself is passed as a client AdamW).
 
-    Micro-batch = one packed sequence per worker; DeepSpeed's batch bookkeeping counts packs.
+    Micro-batch = one packed sequence per worker; DeepSpeed's batch bookkeeping counts packs, and
+    `grad_accumulation` is the packs per worker per global step (packs_per_step / workers: not a
+    setting of its own, so that resuming on another worker count needs no other change).
     bf16 only on GPU: CPU training (tests, DS_ACCELERATOR=cpu) runs in fp32.
+    Checkpoints are DeepSpeed's regular (per-rank) ones; resuming on another worker count goes
+    through DeepSpeed's universal format (training.checkpoint.to_universal).
     """
+    if grad_accumulation < 1:
+        raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.grad_accumulation,
-        "train_batch_size": cfg.grad_accumulation * world_size,
+        "gradient_accumulation_steps": grad_accumulation,
+        "train_batch_size": grad_accumulation * world_size,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bool(on_gpu)},
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
@@ -72,28 +76,36 @@ def deepspeed_config(cfg: OptimConfig, world_size: int, on_gpu: bool) -> dict[st
     }
     if cfg.grad_clip > 0:
         ds["gradient_clipping"] = cfg.grad_clip
-    if cfg.zero_stage == 3:
-        # Gather full weights at save time so checkpoints load without DeepSpeed.
-        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return ds
 
 
+def param_items(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """named_parameters under state-dict names (activation-checkpoint wrappers add a prefix)."""
+    for n, p in model.named_parameters():
+        yield n.replace("._checkpoint_wrapped_module", ""), p
+
+
 class EMA:
-    """Exponential moving average of a model's parameters, kept in fp32."""
+    """Exponential moving average of a model's parameters, kept in fp32 under state-dict names."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow = {n: p.detach().float().clone() for n, p in param_items(model)}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
+        self.update_from(dict(param_items(model)))
+
+    @torch.no_grad()
+    def update_from(self, params: dict[str, torch.Tensor]) -> None:
+        """One EMA step from full (unpartitioned) weights under state-dict names."""
+        for n, p in params.items():
             self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Load the EMA weights into `model` (e.g. for sampling)."""
-        for n, p in model.named_parameters():
+        for n, p in param_items(model):
             p.copy_(self.shadow[n].to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:

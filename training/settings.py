@@ -24,6 +24,9 @@ class DataConfig:
     packs_per_step: int = 2  # packs in one global step; divisible by scaling.num_workers
     token_budget: int = 2688  # tokens per pack (one micro-batch); the demo's largest clip has 2584
     prefetch_depth: int = 2  # steps built ahead in a background thread
+    # Resuming a checkpoint on shards with another manifest fingerprint changes what the saved
+    # data order means; it is refused unless this is set.
+    allow_fingerprint_mismatch: bool = False
 
     def validate(self) -> None:
         if self.packs_per_step < 1 or self.token_budget < 1:
@@ -64,20 +67,29 @@ class ScalingConfig:
 class RunConfig:
     """Where the run writes and how long it goes."""
 
-    dir: str = "runs/demo/train"  # metrics.jsonl, config.yaml, summary.json (and later checkpoints)
+    # metrics.jsonl, clips.jsonl, tensorboard/, config.yaml, summary.json, checkpoint-NNNNNNNN/.
+    # Relaunching with the same dir resumes from its latest checkpoint. A local path or a
+    # pyarrow.fs URI (s3://, gs://) of storage every node can reach.
+    dir: str = "runs/demo/train"
     max_steps: int = 200  # global optimizer steps
     log_every: int = 10  # progress line every N steps (every step goes to metrics.jsonl)
-    checkpoint_every: int = 0  # 0: no checkpoints (not implemented yet)
-    keep_checkpoints: int = 3
+    checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved); 0: only the last
+    keep_checkpoints: int = 3  # older checkpoints are deleted
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     seed: int = 0  # model init and the per-step noise / time / CFG-drop draws
     activation_checkpointing: bool = False
+    log_clip_ids: bool = True  # clips.jsonl: which clips every step trained on (audit, resume checks)
+    tensorboard: bool = True  # event files in <dir>/tensorboard
+    peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: known GPUs by name, else none
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.log_every < 1:
             raise ValueError(f"run: max_steps and log_every must be >= 1, got {self.max_steps}, {self.log_every}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError(f"run: need checkpoint_every >= 0 and keep_checkpoints >= 1, got "
-                             f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.max_failures < 0:
+            raise ValueError(f"run: need checkpoint_every >= 0, keep_checkpoints >= 1 and max_failures >= 0, got "
+                             f"{self.checkpoint_every}, {self.keep_checkpoints}, {self.max_failures}")
+        if self.peak_tflops < 0:
+            raise ValueError(f"run.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass
@@ -95,7 +107,14 @@ class TrainConfig:
         if self.data.packs_per_step % self.scaling.num_workers:
             raise ValueError(f"data.packs_per_step={self.data.packs_per_step} must be divisible by "
                              f"scaling.num_workers={self.scaling.num_workers}")
-        share = self.data.packs_per_step // self.scaling.num_workers
-        if self.optim.grad_accumulation != share:
-            raise ValueError(f"optim.grad_accumulation={self.optim.grad_accumulation} must equal the packs per "
-                             f"worker per step (data.packs_per_step / scaling.num_workers = {share})")
+
+    @property
+    def micro_batches(self) -> int:
+        """Packs per worker per global step = DeepSpeed's gradient accumulation steps."""
+        return self.data.packs_per_step // self.scaling.num_workers
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        """Whether a checkpoint is saved after global step `step` (0-based)."""
+        done = step + 1
+        every = self.run.checkpoint_every
+        return done == self.run.max_steps or (every > 0 and done % every == 0)

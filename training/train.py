@@ -6,9 +6,16 @@ On a cluster:                          ray job submit --working-dir . -- python 
 With no arguments it trains DiT-tiny on runs/demo/data (make it with `python pipeline/run.py`)
 with 2 CPU workers, ZeRO-2, into runs/demo/train/.
 
-Plan: parse config → save it in the run dir → TorchTrainer(train_loop_per_worker) with one
-worker per GPU (or CPU slot) → each worker reads the shards itself (training/data.py) and
-trains (training/loop.py) → summary from metrics.jsonl.
+Relaunching the same command resumes from the run dir's latest checkpoint (exactly: same
+weights, optimizer, EMA and data position), also with another `scaling.num_workers` (through
+DeepSpeed's universal checkpoint format). Settings that define the run (model, flow, data order, seeds, ZeRO stage) must not
+change; a checkpoint made on other shards (manifest fingerprint) is refused unless
+`data.allow_fingerprint_mismatch=true`.
+
+Plan: parse config → check it against the run dir's saved config and latest checkpoint →
+TorchTrainer(train_loop_per_worker) with one worker per GPU (or CPU slot), checkpoints kept by
+Ray Train, restarts on worker failure → each worker reads the shards itself (training/data.py)
+and trains (training/loop.py) → summary from metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -26,10 +33,16 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+import yaml
+
 from pipeline import storage
 from pipeline.config import ConfigError, dump_yaml, load_config, to_dict
 from pipeline.logs import get_logger
+from pipeline.manifest import read_manifest
+from training import checkpoint as ckpt
+from training.data import FingerprintMismatch, check_fingerprint
 from training.loop import train_loop_per_worker
+from training.metrics import METRICS_FILE
 from training.settings import TrainConfig
 
 log = get_logger("training")
@@ -42,10 +55,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
+def read_metrics(run_uri: str) -> list[dict]:
+    uri = storage.join(run_uri, METRICS_FILE)
+    if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
+    """Refuse a relaunch that would not continue the run in `run_uri`; return its latest checkpoint.
+
+    Raises SystemExit with the reason: a changed setting that defines the run, or a checkpoint
+    from other shards.
+    """
+    saved_uri = storage.join(run_uri, "config.yaml")
+    if storage.exists(saved_uri):
+        saved = yaml.safe_load(storage.read_bytes(saved_uri).decode())
+        refused, allowed = ckpt.resume_changes(saved, to_dict(cfg))
+        if refused:
+            sys.exit(f"{run_uri} holds a run whose {', '.join(refused)} differ from this config; these define "
+                     f"the run and cannot change on resume (valid to change: anything else). "
+                     f"Use another run.dir to start a new run.")
+        if allowed:
+            log.info("relaunch of %s with changed settings: %s", run_uri, ", ".join(allowed))
+    latest = ckpt.latest_checkpoint(run_uri)
+    if latest is None:
+        return None
+    state = ckpt.read_state(latest)
+    try:
+        check_fingerprint(state.data_fingerprint, read_manifest(cfg.data.uri), cfg.data.allow_fingerprint_mismatch)
+    except FingerprintMismatch as e:
+        sys.exit(f"cannot resume {latest}: {e}")
+    log.info("resuming %s from %s (step %d)", run_uri, latest, state.steps_done)
+    return latest
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,23 +97,25 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ValueError) as e:
         sys.exit(f"config error: {e}")
     t_start = time.perf_counter()
-    run_dir = Path(cfg.run.dir).resolve()
     cfg.data.uri = storage.canonical(cfg.data.uri)  # workers may start in another directory
-    if (run_dir / "metrics.jsonl").exists():
-        # Resume is not implemented yet: refuse rather than mix two runs' metrics.
-        sys.exit(f"{run_dir} already holds a run (metrics.jsonl); pick another --set run.dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    run_uri = cfg.run.dir = storage.canonical(cfg.run.dir)
+    latest = check_resume(cfg, run_uri)
+    storage.makedirs(run_uri)
+    storage.write_bytes_atomic(storage.join(run_uri, "config.yaml"), dump_yaml(cfg).encode())
 
     ray.init(ignore_reinit_error=True)
-    s = cfg.scaling
+    s, parent = cfg.scaling, run_uri.rstrip("/").rsplit("/", 1)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
+        train_loop_config={"cfg": to_dict(cfg), "run_uri": run_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            # Ray Train keeps its run state and our checkpoints in <parent>/<name> = run.dir, and
+            # restores from there when the same run dir is launched again.
+            name=parent[1], storage_path=parent[0] or "/",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # DeepSpeed picks its accelerator at import; on CPU workers it must not probe for CUDA.
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not s.use_gpu else None),
     )
@@ -79,18 +123,22 @@ def main(argv: list[str] | None = None) -> dict:
     if result.error:
         raise result.error
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_uri)
     head, tail = rows[:5], rows[-5:]
+    final = ckpt.latest_checkpoint(run_uri)
     summary = {
-        "run_dir": str(run_dir), "data": cfg.data.uri, "model": cfg.model.name,
+        "run_dir": run_uri, "data": cfg.data.uri, "model": cfg.model.name,
         "workers": s.num_workers, "zero_stage": cfg.optim.zero_stage, "steps": len(rows),
+        "resumed_from": latest, "checkpoint": final,
         "loss_first5": sum(r["loss"] for r in head) / max(1, len(head)),
         "loss_last5": sum(r["loss"] for r in tail) / max(1, len(tail)),
         "tokens": sum(r["tokens"] for r in rows),
         "tokens_per_s": sum(r["tokens"] for r in rows) / max(1e-9, sum(r["step_s"] for r in rows)),
+        "data_wait_fraction": sum(r["data_wait_s"] for r in rows) / max(
+            1e-9, sum(r["data_wait_s"] + r["step_s"] for r in rows)),
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_bytes_atomic(storage.join(run_uri, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -101,6 +149,10 @@ def print_summary(s: dict) -> None:
     print(f"model       {s['model']}  ({s['workers']} worker(s), ZeRO-{s['zero_stage']})")
     print(f"steps       {s['steps']}  ({s['tokens']} tokens, {s['tokens_per_s']:.0f} tok/s)")
     print(f"loss        {s['loss_first5']:.4f} (first 5 steps) → {s['loss_last5']:.4f} (last 5)")
+    print(f"data wait   {s['data_wait_fraction']:.2%} of step time")
+    if s["resumed_from"]:
+        print(f"resumed     {s['resumed_from']}")
+    print(f"checkpoint  {s['checkpoint']}")
     print(f"wall        {s['wall_s']} s")
 
 

@@ -25,15 +25,16 @@ def test_lr_warmup_then_cosine_to_min() -> None:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_config(stage: int) -> None:
-    cfg = OptimConfig(zero_stage=stage, grad_accumulation=4, grad_clip=0.5)
-    gpu = deepspeed_config(cfg, world_size=8, on_gpu=True)
-    cpu = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    cfg = OptimConfig(zero_stage=stage, grad_clip=0.5)
+    gpu = deepspeed_config(cfg, world_size=8, grad_accumulation=4, on_gpu=True)
+    cpu = deepspeed_config(cfg, world_size=2, grad_accumulation=4, on_gpu=False)
     assert gpu["zero_optimization"]["stage"] == stage and gpu["bf16"]["enabled"] is True
     assert cpu["bf16"]["enabled"] is False
     assert gpu["train_batch_size"] == 32 and cpu["train_batch_size"] == 8
     assert gpu["gradient_accumulation_steps"] == 4 and gpu["gradient_clipping"] == 0.5
-    assert ("stage3_gather_16bit_weights_on_model_save" in gpu["zero_optimization"]) == (stage == 3)
-    assert "gradient_clipping" not in deepspeed_config(OptimConfig(grad_clip=0), 1, False)
+    assert "gradient_clipping" not in deepspeed_config(OptimConfig(grad_clip=0), 1, 1, False)
+    with pytest.raises(ValueError, match="grad_accumulation"):
+        deepspeed_config(cfg, world_size=2, grad_accumulation=0, on_gpu=False)
 
 
 def test_optim_config_validation_and_keys() -> None:

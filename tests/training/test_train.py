@@ -1,14 +1,28 @@
-"""training/train.py end to end on local Ray: 2 CPU workers, ZeRO-2, DiT-tiny on the demo shards."""
+"""training/train.py end to end on local Ray: DeepSpeed ZeRO on 1-2 CPU workers, DiT-tiny on the demo shards.
+
+Covers checkpoints, exact resume (same and other worker count), restarts after a killed
+worker, ZeRO-1/3 and the refusals (changed run settings, other shards).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = str(REPO / "training/configs/demo.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -20,28 +34,214 @@ def demo_data(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_zero2_on_demo_shards_loss_decreases(demo_data: Path, tmp_path: Path) -> None:
+def train(data: Path, run_dir: Path, *overrides: str) -> dict:
     from training.train import main
 
+    args = ["--config", DEMO_CONFIG, "--set", f"data.uri={data}", "--set", f"run.dir={run_dir}"]
+    for o in overrides:
+        args += ["--set", o]
+    return main(args)
+
+
+def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """tag → {step: value} from TensorBoard event files (TFRecord framing + tensorboardX's Event proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + n])  # skip the length's CRC
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_zero2_on_demo_shards_loss_decreases(demo_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     steps = 40
-    summary = main([
-        "--config", str(Path(__file__).resolve().parents[2] / "training/configs/demo.yaml"),
-        "--set", f"data.uri={demo_data}", "--set", f"run.dir={run_dir}",
-        "--set", f"run.max_steps={steps}", "--set", "run.log_every=20",
-        "--set", "optim.zero_stage=2", "--set", f"optim.total_steps={steps}",
-        "--set", "scaling.num_workers=2",
-    ])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(steps))
-    first = sum(r["loss"] for r in rows[:5]) / 5
-    last = sum(r["loss"] for r in rows[-5:]) / 5
+    summary = train(demo_data, run_dir, f"run.max_steps={steps}", "run.log_every=20", "run.checkpoint_every=10",
+                    "run.keep_checkpoints=2", "optim.zero_stage=2", f"optim.total_steps={steps}",
+                    "scaling.num_workers=2")
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == list(range(steps))
+    first = sum(r["loss"] for r in metrics[:5]) / 5
+    last = sum(r["loss"] for r in metrics[-5:]) / 5
     assert 0.5 < first < 2.0, first  # zero-init output layer: the loss starts near E|noise - x0|^2
     assert last < 0.7 * first, (first, last)
-    assert all(r["lr"] > 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    for r in metrics:
+        assert r["lr"] > 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["clips_per_s"] > 0
+        assert 0 <= r["data_wait_fraction"] < 1 and r["peak_memory_gb"] > 0.1 and r["grad_norm"] > 0
+        assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
     # Every step trained the same global batch sizes on both workers: the epoch covers all clips.
-    assert rows[0]["packs"] == 2 and {r["epoch"] for r in rows} >= {0, 1}
+    assert metrics[0]["packs"] == 2 and {r["epoch"] for r in metrics} >= {0, 1}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["uri"] == str(demo_data) and saved["run"]["max_steps"] == steps
     assert saved["optim"]["zero_stage"] == 2 and saved["scaling"]["num_workers"] == 2
     assert summary["steps"] == steps and summary["loss_last5"] == pytest.approx(last)
+    # keep_checkpoints=2: only the last two of steps 10, 20, 30, 40 remain, each complete.
+    kept = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert kept == ["checkpoint-00000030", "checkpoint-00000040"]
+    final = run_dir / "checkpoint-00000040"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["steps_done"] == steps and state["world_size"] == 2 and state["weights"] == "ema.safetensors"
+    assert state["data_fingerprint"] == json.loads((demo_data / "manifest.json").read_text())[
+        "fingerprint"]["data_sha256"]
+    ds = final / "deepspeed" / "state"
+    assert {p.name for p in ds.glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert yaml.safe_load((final / "config.yaml").read_text()) == saved
+    # The EMA lags the weights: loadable without DeepSpeed, same keys as the model, not equal to it.
+    from safetensors.torch import load_file
+
+    ema = load_file(str(final / "ema.safetensors"))
+    module = __import__("torch").load(ds / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert set(ema) == set(module)
+    assert any(not ema[k].equal(module[k].float()) for k in ema)
+    # TensorBoard events with our scalars.
+    tb = tensorboard_scalars(run_dir / "tensorboard")
+    assert sorted(tb["train/loss"]) == list(range(steps))
+    # clips.jsonl: epoch 0 trains every clip exactly once.
+    clips = rows(run_dir, "clips.jsonl")
+    epoch0 = [c for r in clips if r["epoch"] == 0 for c in r["clip_ids"]]
+    assert len(epoch0) == len(set(epoch0)) == 12
+
+
+def test_resume_is_exact_and_elastic(demo_data: Path, tmp_path: Path) -> None:
+    """Stop after step 6, relaunch: steps 7-10 equal an uninterrupted run's, also on 1 worker."""
+    common = ["run.checkpoint_every=3", "optim.total_steps=10", "run.log_every=5"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(demo_data, whole, "run.max_steps=10", *common)
+    first = train(demo_data, split, "run.max_steps=6", *common)
+    assert first["checkpoint"].endswith("checkpoint-00000006")
+    one_worker = tmp_path / "one_worker"
+    shutil.copytree(split, one_worker)  # the same stopped run, resumed two ways
+    resumed = train(demo_data, split, "run.max_steps=10", *common)
+    assert resumed["resumed_from"].endswith("checkpoint-00000006")
+
+    ref = rows(whole)
+    got = rows(split)
+    assert [r["step"] for r in got] == list(range(10))  # rows of redone steps are not duplicated
+    for a, b in zip(ref, got):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+    assert rows(split, "clips.jsonl") == rows(whole, "clips.jsonl")
+
+    # Elastic: 1 worker continues the 2-worker run on exactly the next clips.
+    train(demo_data, one_worker, "run.max_steps=10", "scaling.num_workers=1", *common)
+    got1 = rows(one_worker)
+    assert [r["workers"] for r in got1] == [2] * 6 + [1] * 4
+    clips_ref, clips1 = rows(whole, "clips.jsonl"), rows(one_worker, "clips.jsonl")
+    assert clips1 == clips_ref
+    by_epoch: dict[int, list[str]] = {}
+    for r in clips1:
+        by_epoch.setdefault(r["epoch"], []).extend(r["clip_ids"])
+    for epoch, ids in by_epoch.items():
+        assert len(ids) == len(set(ids)), f"epoch {epoch} repeats a clip"
+    complete = [e for e in by_epoch if e + 1 in by_epoch]
+    assert complete and all(len(by_epoch[e]) == 12 for e in complete)  # no clip skipped
+    for a, b in zip(ref[6:], got1[6:]):  # other reduction order: equal up to float rounding
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+
+    # Relaunching a finished run trains nothing more and keeps its metrics.
+    again = train(demo_data, split, "run.max_steps=10", *common)
+    assert again["resumed_from"].endswith("checkpoint-00000010") and rows(split) == got
+
+
+def test_resume_refusals(demo_data: Path, tmp_path: Path) -> None:
+    """Settings that define the run, and other shards, are refused before anything starts."""
+    run_dir = tmp_path / "run"
+    train(demo_data, run_dir, "run.max_steps=2", "optim.total_steps=10", "optim.warmup_steps=1")
+    with pytest.raises(SystemExit, match=r"model\.name.*cannot change"):
+        train(demo_data, run_dir, "run.max_steps=4", "optim.total_steps=10", "optim.warmup_steps=1",
+              "model.name=DiT-S/2")
+    with pytest.raises(SystemExit, match=r"data\.seed"):
+        train(demo_data, run_dir, "run.max_steps=4", "optim.total_steps=10", "optim.warmup_steps=1", "data.seed=1")
+    # Same files, another manifest fingerprint: the saved data position means nothing there.
+    other = tmp_path / "other"
+    shutil.copytree(demo_data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"]["data_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="data.allow_fingerprint_mismatch=true"):
+        train(other, run_dir, "run.max_steps=4", "optim.total_steps=10", "optim.warmup_steps=1")
+    assert len(rows(run_dir)) == 2  # the refused relaunches touched nothing
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_smoke(demo_data: Path, tmp_path: Path, stage: int) -> None:
+    """ZeRO-1 and ZeRO-3 train, checkpoint and resume exactly on the same workers (ZeRO-3 also on fewer)."""
+    common = [f"optim.zero_stage={stage}", "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(demo_data, whole, "run.max_steps=4", *common)
+    train(demo_data, split, "run.max_steps=2", *common)
+    train(demo_data, split, "run.max_steps=4", *common)
+    ref, got = rows(whole), rows(split)
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in got)
+    state = json.loads((split / "checkpoint-00000004" / "trainer_state.json").read_text())
+    assert state["zero_stage"] == stage
+    if stage == 3:  # partitioned weights and optimizer state, resumed on 1 worker (universal format)
+        one = tmp_path / "one"
+        train(demo_data, one, "run.max_steps=2", *common)
+        train(demo_data, one, "run.max_steps=4", "scaling.num_workers=1", *common)
+        got1 = rows(one)
+        assert [r["workers"] for r in got1] == [2, 2, 1, 1]
+        for a, b in zip(ref, got1):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+
+
+def _train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """Ray Train worker processes started under `root` (our own subprocess's local Ray)."""
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killed_worker_restores_from_checkpoint(demo_data: Path, tmp_path: Path) -> None:
+    """SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint."""
+    run_dir = tmp_path / "run"
+    steps = 30
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(REPO / "training/train.py"), "--config", DEMO_CONFIG,
+           "--set", f"data.uri={demo_data}", "--set", f"run.dir={run_dir}", "--set", f"run.max_steps={steps}",
+           "--set", "run.checkpoint_every=4", "--set", f"optim.total_steps={steps}", "--set", "run.log_every=10",
+           "--set", "run.max_failures=2"]
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if done >= 6:  # past the step-4 checkpoint, before the end
+                workers = _train_workers(psutil.Process(proc.pid))
+                if workers:
+                    killed = done
+                    workers[-1].send_signal(signal.SIGKILL)
+            time.sleep(0.05)
+        assert killed is not None and killed < steps, "the run ended before a worker could be killed"
+        assert proc.wait(timeout=400) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "resumed from" in text, text[-4000:]
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == list(range(steps))  # each step once, none lost
+    assert (run_dir / f"checkpoint-{steps:08d}" / "trainer_state.json").is_file()

@@ -1,0 +1,115 @@
+"""training/checkpoint.py and training/metrics.py: the plain pieces of checkpointing and metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import to_dict
+from training import checkpoint as ckpt
+from training.data import LoaderState
+from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
+from training.model import DIT_MODELS
+from training.optim import EMA
+from training.parallel import apply_activation_checkpointing
+from training.settings import TrainConfig
+
+
+def state(steps: int = 6) -> ckpt.TrainerState:
+    return ckpt.TrainerState(steps_done=steps, loader=LoaderState(1, 4, steps), data_fingerprint="a" * 64,
+                             data_uri="/data", world_size=2, zero_stage=2, model={"hidden": 32},
+                             weights=ckpt.EMA_FILE, code_version="git:x")
+
+
+def test_trainer_state_round_trip_and_missing_keys() -> None:
+    s = state()
+    assert ckpt.TrainerState.from_json(s.to_json()) == s
+    d = json.loads(s.to_json())
+    del d["data_fingerprint"]
+    with pytest.raises(ValueError, match="data_fingerprint"):
+        ckpt.TrainerState.from_json(json.dumps(d))
+
+
+def test_list_checkpoints_ignores_incomplete_and_foreign_folders(tmp_path: Path) -> None:
+    for steps in (3, 12, 6):
+        d = tmp_path / ckpt.checkpoint_name(steps)
+        d.mkdir()
+        (d / ckpt.STATE_FILE).write_text(state(steps).to_json())
+    (tmp_path / ckpt.checkpoint_name(15)).mkdir()  # an interrupted upload: no trainer state
+    (tmp_path / "checkpoint-7").mkdir()  # not our name
+    found = ckpt.list_checkpoints(str(tmp_path))
+    assert [s for s, _ in found] == [3, 6, 12]
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-00000012")
+    assert ckpt.read_state(found[-1][1]).steps_done == 12
+    assert ckpt.latest_checkpoint(str(tmp_path / "missing")) is None
+    with pytest.raises(FileNotFoundError, match="not a DiTharos checkpoint"):
+        ckpt.read_state(str(tmp_path / ckpt.checkpoint_name(15)))
+
+
+def test_resume_changes_split_fixed_from_free_keys() -> None:
+    saved = to_dict(TrainConfig())
+    now = to_dict(TrainConfig())
+    assert ckpt.resume_changes(saved, now) == ([], [])
+    now["scaling"]["num_workers"] = 1
+    now["run"]["max_steps"] = 500
+    now["model"]["overrides"] = {"attn_backend": "sdpa_masked"}
+    now["data"]["seed"] = 3
+    now["optim"]["zero_stage"] = 3
+    refused, allowed = ckpt.resume_changes(saved, now)
+    assert refused == ["data.seed", "model.overrides", "optim.zero_stage"]
+    assert allowed == ["run.max_steps", "scaling.num_workers"]
+
+
+def test_keep_rows_before() -> None:
+    lines = [json.dumps({"step": i}) for i in (0, 1, 2, 3, 2)] + [""]
+    assert ckpt.keep_rows_before(lines, 2) == lines[:2]
+    assert ckpt.keep_rows_before(lines, 0) == []
+
+
+def test_weights_round_trip(tmp_path: Path) -> None:
+    (tmp_path / ckpt.STATE_FILE).write_text(state().to_json())
+    tensors = {"a.weight": torch.randn(3, 4, dtype=torch.float64), "b": torch.arange(5.0)}
+    ckpt.save_weights(str(tmp_path / ckpt.EMA_FILE), tensors)
+    s, loaded = ckpt.load_weights(str(tmp_path))
+    assert s == state() and loaded["a.weight"].dtype == torch.float32
+    assert torch.equal(loaded["a.weight"], tensors["a.weight"].float()) and torch.equal(loaded["b"], tensors["b"])
+
+
+def test_ema_uses_state_dict_names_under_activation_checkpointing() -> None:
+    torch.manual_seed(0)
+    model = DIT_MODELS["DiT-tiny"](in_channels=4, text_dim=16)
+    plain = set(EMA(model, 0.9).shadow)
+    apply_activation_checkpointing(model, True)
+    wrapped = EMA(model, 0.9)
+    assert set(wrapped.shadow) == plain == set(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in wrapped.shadow.items()}
+    wrapped.update(model)
+    k = next(iter(before))
+    assert torch.allclose(wrapped.shadow[k], before[k] + 0.1)  # (1 - decay) of the step towards the weights
+
+
+def test_mfu_and_peaks() -> None:
+    assert mfu(1e12, 1.0, 2, 1.0) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, 2, None) is None
+    assert peak_tflops(torch.device("cpu"), 0.0) is None and peak_tflops(torch.device("cpu"), 50.0) == 50.0
+    assert peak_memory_gb(torch.device("cpu")) > 0.05  # this process' RSS peak
+
+
+def test_runlog_resume_drops_redone_rows(tmp_path: Path) -> None:
+    log = RunLog(str(tmp_path), tmp_path, steps_done=0, tensorboard=False)
+    for step in range(5):
+        log.write({"step": step, "epoch": 0, "loss": 1.0}, clip_ids=[f"c{step}"])
+    log.close()
+    again = RunLog(str(tmp_path), tmp_path, steps_done=3, tensorboard=False)  # resumed at step 3
+    again.write({"step": 3, "epoch": 0, "loss": 0.5}, clip_ids=["c3"])
+    again.close()
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    clips = [json.loads(x) for x in (tmp_path / "clips.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3] and metrics[-1]["loss"] == 0.5
+    assert [r["clip_ids"] for r in clips] == [["c0"], ["c1"], ["c2"], ["c3"]]

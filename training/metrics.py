@@ -1,0 +1,115 @@
+"""Per-step training metrics: metrics.jsonl, clips.jsonl and TensorBoard event files (rank 0 only).
+
+Files live in a local folder. When the run dir is a local or NFS path that folder *is* the run
+dir; for an object-store run dir (s3://, gs://) rank 0 writes a local staging copy and
+`sync()` uploads it with every checkpoint and at the end, so the stored metrics always cover
+at least the steps of the latest checkpoint. On resume, rows of steps that will be redone are
+dropped (`training.checkpoint.keep_rows_before`), so each step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from training.checkpoint import keep_rows_before
+
+METRICS_FILE = "metrics.jsonl"
+CLIPS_FILE = "clips.jsonl"
+TB_DIR = "tensorboard"
+# Dense bf16 peak per device, for MFU; other GPUs need run.peak_tflops.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+TB_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "clips_per_s", "mfu", "data_wait_fraction",
+              "peak_memory_gb")
+
+
+def peak_tflops(device: torch.device, configured: float) -> float | None:
+    """Peak TFLOP/s of one device for MFU: the configured value, else a known GPU by name, else None."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return None  # CPU: MFU is not meaningful
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (GPU), or peak resident set size of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9  # macOS reports bytes, Linux KiB
+
+
+def mfu(step_flops: float, step_s: float, world_size: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation of a global step over all devices."""
+    if peak is None or step_s <= 0:
+        return None
+    return step_flops / step_s / (world_size * peak * 1e12)
+
+
+class RunLog:
+    """Rank 0's metrics.jsonl / clips.jsonl / TensorBoard writer for a (possibly remote) run dir."""
+
+    def __init__(self, run_uri: str, local_dir: Path, steps_done: int, tensorboard: bool) -> None:
+        self.run_uri = run_uri
+        self.local_dir = local_dir
+        self.remote = not storage.is_local(run_uri)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, CLIPS_FILE):  # keep the rows before the resumed step, drop the rest
+            lines = self._existing(name)
+            (local_dir / name).write_text("".join(line + "\n" for line in keep_rows_before(lines, steps_done)))
+        self._metrics = (local_dir / METRICS_FILE).open("a")
+        self._clips = (local_dir / CLIPS_FILE).open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # ships with ray[train]
+
+            # purge_step hides events of steps ≥ steps_done that an interrupted run wrote.
+            self._tb = SummaryWriter(str(local_dir / TB_DIR), purge_step=steps_done if steps_done else None)
+
+    def _existing(self, name: str) -> list[str]:
+        uri = storage.join(self.run_uri, name)
+        if not self.remote:
+            path = self.local_dir / name
+            return path.read_text().splitlines() if path.is_file() else []
+        return storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+
+    def write(self, row: dict[str, Any], clip_ids: list[str] | None = None) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if clip_ids is not None:
+            self._clips.write(json.dumps({"step": row["step"], "epoch": row["epoch"], "clip_ids": clip_ids}) + "\n")
+            self._clips.flush()
+        if self._tb is not None:
+            for key in TB_SCALARS:
+                value = row.get(key)
+                if value is not None and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def sync(self) -> None:
+        """Flush, and upload the files when the run dir is remote."""
+        if self._tb is not None:
+            self._tb.flush()
+        if not self.remote:
+            return
+        for path in sorted(self.local_dir.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(self.local_dir).as_posix()
+                storage.write_bytes_atomic(storage.join(self.run_uri, rel), path.read_bytes())
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._clips.close()
+        if self._tb is not None:
+            self._tb.close()
+        self.sync()
