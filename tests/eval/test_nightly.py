@@ -1,0 +1,175 @@
+"""eval/nightly.py: the eval set, the history, and whole nights on a tiny run (demo shards + DiT-tiny checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eval.history import append_rows, history_key, pending_checkpoints, read_history
+from eval.plan import PlanError, RealClip, choose_num_frames, choose_reals, plan_videos
+from eval.weights import CONVERTED_SHA256
+from training import checkpoint as ckpt
+from tests.training.test_sample import decode_mp4, make_checkpoint
+
+FAST = ["--set", "sampling.steps=2", "--set", "reals.max_clips=3", "--set", "report.strip_videos=2"]
+
+
+def clip(i: int, split: str = "train", frames: int = 17, w: int = 224) -> RealClip:
+    return RealClip(f"c{i:02d}", split, f"b{frames}", 0, i, f"caption {i}", w, 128, frames)
+
+
+# ---------------------------------------------------------------------------
+# The eval set (no Ray, no models)
+# ---------------------------------------------------------------------------
+
+
+def test_reals_are_held_out_clips_when_there_are_enough() -> None:
+    clips = [clip(0, "val"), clip(1, "train"), clip(2, "val", 9), clip(3, "val"), clip(4, "val", 33)]
+    reals, frames, held_out = choose_reals(clips, "val", allow_train=True, max_clips=0, num_frames=0)
+    assert (frames, held_out) == (17, True)
+    assert [c.clip_id for c in reals] == ["c00", "c03", "c04"]  # 33 frames are cut to 17; 9 are too few
+    reals, _, _ = choose_reals(clips, "val", True, max_clips=2, num_frames=0)
+    assert [c.clip_id for c in reals] == ["c00", "c03"]
+
+
+def test_reals_fall_back_to_every_split_only_when_allowed() -> None:
+    clips = [clip(0, "val"), clip(1), clip(2), clip(3, "train", 9)]
+    reals, frames, held_out = choose_reals(clips, "val", allow_train=True, max_clips=0, num_frames=0)
+    assert ([c.clip_id for c in reals], frames, held_out) == (["c00", "c01", "c02"], 17, False)
+    with pytest.raises(PlanError, match=r"need >= 2 clips of split 'val'.*output.val_fraction.*allow_train=true"):
+        choose_reals(clips, "val", allow_train=False, max_clips=0, num_frames=0)
+    with pytest.raises(PlanError, match=">= 10 frames"):
+        choose_num_frames([clip(0, frames=9), clip(1, frames=1)])
+    assert choose_num_frames([clip(0, frames=17), clip(1, frames=33), clip(2, frames=33), clip(3, frames=9)]) == 33
+
+
+def test_videos_pair_with_reals_and_take_seed_plus_index() -> None:
+    reals = [clip(0, w=224), clip(1, w=304)]
+    videos = plan_videos(reals, [], seed=5, num_videos=0, width_px=0, height_px=0, num_frames=17)
+    assert [(v.prompt, v.seed, v.width_px, v.name) for v in videos] == [
+        ("caption 0", 5, 224, "000-seed5"), ("caption 1", 6, 304, "001-seed6")]
+    videos = plan_videos(reals, ["a", "b", "c"], seed=0, num_videos=4, width_px=96, height_px=64, num_frames=9)
+    assert [(v.prompt, v.seed, v.width_px, v.height_px, v.num_frames) for v in videos] == [
+        ("a", 0, 96, 64, 9), ("b", 1, 96, 64, 9), ("c", 2, 96, 64, 9), ("a", 3, 96, 64, 9)]
+
+
+# ---------------------------------------------------------------------------
+# History
+# ---------------------------------------------------------------------------
+
+
+def test_pending_checkpoints_and_no_duplicate_rows(tmp_path: Path) -> None:
+    ckpts = [(2, f"{tmp_path}/checkpoint-00000002"), (4, f"{tmp_path}/checkpoint-00000004")]
+    row = {"checkpoint": "checkpoint-00000002", "steps_done": 2, "eval_sha256": "e1", "timestamp": "t"}
+    append_rows(str(tmp_path), [row])
+    history = read_history(str(tmp_path))
+    assert pending_checkpoints(ckpts, history, "e1") == ([ckpts[1]], [ckpts[0]])
+    assert pending_checkpoints(ckpts, history, "e1", latest_only=True) == ([ckpts[1]], [])
+    assert pending_checkpoints(ckpts, history, "e2") == (ckpts, [])  # another eval set: everything again
+    with pytest.raises(ValueError, match="already holds checkpoint-00000002"):
+        append_rows(str(tmp_path), [dict(row, timestamp="later")])
+    assert len(read_history(str(tmp_path))) == 1
+
+
+def test_clear_errors_for_missing_run_or_checkpoints(tmp_path: Path) -> None:
+    from eval.nightly import main
+
+    with pytest.raises(SystemExit, match="run dir .*nope does not exist"):
+        main(["--run", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="no checkpoints in"):
+        main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown config key 'sampling.stepz'"):
+        main(["--run", str(tmp_path), "--set", "sampling.stepz=3"])
+
+
+# ---------------------------------------------------------------------------
+# Whole nights on local Ray
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo shards from the real pipeline, and a run dir with DiT-tiny checkpoints at steps 2 and 4."""
+    from pipeline.run import main as pipeline_main
+
+    root = tmp_path_factory.mktemp("nightly")
+    pipeline_main(["--output", str(root / "data")])
+    run = root / "run"
+    for steps in (2, 4):
+        make_checkpoint(run, root / "data", steps, seed=steps)
+    rows = [{"step": s, "epoch": 0, "loss": 1.0 / (1 + s), "lr": 1e-3} for s in range(4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.mark.slow
+def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) -> None:
+    from eval.nightly import main
+
+    first = main(["--run", str(tiny_run), "--latest", *FAST])
+    assert [r["checkpoint"] for r in first["evaluated"]] == ["checkpoint-00000004"] and first["skipped"] == []
+    second = main(["--run", str(tiny_run), *FAST])
+    assert [r["checkpoint"] for r in second["evaluated"]] == ["checkpoint-00000002"]
+    assert second["skipped"] == ["checkpoint-00000004"]
+    third = main(["--run", str(tiny_run), *FAST])
+    assert third["evaluated"] == [] and third["skipped"] == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert first["errors"] == second["errors"] == third["errors"] == []
+
+    history = read_history(str(tiny_run))
+    assert sorted(r["steps_done"] for r in history) == [2, 4]
+    assert len({history_key(r) for r in history}) == 2
+    for row in history:
+        assert math.isfinite(row["fvd"]) and row["fvd"] > 0
+        assert (row["n_real"], row["n_fake"], row["num_frames"]) == (3, 3, 17)
+        assert 0 < row["clip_score_real"] < 100 and row["clip_score"] >= 0
+        assert row["detector_sha256"] == CONVERTED_SHA256
+        assert row["random_init"] is True and {"clip", "vae"} <= set(row["random_init_models"])
+        assert row["reals_held_out"] is False and row["reals_split"] == "all"  # the demo holds out nothing
+        assert set(row["fingerprints"]) >= {"checkpoint_weights_sha256", "data_sha256", "clip_weights_sha256",
+                                            "vae_weights_sha256", "detector_sha256", "eval_sha256",
+                                            "eval_code_version", "checkpoint_code_version"}
+    assert history[0]["fvd"] != history[1]["fvd"]  # different weights, different samples
+
+    # every generated video is a playable mp4 at its paired real clip's size, with its settings beside it
+    samples = Path(history[0]["samples_uri"])
+    plan = json.loads(next((tiny_run / "eval" / "sets").glob("*.json")).read_text())["plan"]
+    for v in plan["videos"]:
+        frames, _, _ = decode_mp4(samples / f"{v['index']:03d}-seed{v['seed']}.mp4")
+        assert frames.shape == (17, v["height_px"], v["width_px"], 3)
+        assert json.loads((samples / f"{v['index']:03d}-seed{v['seed']}.json").read_text())["prompt"] == v["prompt"]
+    assert (samples / "strip.jpg").stat().st_size > 0
+
+    report = (tiny_run / "eval" / "report.html").read_text()
+    assert "checkpoint-00000002" in report and "checkpoint-00000004" in report
+    assert "random-init" in report and "Reals are not held out" in report
+    summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
+    assert summary["report"] == str(tiny_run / "eval" / "report.html") and summary["evaluated"] == []
+
+    # deterministic: the same checkpoint in another run dir scores exactly the same
+    other = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoint-00000004", other / "checkpoint-00000004")
+    again = main(["--run", str(other), *FAST])["evaluated"][0]
+    ref = next(r for r in history if r["steps_done"] == 4)
+    assert (again["fvd"], again["clip_score"]) == (ref["fvd"], ref["clip_score"])
+
+
+
+@pytest.mark.slow
+def test_a_broken_checkpoint_is_reported_and_retried_next_night(tiny_run: Path, tmp_path: Path) -> None:
+    from eval.nightly import main
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-00000002", "checkpoint-00000004"):
+        shutil.copytree(tiny_run / name, run / name)
+    (run / "checkpoint-00000002" / "ema.safetensors").write_bytes(b"not safetensors")
+    out = main(["--run", str(run), *FAST])
+    assert [r["checkpoint"] for r in out["evaluated"]] == ["checkpoint-00000004"]
+    assert len(out["errors"]) == 1 and "checkpoint-00000002" in out["errors"][0]
+    assert [r["steps_done"] for r in read_history(str(run))] == [4]
+    assert "checkpoint-00000002" in (run / "eval" / "report.html").read_text()  # the error is in the report
+    _, skipped = pending_checkpoints(ckpt.list_checkpoints(str(run)), read_history(str(run)), out["eval_sha256"])
+    assert [Path(uri).name for _, uri in skipped] == ["checkpoint-00000004"]  # the broken one stays pending

@@ -1,0 +1,229 @@
+"""training/sample.py: checkpoint → EMA DiT + the data's own CLIP/VAE → seeded videos → playable mp4.
+
+The data dirs here are real pipeline manifests + configs written by the pipeline's own
+functions (no shards: sampling needs none), and the checkpoints use training/checkpoint.py's
+format with a seeded random DiT-tiny whose zero-initialised layers are perturbed, so text and
+noise both reach the pixels. `make_data` / `make_checkpoint` are reused by tests/eval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.clip_model import load_clip
+from pipeline.config import config_hash, dump_yaml, to_dict
+from pipeline.manifest import build_manifest, read_manifest, write_outputs
+from pipeline.settings import PipelineConfig, data_config
+from pipeline.shards import rejects_table
+from pipeline.vae import VAEConfig, load_vae
+from pipeline.version import code_version
+from training import checkpoint as ckpt
+from training.data import LoaderState
+from training.model import VideoDiT, dit_config
+from training.sample import SamplerError, encode_mp4, load_sampler, main
+from training.settings import TrainConfig
+
+# ---------------------------------------------------------------------------
+# Builders (also used by tests/eval/test_nightly.py)
+# ---------------------------------------------------------------------------
+
+
+def make_data(out: Path, vae: VAEConfig | None = None) -> Path:
+    """A data dir holding what the sampler reads: manifest.json + config.yaml, from the pipeline's own code."""
+    cfg = PipelineConfig()
+    cfg.output.uri = str(out)
+    if vae is not None:
+        cfg.vae = vae
+    models = {"clip": load_clip(cfg.caption.clip).fingerprint(), "vae": load_vae(cfg.vae).fingerprint()}
+    fingerprint = {"config_sha256": config_hash(data_config(cfg)), "models": models,
+                   "buckets": to_dict(cfg.buckets), "code_version": code_version()}
+    rejects = rejects_table([])
+    write_outputs(str(out), build_manifest([], rejects, fingerprint, {}, 0, []), rejects, dump_yaml(cfg))
+    return out
+
+
+def make_checkpoint(run_dir: Path, data: Path, steps_done: int, seed: int = 0) -> Path:
+    """A checkpoint in training's format: trainer_state.json, ema.safetensors, config.yaml."""
+    manifest = read_manifest(str(data))
+    models = manifest["fingerprint"]["models"]
+    vae_cfg = models["vae"]["config"]
+    channels = vae_cfg.get("latent_channels") or vae_cfg["z_dim"]
+    model_cfg = dit_config("DiT-tiny", in_channels=channels, text_dim=models["clip"]["text_width"])
+    torch.manual_seed(seed)
+    model = VideoDiT(model_cfg)
+    with torch.no_grad():  # adaLN-Zero starts as the identity with zero output: make every layer count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = run_dir / ckpt.checkpoint_name(steps_done)
+    folder.mkdir(parents=True)
+    ckpt.save_weights(str(folder / ckpt.EMA_FILE), model.state_dict())
+    cfg = TrainConfig()
+    cfg.data.uri, cfg.run.dir = str(data), str(run_dir)
+    (folder / "config.yaml").write_text(dump_yaml(cfg))
+    state = ckpt.TrainerState(
+        steps_done=steps_done, loader=LoaderState(step=steps_done),
+        data_fingerprint=manifest["fingerprint"]["data_sha256"], data_uri=str(data), world_size=1, zero_stage=2,
+        model=asdict(model_cfg), weights=ckpt.EMA_FILE, code_version=code_version())
+    (folder / ckpt.STATE_FILE).write_text(state.to_json())
+    return folder
+
+
+def decode_mp4(path: Path) -> tuple[np.ndarray, str, float]:
+    """(frames uint8 (T, H, W, 3), codec name, fps) of an mp4, read back with PyAV."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])
+        return frames, stream.codec_context.name, float(stream.average_rate)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    data = make_data(root / "data")
+    return make_checkpoint(root / "run", data, steps_done=4)
+
+
+@pytest.fixture(scope="module")
+def sampler(image_run: Path):
+    return load_sampler(str(image_run), "cpu")
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+
+def test_cli_writes_playable_mp4_of_a_non_bucket_size(image_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # 80x48 px and 5 frames: no demo bucket has this size (they are 96p/128p with 1, 9, 17 frames)
+    summary = main(["--checkpoint", str(image_run.parent), "--prompt", "a dog on a beach", "--prompt", "a red car",
+                    "--width", "80", "--height", "48", "--frames", "5", "--steps", "3", "--cfg", "4.0",
+                    "--seed", "7", "--out", str(out), "--device", "cpu"])
+    assert summary["checkpoint"] == str(image_run)  # the run dir resolved to its latest checkpoint
+    assert sorted(p.name for p in out.iterdir()) == ["000-seed7.json", "000-seed7.mp4", "001-seed8.json",
+                                                     "001-seed8.mp4", "summary.json"]
+    frames, codec, fps = decode_mp4(out / "001-seed8.mp4")
+    assert frames.shape == (5, 48, 80, 3)
+    assert codec == "h264" and fps == 8.0  # the data's bucket fps
+    assert frames.std() > 5  # a picture, not a flat frame
+    meta = json.loads((out / "001-seed8.json").read_text())
+    manifest = read_manifest(json.loads((image_run / ckpt.STATE_FILE).read_text())["data_uri"])
+    assert meta["prompt"] == "a red car" and meta["seed"] == 8 and meta["steps_done"] == 4
+    assert (meta["width_px"], meta["height_px"], meta["num_frames"], meta["steps"], meta["guidance_scale"]) == \
+        (80, 48, 5, 3, 4.0)
+    assert meta["checkpoint"] == str(image_run) and meta["weights"] == ckpt.EMA_FILE
+    assert meta["shift"]["enabled"] is True and meta["num_tokens"] == 5 * 3 * 5  # (T', H'/2, W'/2) = (5, 3, 5)
+    assert meta["model"]["hidden"] == 32 and meta["model"]["text_dim"] == 64
+    assert meta["data_fingerprint"] == manifest["fingerprint"]["data_sha256"]
+    assert meta["clip"]["weights_sha256"] == manifest["fingerprint"]["models"]["clip"]["weights_sha256"]
+    assert meta["vae"]["weights_sha256"] == manifest["fingerprint"]["models"]["vae"]["weights_sha256"]
+    assert meta["code_version"]["checkpoint"] and meta["code_version"]["sampler"]
+    assert meta["random_init"] is True and meta["random_init_models"] == ["clip", "vae"]
+    assert meta["video"]["codec"] == "libx264" and meta["video"]["pix_fmt"] == "yuv420p"
+
+
+def test_same_seed_same_frames_and_videos_independent_of_batch(sampler) -> None:
+    a = sampler.generate(["a dog", "a cat"], 64, 32, 3, steps=3, guidance_scale=3.0, seed=11)
+    b = sampler.generate(["a dog", "a cat"], 64, 32, 3, steps=3, guidance_scale=3.0, seed=11)
+    assert a.dtype == np.uint8 and a.shape == (2, 3, 32, 64, 3)
+    np.testing.assert_array_equal(a, b)
+    alone = sampler.generate(["a cat"], 64, 32, 3, steps=3, guidance_scale=3.0, seed=12)  # video 1 used seed 12
+    np.testing.assert_array_equal(a[1], alone[0])
+    other_seed = sampler.generate(["a dog"], 64, 32, 3, steps=3, guidance_scale=3.0, seed=12)
+    other_prompt = sampler.generate(["a mountain at night"], 64, 32, 3, steps=3, guidance_scale=3.0, seed=11)
+    assert np.abs(other_seed[0].astype(int) - a[0]).mean() > 1.0
+    assert np.abs(other_prompt[0].astype(int) - a[0]).mean() > 0.1  # the text reaches the pixels
+
+
+def test_text_is_encoded_like_the_shards(sampler) -> None:
+    states, mask = sampler.encode_prompts(["a dog"])
+    ref, ref_mask = sampler.clip.text_tokens(["a dog"])
+    assert states[0].dtype == torch.float32 and states[0].shape == (77, 64)
+    torch.testing.assert_close(states[0], ref[0].half().float(), rtol=0, atol=0)  # float16-rounded, as stored
+    assert mask[0].dtype == torch.bool and mask[0].sum() == ref_mask[0].sum() == 4  # SOT a dog EOT
+    _, longer = sampler.encode_prompts(["a much longer prompt about a dog"])
+    assert longer[0].sum() == 9
+
+
+def test_invalid_sizes_and_frames_are_refused(sampler, image_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(SamplerError, match=r"width 100 px: this model makes multiples of 16 px .* nearest: 96 or 112"):
+        sampler.generate(["x"], 100, 32, 3)
+    with pytest.raises(SamplerError, match="height 8 px"):
+        sampler.generate(["x"], 32, 8, 3)
+    with pytest.raises(SamplerError, match="0 frames"):
+        sampler.generate(["x"], 32, 32, 0)
+    with pytest.raises(SystemExit, match="width 72 px"):
+        main(["--checkpoint", str(image_run), "--prompt", "x", "--width", "72", "--height", "32", "--frames", "1",
+              "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no prompts"):
+        main(["--checkpoint", str(image_run), "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_wan_vae_needs_4k_plus_1_frames(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", VAEConfig(kind="wan", preset="tiny-wan"))
+    sampler = load_sampler(str(make_checkpoint(tmp_path / "run", data, 2)), "cpu")
+    with pytest.raises(SamplerError, match=r"wan VAE needs 4k\+1 frames, got 8 \(nearest valid: 5 or 9\)"):
+        sampler.generate(["x"], 32, 32, 8)
+    video = sampler.generate(["x"], 32, 16, 5, steps=2)
+    assert video.shape == (1, 5, 16, 32, 3)
+
+
+def test_clip_or_vae_weights_unlike_the_manifest_are_refused(image_run: Path, tmp_path: Path) -> None:
+    state = json.loads((image_run / ckpt.STATE_FILE).read_text())
+    data = Path(state["data_uri"])
+    moved = tmp_path / "data"
+    moved.mkdir()
+    for name in ("manifest.json", "rejects.parquet"):
+        (moved / name).write_bytes((data / name).read_bytes())
+    cfg = yaml.safe_load((data / "config.yaml").read_text())
+    cfg["caption"]["clip"]["seed"] = 1  # another random init: same arch, other weights
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SamplerError, match=r"refusing to sample: the CLIP .* weights sha256"):
+        load_sampler(str(image_run), "cpu", data_uri=str(moved))
+    cfg["caption"]["clip"]["seed"] = 0
+    cfg["vae"]["seed"] = 3
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SamplerError, match="refusing to sample: the VAE"):
+        load_sampler(str(image_run), "cpu", data_uri=str(moved))
+    with pytest.raises(SystemExit, match="refusing to sample: the VAE"):
+        main(["--checkpoint", str(image_run), "--prompt", "x", "--data", str(moved), "--out", str(tmp_path / "o")])
+
+
+def test_checkpoint_on_other_data_is_refused(image_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "run" / image_run.name
+    shutil.copytree(image_run, copy)
+    state = json.loads((copy / ckpt.STATE_FILE).read_text())
+    state["data_fingerprint"] = "0" * 64  # trained on other shards than the ones at data_uri
+    (copy / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(SamplerError, match="was trained on data 0000000000000000…"):
+        load_sampler(str(copy), "cpu")
+    with pytest.raises(SamplerError, match="does not exist"):
+        load_sampler(str(tmp_path / "nope"), "cpu")
+
+
+def test_encode_mp4_pads_odd_sizes_for_yuv420p() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (4, 5, 7, 3), dtype=np.uint8)
+    frames[:] = frames[0]  # a still: decodes close to the input
+    data, info = encode_mp4(frames, 8.0)
+    assert (info["width_px"], info["height_px"]) == (8, 6)
+    with av.open(__import__("io").BytesIO(data)) as c:
+        out = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert out.shape == (4, 6, 8, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_mp4(frames.astype(np.float32), 8.0)

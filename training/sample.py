@@ -1,0 +1,426 @@
+"""Sample videos from a training checkpoint: EMA weights → Euler/CFG sampler → the pipeline's VAE → mp4.
+
+    python training/sample.py --checkpoint RUN/checkpoint-NNNNNNNN --prompt "a dog" [--prompt ...]
+        [--prompts FILE] [--width 224 --height 128 --frames 17] [--steps 50 --cfg 5.0 --seed 0]
+        [--out DIR] [--fps 8] [--device auto] [--data URI]
+
+`--checkpoint` may also be a run dir (its latest checkpoint). Each prompt gives
+`OUT/NNN-seedS.mp4` plus `OUT/NNN-seedS.json` holding every setting that made it
+(checkpoint, steps done, prompt, seed, size, steps, guidance, timestep shift, model config,
+data / CLIP / VAE fingerprints, code versions, random-init flag), and `OUT/summary.json`.
+Default OUT: `<run dir>/samples/<checkpoint name>/`.
+
+Text is encoded by the very CLIP text tower the pipeline used for the training captions and
+latents are decoded by the pipeline's VAE: both are rebuilt from the data's `config.yaml` and
+refused unless their weights hash to what the data's `manifest.json` recorded. Any size the
+model supports works, not only training buckets. Video i uses seed + i and depends on nothing
+else in the batch. No Ray here: `load_sampler(...).generate(...)` is what eval/nightly.py calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python training/sample.py`: import the package, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import av
+import numpy as np
+import torch
+import yaml
+
+from pipeline import storage
+from pipeline.clip_model import ClipConfig, ClipModel, load_clip
+from pipeline.config import ConfigError, from_dict
+from pipeline.logs import get_logger
+from pipeline.manifest import read_manifest
+from pipeline.vae import VAEConfig, VideoVAE, load_vae
+from pipeline.version import code_version
+from training import checkpoint as ckpt
+from training.flow import FlowConfig, sample
+from training.model import DiTConfig, VideoDiT
+from training.packing import num_patches
+
+log = get_logger("training.sample")
+
+H264_ENCODERS = ("libx264", "h264")  # PyAV wheels ship libx264; fall back to MPEG-4 Part 2 without it
+RANDOM_INIT = "random-init"
+
+
+class SamplerError(ValueError):
+    """A checkpoint, its data, or a request the sampler cannot honour; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint dir as given, or the latest checkpoint of a run dir."""
+    if storage.exists(storage.join(uri, ckpt.STATE_FILE)):
+        return uri
+    if not storage.exists(uri):
+        raise SamplerError(f"checkpoint {uri!r} does not exist")
+    latest = ckpt.latest_checkpoint(uri)
+    if latest is None:
+        raise SamplerError(f"{uri!r} is neither a checkpoint (no {ckpt.STATE_FILE}) nor a run dir with checkpoints")
+    return latest
+
+
+def _section(data: dict[str, Any], path: str, cls: type, where: str) -> Any:
+    node: Any = data
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise SamplerError(f"{where} has no {path!r} section")
+        node = node[key]
+    try:
+        return from_dict(cls, node, path)
+    except (ConfigError, ValueError) as e:
+        raise SamplerError(f"{where}: {e}") from None
+
+
+def _check_weights(what: str, loaded: dict[str, Any], recorded: dict[str, Any]) -> None:
+    if loaded["weights_sha256"] != recorded.get("weights_sha256"):
+        raise SamplerError(
+            f"refusing to sample: the {what} loaded from the data config ({loaded['weights']}) has weights sha256 "
+            f"{loaded['weights_sha256'][:16]}…, but the data's manifest records "
+            f"{str(recorded.get('weights_sha256'))[:16]}… "
+            f"({recorded.get('weights')}); the model was trained on embeddings of the recorded weights")
+
+
+@dataclass
+class Sampler:
+    """A checkpoint's EMA DiT with the exact text encoder and VAE its training data was made with."""
+
+    model: VideoDiT
+    flow: FlowConfig
+    clip: ClipModel
+    vae: VideoVAE
+    state: ckpt.TrainerState
+    checkpoint_uri: str
+    data_uri: str
+    manifest: dict[str, Any]
+    device: torch.device
+
+    @property
+    def fps(self) -> float:
+        return float(self.manifest["fingerprint"]["buckets"]["fps"])
+
+    @property
+    def random_init_models(self) -> list[str]:
+        """Models whose weights are random-init (the demo's CLIP and VAE): their outputs mean nothing."""
+        models = self.manifest["fingerprint"]["models"]
+        return sorted(name for name, fp in models.items() if fp.get("weights") == RANDOM_INIT)
+
+    @property
+    def random_init(self) -> bool:
+        return bool(self.manifest.get("random_init")) or bool(self.random_init_models)
+
+    # --- requests ---------------------------------------------------------------
+
+    def latent_shape(self, width_px: int, height_px: int, num_frames: int) -> tuple[int, int, int, int]:
+        """(C, T', H', W') of a video this model can make; SamplerError naming valid sizes otherwise."""
+        pt, ph, pw = self.model.cfg.patch
+        fs = self.vae.spatial_factor
+        for name, value, p in (("width", width_px, pw), ("height", height_px, ph)):
+            step = fs * p
+            if value < step or value % step:
+                lower, upper = max(step, value // step * step), (value // step + 1) * step
+                raise SamplerError(f"{name} {value} px: this model makes multiples of {step} px (VAE {fs}x × "
+                                   f"patch {p}); nearest: {lower} or {upper}")
+        try:
+            shape = self.vae.latent_shape(num_frames, height_px, width_px)
+        except ValueError as e:
+            raise SamplerError(f"{num_frames} frames: {e}") from None
+        if shape[1] % pt:
+            raise SamplerError(f"{num_frames} frames give {shape[1]} latent frames, not a multiple of the "
+                               f"temporal patch {pt}")
+        num_patches(shape, (pt, ph, pw))  # cannot fail after the checks above; kept as the contract
+        return shape
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-prompt CLIP token states (L, D) and masks (L,), rounded through float16 as the shards store them."""
+        states, mask = self.clip.text_tokens(prompts)  # (N, L, D), (N, L)
+        states = states.half().float().cpu()  # what training read back from the float16 shard column
+        return list(states), list(mask.cpu())
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], width_px: int, height_px: int, num_frames: int,
+                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> np.ndarray:
+        """uint8 videos (N, T, H, W, 3), one per prompt; video i is drawn with seed + i.
+
+        `steps` / `guidance_scale` default to the checkpoint's flow config (sample_steps, guidance_scale).
+        """
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise SamplerError("prompts must be a non-empty list of strings")
+        steps = self.flow.sample_steps if steps is None else int(steps)
+        if steps < 1:
+            raise SamplerError(f"steps must be >= 1, got {steps}")
+        shape = self.latent_shape(width_px, height_px, num_frames)
+        videos = []
+        for i, prompt in enumerate(prompts):
+            text, mask = self.encode_prompts([prompt])
+            # Video by video (text, noise, ODE, decode), with a generator each: a video depends on its
+            # prompt, size and seed only, never on its batch neighbours (batched kernels round differently).
+            g = torch.Generator().manual_seed(seed + i)
+            z = sample(self.model, [shape], text, self.flow, g, steps=steps, guidance_scale=guidance_scale,
+                       text_mask=mask, device=self.device)[0]  # (C, T', H', W')
+            videos.append(self.vae.decode(z[None])[0])  # (T, H, W, 3)
+        return np.stack(videos)  # (N, T, H, W, 3)
+
+    def settings(self, prompt: str, seed: int, width_px: int, height_px: int, num_frames: int,
+                 steps: int | None, guidance_scale: float | None) -> dict[str, Any]:
+        """Everything that determines one generated video (written beside it as JSON)."""
+        f = self.flow
+        shape = self.latent_shape(width_px, height_px, num_frames)
+        tokens = math.prod(num_patches(shape, self.model.cfg.patch))
+        fp = self.manifest["fingerprint"]
+        return {
+            "checkpoint": self.checkpoint_uri,
+            "steps_done": self.state.steps_done,
+            "weights": self.state.weights,
+            "prompt": prompt,
+            "seed": seed,
+            "width_px": width_px,
+            "height_px": height_px,
+            "num_frames": num_frames,
+            "fps": self.fps,
+            "steps": f.sample_steps if steps is None else int(steps),
+            "guidance_scale": f.guidance_scale if guidance_scale is None else float(guidance_scale),
+            "latent_shape": list(shape),
+            "num_tokens": tokens,
+            "shift": {"enabled": f.shift, "base_tokens": f.base_tokens, "max_tokens": f.max_tokens,
+                      "base_shift": f.base_shift, "max_shift": f.max_shift},
+            "model": self.state.model,
+            "data_uri": self.data_uri,
+            "data_fingerprint": self.state.data_fingerprint,
+            "clip": fp["models"]["clip"],
+            "vae": {k: v for k, v in fp["models"]["vae"].items() if k != "config"},
+            "code_version": {"checkpoint": self.state.code_version, "sampler": code_version()},
+            "random_init": self.random_init,
+            "random_init_models": self.random_init_models,
+        }
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device)
+
+
+def load_data_models(data_uri: str, manifest: dict[str, Any],
+                     device: str | torch.device = "cpu") -> tuple[ClipModel, VideoVAE]:
+    """The CLIP and VAE that made the shards at `data_uri`: rebuilt from its config.yaml, checked by hash.
+
+    Refused (SamplerError) unless each model's weights hash to the sha256 the manifest recorded.
+    """
+    config_uri = storage.join(data_uri, "config.yaml")
+    if not storage.exists(config_uri):
+        raise SamplerError(f"{data_uri} has no config.yaml: cannot tell which CLIP and VAE made the data")
+    data_cfg = yaml.safe_load(storage.read_bytes(config_uri).decode()) or {}
+    models = manifest["fingerprint"]["models"]
+    clip = load_clip(_section(data_cfg, "caption.clip", ClipConfig, config_uri), device)
+    _check_weights("CLIP", clip.fingerprint(), models["clip"])
+    vae = load_vae(_section(data_cfg, "vae", VAEConfig, config_uri), device)
+    _check_weights("VAE", vae.fingerprint(), models["vae"])
+    return clip, vae
+
+
+def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = None) -> Sampler:
+    """Load a checkpoint's EMA weights and the text encoder + VAE of the data it was trained on.
+
+    `data_uri` overrides the data location the checkpoint recorded (data moved); the shards
+    there must have the fingerprint the checkpoint was trained on. CLIP and VAE are rebuilt
+    from the data's config.yaml and refused unless their weights hash to the manifest's record.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    state, tensors = ckpt.load_weights(checkpoint)
+    data_uri = data_uri or state.data_uri
+    try:
+        manifest = read_manifest(data_uri)
+    except FileNotFoundError as e:
+        raise SamplerError(f"{checkpoint} was trained on {data_uri}: {e} (moved? pass --data URI)") from None
+    data_sha = manifest["fingerprint"]["data_sha256"]
+    if data_sha != state.data_fingerprint:
+        raise SamplerError(f"{checkpoint} was trained on data {state.data_fingerprint[:16]}…, but {data_uri} has "
+                           f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
+    clip, vae = load_data_models(data_uri, manifest, dev)
+    model_cfg = DiTConfig(**dict(state.model, patch=tuple(state.model["patch"])))
+    if model_cfg.text_dim != clip.text_width or model_cfg.in_channels != vae.latent_channels:
+        raise SamplerError(f"model expects text width {model_cfg.text_dim} / {model_cfg.in_channels} latent channels; "
+                           f"the data's CLIP gives {clip.text_width}, its VAE {vae.latent_channels}")
+    model = VideoDiT(model_cfg)
+    model.load_state_dict(tensors, strict=True)
+    model = model.to(dev).eval().requires_grad_(False)
+    saved = storage.join(checkpoint, "config.yaml")
+    if storage.exists(saved):  # only the flow section: the sampler needs its shift settings and defaults
+        flow = _section(yaml.safe_load(storage.read_bytes(saved).decode()) or {}, "flow", FlowConfig, saved)
+    else:
+        flow = FlowConfig()
+        log.warning("%s has no config.yaml: using the default flow settings", checkpoint)
+    return Sampler(model, flow, clip, vae, state, checkpoint, data_uri, manifest, dev)
+
+
+# ---------------------------------------------------------------------------
+# mp4
+# ---------------------------------------------------------------------------
+
+
+def video_encoder() -> str:
+    """H.264 when this PyAV build can encode it, else MPEG-4 Part 2."""
+    for name in H264_ENCODERS:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except (av.codec.codec.UnknownCodecError, ValueError):
+            continue
+    return "mpeg4"
+
+
+def encode_mp4(frames: np.ndarray, fps: float) -> tuple[bytes, dict[str, Any]]:
+    """uint8 (T, H, W, 3) → (mp4 bytes, {codec, pix_fmt, width_px, height_px}) in yuv420p.
+
+    yuv420p halves chroma in both directions, so an odd width/height is padded by repeating the
+    last column/row; the stored size is reported.
+    """
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be uint8 (T >= 1, H, W, 3), got {frames.dtype} {frames.shape}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    codec = video_encoder()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "mpeg4":
+            stream.bit_rate = 8_000_000
+        else:
+            stream.options = {"crf": "15"}  # near-lossless: the file should show what the model made
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode(None))
+    info = {"codec": codec, "pix_fmt": "yuv420p", "width_px": int(frames.shape[2]), "height_px": int(frames.shape[1])}
+    return buf.getvalue(), info
+
+
+def write_video(out_uri: str, name: str, frames: np.ndarray, settings: dict[str, Any]) -> str:
+    """`out_uri/name.mp4` + `out_uri/name.json` (settings + stored file info); returns the mp4's URI."""
+    data, info = encode_mp4(frames, settings["fps"])
+    uri = storage.join(out_uri, f"{name}.mp4")
+    storage.write_bytes_atomic(uri, data)
+    meta = dict(settings, file=f"{name}.mp4", video=info)
+    storage.write_bytes_atomic(storage.join(out_uri, f"{name}.json"), (json.dumps(meta, indent=2) + "\n").encode())
+    return uri
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """.json (a list of strings) or text (one prompt per non-empty line)."""
+    if not storage.exists(path):
+        raise SamplerError(f"prompts file {path!r} does not exist")
+    text = storage.read_bytes(path).decode()
+    if path.endswith(".json"):
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise SamplerError(f"{path}: expected a JSON list of strings")
+        return prompts
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def default_size(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """(width, height, frames) of the training bucket with the most clips (ties: the largest)."""
+    specs = manifest["buckets"].values()
+    if not specs:
+        raise SamplerError("the data has no buckets: give --width, --height and --frames")
+    b = max(specs, key=lambda s: (s["rows"], s["num_frames"] * s["height_px"] * s["width_px"]))
+    return b["width_px"], b["height_px"], b["num_frames"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    p.add_argument("--prompts", help="file of prompts: .txt one per line, or a .json list")
+    p.add_argument("--width", type=int, help="pixels (default: the most common training bucket's)")
+    p.add_argument("--height", type=int, help="pixels (default: the most common training bucket's)")
+    p.add_argument("--frames", type=int, help="frame count (default: the most common training bucket's)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the run's flow.sample_steps)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: flow.guidance_scale)")
+    p.add_argument("--seed", type=int, default=0, help="video i is drawn with seed + i")
+    p.add_argument("--out", help="output folder or URI (default: <run dir>/samples/<checkpoint name>)")
+    p.add_argument("--fps", type=float, help="mp4 frame rate (default: the data's bucket fps)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--data", help="the shards' location, if they moved since training")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        prompts = list(args.prompt) + (read_prompts_file(args.prompts) if args.prompts else [])
+        if not prompts:
+            raise SamplerError("no prompts: give --prompt TEXT (repeatable) and/or --prompts FILE")
+        sampler = load_sampler(args.checkpoint, args.device, args.data)
+        width, height, frames = args.width, args.height, args.frames
+        if not (width and height and frames):
+            default = default_size(sampler.manifest)
+            width, height, frames = width or default[0], height or default[1], frames or default[2]
+        sampler.latent_shape(width, height, frames)  # refuse a bad size before any work
+        out = args.out or storage.join(sampler.checkpoint_uri.rstrip("/").rsplit("/", 1)[0], "samples",
+                                       sampler.checkpoint_uri.rstrip("/").rsplit("/", 1)[1])
+        videos = sampler.generate(prompts, width, height, frames, args.steps, args.cfg, args.seed)
+    except (SamplerError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    files = []
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        settings = sampler.settings(prompt, args.seed + i, width, height, frames, args.steps, args.cfg)
+        if args.fps:
+            settings["fps"] = args.fps
+        files.append(write_video(out, f"{i:03d}-seed{args.seed + i}", video, settings))
+    summary = {
+        "checkpoint": sampler.checkpoint_uri, "steps_done": sampler.state.steps_done, "out": out,
+        "videos": files, "prompts": prompts, "width_px": width, "height_px": height, "num_frames": frames,
+        "steps": settings["steps"], "guidance_scale": settings["guidance_scale"], "seed": args.seed,
+        "device": str(sampler.device), "random_init": sampler.random_init,
+        "random_init_models": sampler.random_init_models, "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    label = f"  ({RANDOM_INIT}: {', '.join(s['random_init_models']) or 'data'})" if s["random_init"] else ""
+    print("\n=== DiTharos sampling summary ===")
+    print(f"checkpoint  {s['checkpoint']}  (step {s['steps_done']}){label}")
+    print(f"videos      {len(s['videos'])} × {s['width_px']}x{s['height_px']} px, {s['num_frames']} frames")
+    print(f"sampler     {s['steps']} Euler steps, guidance {s['guidance_scale']}, seeds {s['seed']}.."
+          f"{s['seed'] + len(s['videos']) - 1}, on {s['device']}")
+    for prompt, uri in zip(s["prompts"], s["videos"]):
+        print(f"  {uri}  {prompt!r}")
+    print(f"wall        {s['wall_s']} s")
+    print(f"out         {s['out']}")
+
+
+__all__ = ["Sampler", "SamplerError", "encode_mp4", "load_data_models", "load_sampler", "read_prompts_file",
+           "resolve_checkpoint", "video_encoder", "write_video"]
+
+
+if __name__ == "__main__":
+    print_summary(main())
