@@ -174,3 +174,36 @@ def to_universal(deepspeed_dir: str, out_dir: str) -> str:
         raise RuntimeError(f"converting {deepspeed_dir} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
     (out / "done").write_text("ok\n")
     return tag
+
+
+def is_complete(checkpoint_uri: str) -> bool:
+    """Whether every rank's part of a checkpoint is there (trainer state, weights, DeepSpeed files).
+
+    Ray Train registers a checkpoint only after it polls the workers' reports; a worker lost
+    right after reporting can leave a complete folder that Ray Train does not list. This check
+    lets a restart use it instead of an older one.
+    """
+    try:
+        state = read_state(checkpoint_uri)
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+    ds = storage.join(checkpoint_uri, DEEPSPEED_DIR, DEEPSPEED_TAG)
+    names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(state.world_size)]
+    if state.zero_stage == 3:
+        names += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(state.world_size)]
+    else:
+        names.append("mp_rank_00_model_states.pt")
+    uris = [storage.join(ds, n) for n in names] + [storage.join(checkpoint_uri, state.weights)]
+    fs, _ = storage.resolve(checkpoint_uri)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info([storage.resolve(u)[1] for u in uris])
+    return all(i.type == pafs.FileType.File and i.size > 0 for i in infos)
+
+
+def latest_complete(run_uri: str) -> tuple[int, str] | None:
+    """(steps done, uri) of the newest complete checkpoint in a run dir."""
+    for steps, uri in reversed(list_checkpoints(run_uri)):
+        if is_complete(uri):
+            return steps, uri
+    return None

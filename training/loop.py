@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from pipeline import storage
 from pipeline.config import dump_yaml, from_dict
 from pipeline.logs import get_logger
 from pipeline.version import code_version
@@ -140,6 +141,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     saved: ckpt.TrainerState | None = None
     ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
+    source = restored.path if restored is not None else None
+    on_disk = ckpt.latest_complete(run_uri)
+    registered = -1 if restored is None else ckpt.read_state(storage.to_uri(restored.filesystem, restored.path)).steps_done
+    if on_disk is not None and registered < on_disk[0]:
+        # Reported, but not yet registered by Ray Train when a worker died: still the newest state.
+        if rank == 0:
+            log.info("using %s: complete on storage but not registered by Ray Train (registered: %s)",
+                     on_disk[1], source)
+        fs, path = storage.resolve(on_disk[1])
+        restored, source = ray.train.Checkpoint(path=path, filesystem=fs), on_disk[1]
     if restored is not None:
         d = _checkpoint_dir(restored)
         saved = ckpt.read_state(d)
@@ -149,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Another worker count: load through DeepSpeed's universal format, converted once
             # per node by its first worker into node-local temp space.
             universal = True
-            out = Path(tempfile.gettempdir()) / "ditharos-universal" / _digest(f"{restored.path}:{world}")
+            out = Path(tempfile.gettempdir()) / "ditharos-universal" / _digest(f"{source}:{world}")
             if ctx.get_local_rank() == 0:
                 ckpt.to_universal(ds_dir, str(out))
             dist.barrier()
@@ -181,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state, steps_done = saved.loader, saved.steps_done
         if rank == 0:
             log.info("resumed from %s: step %d, epoch %d, position %d (saved by %d worker(s), now %d%s)",
-                     restored.path, steps_done, state.epoch, state.position, saved.world_size, world,
+                     source, steps_done, state.epoch, state.position, saved.world_size, world,
                      "; universal checkpoint" if universal else "")
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,

@@ -78,9 +78,10 @@ def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
                      f"Use another run.dir to start a new run.")
         if allowed:
             log.info("relaunch of %s with changed settings: %s", run_uri, ", ".join(allowed))
-    latest = ckpt.latest_checkpoint(run_uri)
-    if latest is None:
+    found = ckpt.latest_complete(run_uri)
+    if found is None:
         return None
+    latest = found[1]
     state = ckpt.read_state(latest)
     try:
         check_fingerprint(state.data_fingerprint, read_manifest(cfg.data.uri), cfg.data.allow_fingerprint_mismatch)

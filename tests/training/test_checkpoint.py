@@ -113,3 +113,27 @@ def test_runlog_resume_drops_redone_rows(tmp_path: Path) -> None:
     clips = [json.loads(x) for x in (tmp_path / "clips.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [0, 1, 2, 3] and metrics[-1]["loss"] == 0.5
     assert [r["clip_ids"] for r in clips] == [["c0"], ["c1"], ["c2"], ["c3"]]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_is_complete_needs_every_ranks_part(tmp_path: Path, stage: int) -> None:
+    def make(steps: int, ranks: int) -> Path:
+        d = tmp_path / ckpt.checkpoint_name(steps)
+        ds = d / ckpt.DEEPSPEED_DIR / ckpt.DEEPSPEED_TAG
+        ds.mkdir(parents=True)
+        s = ckpt.TrainerState(**{**state(steps).__dict__, "zero_stage": stage})
+        (d / ckpt.STATE_FILE).write_text(s.to_json())
+        (d / ckpt.EMA_FILE).write_bytes(b"x")
+        for r in range(ranks):
+            (ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+            if stage == 3:
+                (ds / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+        if stage != 3:
+            (ds / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        return d
+
+    assert ckpt.is_complete(str(make(4, ranks=2)))
+    assert not ckpt.is_complete(str(make(8, ranks=1)))  # rank 1's part never arrived
+    assert ckpt.latest_complete(str(tmp_path)) == (4, str(tmp_path / "checkpoint-00000004"))
+    (tmp_path / "checkpoint-00000004" / ckpt.EMA_FILE).write_bytes(b"")  # an empty (cut-off) file
+    assert ckpt.latest_complete(str(tmp_path)) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,16 +200,10 @@ def test_zero_stage_smoke(demo_data: Path, tmp_path: Path, stage: int) -> None:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
 
 
-def _train_workers(root: psutil.Process) -> list[psutil.Process]:
-    """Ray Train worker processes started under `root` (our own subprocess's local Ray)."""
-    found = []
-    for p in root.children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+def _rank_pid(log_text: str, rank: int) -> int | None:
+    """The PID of a training worker rank, from Ray Train's worker-group listing in the driver log."""
+    found = re.findall(rf"pid=(\d+)\) world_rank={rank},", log_text)
+    return int(found[-1]) if found else None
 
 
 def test_killed_worker_restores_from_checkpoint(demo_data: Path, tmp_path: Path) -> None:
@@ -229,11 +224,13 @@ def test_killed_worker_restores_from_checkpoint(demo_data: Path, tmp_path: Path)
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
             metrics = run_dir / "metrics.jsonl"
             done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-            if done >= 6:  # past the step-4 checkpoint, before the end
-                workers = _train_workers(psutil.Process(proc.pid))
-                if workers:
-                    killed = done
-                    workers[-1].send_signal(signal.SIGKILL)
+            pid = _rank_pid(log_path.read_text(), rank=1)
+            if done >= 6 and pid is not None:  # past the step-4 checkpoint, before the end
+                worker = psutil.Process(pid)
+                # Only a process of our own subprocess' local Ray, never anything else on the machine.
+                assert worker.pid in {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+                killed = done
+                worker.send_signal(signal.SIGKILL)
             time.sleep(0.05)
         assert killed is not None and killed < steps, "the run ended before a worker could be killed"
         assert proc.wait(timeout=400) == 0, log_path.read_text()[-4000:]
