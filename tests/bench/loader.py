@@ -10,7 +10,10 @@
    packed tokens/s.
 2. The model's consumption on this machine: a training step (loss, backward, AdamW) of
    `--model` on one such pack, tokens/s (CPU here; the same pack shape on CUDA when present).
-   `loader_over_consumption` = loader tokens/s ÷ model tokens/s (goal ≥ 5).
+   `loader_over_consumption` = loader tokens/s ÷ model tokens/s (goal ≥ 5). On a CPU that
+   ratio is huge and says little, so `loader_over_gpu_estimate` also divides by an *estimate*
+   (not a measurement) of DiT-XL/2 on one H100 at 50% MFU, from training/flops.py's count
+   on the same packs.
 3. `data_wait_fraction` during a real run: training/train.py (Ray Train + DeepSpeed ZeRO-2, 2
    CPU workers, DiT-tiny) on the demo shards for `--train-steps` steps; the share of step time
    workers spent blocked on the prefetcher (goal < 0.01). Skipped with --train-steps 0.
@@ -37,8 +40,9 @@ from pipeline.shards import clips_table, rejects_table, write_shard  # noqa: E40
 from tests.bench.packing import TEXT_DIM, TEXT_TOKENS, draw_mix  # noqa: E402
 from tests.pipeline.test_shards import make_columns  # noqa: E402
 from training.data import Loader, ShardIndex  # noqa: E402
+from training.flops import PEAK_BF16_FLOPS, train_step_flops  # noqa: E402
 from training.flow import FlowConfig, flow_loss  # noqa: E402
-from training.model import DIT_MODELS  # noqa: E402
+from training.model import DIT_MODELS, dit_config  # noqa: E402
 
 PATCH = (1, 2, 2)
 
@@ -118,6 +122,22 @@ def model_rate(data: Path, model_name: str, budget: int, repeats: int, seed: int
             "step_s": sum(times) / len(times)}
 
 
+def gpu_estimate(data: Path, budget: int, seed: int, mfu: float = 0.5) -> dict:
+    """DiT-XL/2 training tokens/s on one H100 at `mfu`, from the FLOP count of the loader's own packs."""
+    index = ShardIndex.open(str(data), PATCH)
+    cfg = dit_config("DiT-XL/2", in_channels=16, text_dim=TEXT_DIM)
+    flops = tokens = 0
+    for i, step in enumerate(Loader(index, seed=seed, packs_per_step=1, token_budget=budget)):
+        if i == 10:
+            break
+        p = step.packs[0]
+        flops += train_step_flops(cfg, p.lengths, p.text_lengths)
+        tokens += sum(p.lengths)
+    per_s = PEAK_BF16_FLOPS["H100"] * mfu / (flops / tokens)
+    return {"model": "DiT-XL/2", "device": f"H100 bf16 at {mfu:.0%} MFU (estimate, not measured)",
+            "tokens_per_s": per_s}
+
+
 def training_wait(steps: int) -> dict:
     """data_wait_fraction of a real Ray Train + DeepSpeed run on the demo shards."""
     from pipeline.run import main as pipeline_main
@@ -158,8 +178,10 @@ def main() -> None:
                              "write_s": round(time.perf_counter() - start, 2)}
         result["loader_per_worker"] = loader_rate(data, args.budget, args.workers, args.steps, args.seed)
         result["model"] = model_rate(data, args.model, args.budget, args.model_steps, args.seed)
+        result["model_gpu_estimate"] = gpu_estimate(data, args.budget, args.seed)
     loader_tps = result["loader_per_worker"]["warm"]["tokens_per_s"]
     result["loader_over_consumption"] = loader_tps / result["model"]["tokens_per_s"]
+    result["loader_over_gpu_estimate"] = loader_tps / result["model_gpu_estimate"]["tokens_per_s"]
     if args.train_steps:
         result["training_run"] = training_wait(args.train_steps)
         result["data_wait_fraction"] = result["training_run"]["data_wait_fraction"]
