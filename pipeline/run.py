@@ -126,7 +126,8 @@ def run_batch(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerpr
     (
         ray.data.from_items(batch, override_num_blocks=len(batch))
         # One task per source: decode + scene cut + sampling share one pass over the frames.
-        .flat_map(make_cut_fn(cfg, staging_uri), num_cpus=cfg.compute.cut_cpus)
+        .flat_map(make_cut_fn(cfg, staging_uri), num_cpus=cfg.compute.cut_cpus,
+                  resources=cfg.compute.cut_resources or None)
         .map_batches(
             CaptionStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,
                                                  "expected_sha256": fingerprints["clip"]["weights_sha256"]},

@@ -37,6 +37,9 @@ class ComputeConfig:
     """Ray resources. Model stages run as actor pools, on GPUs when the cluster has them."""
 
     cut_cpus: float = 1.0  # one decode+scene-cut task per source, one core each
+    # Extra Ray resources per cut task, e.g. {cpu_node: 1} to keep decoding on the CPU node type
+    # of cluster/*.yaml (which advertise cpu_node = their CPU count) and off the GPU nodes.
+    cut_resources: dict[str, float] = field(default_factory=dict)
     caption_batch_size: int = 8
     caption_actors: int = 1
     vae_batch_size: int = 4
@@ -54,6 +57,11 @@ class ComputeConfig:
             raise ValueError("compute.stall_timeout_s must be > 0")
         if self.sources_per_commit < 1:
             raise ValueError("compute.sources_per_commit must be >= 1")
+        bad = {k: v for k, v in self.cut_resources.items()
+               if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            raise ValueError(f"compute.cut_resources: {bad} — give custom resources with positive amounts "
+                             "(CPUs are compute.cut_cpus)")
 
 
 @dataclass

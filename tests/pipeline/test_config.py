@@ -293,3 +293,13 @@ def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here\n")
     assert load_config(PipelineConfig, path) == PipelineConfig()
+
+
+def test_cut_resources_must_be_custom_and_positive() -> None:
+    from pipeline.settings import PipelineConfig
+
+    cfg = load_config(PipelineConfig, None, ["compute.cut_resources={cpu_node: 1}"])
+    assert cfg.compute.cut_resources == {"cpu_node": 1}
+    for bad in ("{CPU: 2}", "{cpu_node: 0}", "{cpu_node: lots}"):
+        with pytest.raises((ConfigError, ValueError), match="cut_resources"):
+            load_config(PipelineConfig, None, [f"compute.cut_resources={bad}"])
