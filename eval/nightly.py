@@ -45,7 +45,7 @@ from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.metrics import METRICS_FILE
+from training.metrics import read_metrics
 
 log = get_logger("eval.nightly")
 
@@ -144,8 +144,7 @@ def _read_optional(uri: str) -> bytes | None:
 def write_report(run_uri: str, cfg: NightlyConfig, plan: EvalPlan, manifest: dict[str, Any],
                  history: list[dict[str, Any]], evaluated: list[str], errors: list[str]) -> str:
     """Gather everything the report shows, render it, write RUN/eval/report.html; returns its URI."""
-    metrics_uri = storage.join(run_uri, METRICS_FILE)
-    metrics = [json.loads(line) for line in (_read_optional(metrics_uri) or b"").decode().splitlines() if line.strip()]
+    metrics = read_metrics(run_uri)
     current = [r for r in history if r["eval_sha256"] == plan.eval_sha256]
     strips = {r["samples_uri"]: s for r in current if (s := _read_optional(storage.join(r["samples_uri"], STRIP_FILE)))}
     reals_dir = storage.join(run_uri, EVAL_DIR, "samples", f"reals-{plan.eval_sha256[:8]}")

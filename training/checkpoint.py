@@ -16,10 +16,15 @@ collide when Ray Train merges them. Everything here is plain Python (no Ray, no 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -90,8 +95,6 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     if not storage.exists(run_uri):
         return []
     fs, path = storage.resolve(run_uri)
-    import pyarrow.fs as pafs
-
     found = []
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         m = _NAME.match(info.base_name)
@@ -155,11 +158,6 @@ def to_universal(deepspeed_dir: str, out_dir: str) -> str:
     state) loads on any. `out_dir/<tag>` is written once, behind a `done` marker, so
     concurrent callers on one node can share it.
     """
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tag = UNIVERSAL_TAG
     out = Path(out_dir)
     if (out / "done").is_file():
@@ -195,8 +193,6 @@ def is_complete(checkpoint_uri: str) -> bool:
         names.append("mp_rank_00_model_states.pt")
     uris = [storage.join(ds, n) for n in names] + [storage.join(checkpoint_uri, state.weights)]
     fs, _ = storage.resolve(checkpoint_uri)
-    import pyarrow.fs as pafs
-
     infos = fs.get_file_info([storage.resolve(u)[1] for u in uris])
     return all(i.type == pafs.FileType.File and i.size > 0 for i in infos)
 

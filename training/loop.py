@@ -139,21 +139,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema = EMA(model, cfg.optim.ema_decay) if rank == 0 and cfg.optim.ema_decay > 0 else None
     # ---- resume (a relaunch, or Ray Train restarting the group after a failure) ----
     restored = ray.train.get_checkpoint()
-    saved: ckpt.TrainerState | None = None
     ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
-    source = restored.path if restored is not None else None
+    source = None if restored is None else storage.to_uri(restored.filesystem, restored.path)
+    saved = None if source is None else ckpt.read_state(source)
     on_disk = ckpt.latest_complete(run_uri)
-    registered = -1 if restored is None else ckpt.read_state(storage.to_uri(restored.filesystem, restored.path)).steps_done
-    if on_disk is not None and registered < on_disk[0]:
+    if on_disk is not None and (saved is None or saved.steps_done < on_disk[0]):
         # Reported, but not yet registered by Ray Train when a worker died: still the newest state.
         if rank == 0:
             log.info("using %s: complete on storage but not registered by Ray Train (registered: %s)",
                      on_disk[1], source)
         fs, path = storage.resolve(on_disk[1])
         restored, source = ray.train.Checkpoint(path=path, filesystem=fs), on_disk[1]
+        saved = ckpt.read_state(source)
     if restored is not None:
         d = _checkpoint_dir(restored)
-        saved = ckpt.read_state(d)
         check_fingerprint(saved.data_fingerprint, index.manifest, cfg.data.allow_fingerprint_mismatch)
         ds_dir = str(Path(d) / ckpt.DEEPSPEED_DIR)
         if saved.world_size != world:
@@ -203,8 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_tflops(device, cfg.run.peak_tflops)
     runlog = None
     if rank == 0:
-        local = Path(run_uri) if not run_uri.count("://") else Path(tempfile.mkdtemp(prefix="ditharos-run-"))
-        runlog = RunLog(run_uri, local, steps_done, cfg.run.tensorboard)
+        runlog = RunLog(run_uri, steps_done, cfg.run.tensorboard)
         log.info("%s: %.2fM parameters, %d clips, %d worker(s), ZeRO-%d, %s, from step %d",
                  model_cfg, num_params / 1e6, len(index.clips), world, cfg.optim.zero_stage, device, steps_done)
 

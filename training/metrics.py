@@ -13,6 +13,7 @@ import json
 import math
 import resource
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,25 @@ def mfu(step_flops: float, step_s: float, world_size: int, peak: float | None) -
     return step_flops / step_s / (world_size * peak * 1e12)
 
 
+def _lines(run_uri: str, name: str) -> list[str]:
+    uri = storage.join(run_uri, name)
+    return storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+
+
+def read_metrics(run_uri: str) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (empty when there is none yet)."""
+    return [json.loads(line) for line in _lines(run_uri, METRICS_FILE) if line.strip()]
+
+
 class RunLog:
     """Rank 0's metrics.jsonl / clips.jsonl / TensorBoard writer for a (possibly remote) run dir."""
 
-    def __init__(self, run_uri: str, local_dir: Path, steps_done: int, tensorboard: bool) -> None:
+    def __init__(self, run_uri: str, steps_done: int, tensorboard: bool) -> None:
         self.run_uri = run_uri
-        self.local_dir = local_dir
         self.remote = not storage.is_local(run_uri)
+        # Local/NFS: write in the run dir itself; object store: a local staging folder.
+        local_dir = Path(tempfile.mkdtemp(prefix="ditharos-run-")) if self.remote else Path(storage.resolve(run_uri)[1])
+        self.local_dir = local_dir
         local_dir.mkdir(parents=True, exist_ok=True)
         for name in (METRICS_FILE, CLIPS_FILE):  # keep the rows before the resumed step, drop the rest
             lines = self._existing(name)
@@ -78,11 +91,7 @@ class RunLog:
             self._tb = SummaryWriter(str(local_dir / TB_DIR), purge_step=steps_done if steps_done else None)
 
     def _existing(self, name: str) -> list[str]:
-        uri = storage.join(self.run_uri, name)
-        if not self.remote:
-            path = self.local_dir / name
-            return path.read_text().splitlines() if path.is_file() else []
-        return storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []
+        return _lines(self.run_uri, name)
 
     def write(self, row: dict[str, Any], clip_ids: list[str] | None = None) -> None:
         self._metrics.write(json.dumps(row) + "\n")

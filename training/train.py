@@ -42,7 +42,7 @@ from pipeline.manifest import read_manifest
 from training import checkpoint as ckpt
 from training.data import FingerprintMismatch, check_fingerprint
 from training.loop import train_loop_per_worker
-from training.metrics import METRICS_FILE
+from training.metrics import read_metrics
 from training.settings import TrainConfig
 
 log = get_logger("training")
@@ -53,13 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config file (default: the demo settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
     return p.parse_args(argv)
-
-
-def read_metrics(run_uri: str) -> list[dict]:
-    uri = storage.join(run_uri, METRICS_FILE)
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
 def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:

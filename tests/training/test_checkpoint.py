@@ -102,11 +102,11 @@ def test_mfu_and_peaks() -> None:
 
 
 def test_runlog_resume_drops_redone_rows(tmp_path: Path) -> None:
-    log = RunLog(str(tmp_path), tmp_path, steps_done=0, tensorboard=False)
+    log = RunLog(str(tmp_path), steps_done=0, tensorboard=False)
     for step in range(5):
         log.write({"step": step, "epoch": 0, "loss": 1.0}, clip_ids=[f"c{step}"])
     log.close()
-    again = RunLog(str(tmp_path), tmp_path, steps_done=3, tensorboard=False)  # resumed at step 3
+    again = RunLog(str(tmp_path), steps_done=3, tensorboard=False)  # resumed at step 3
     again.write({"step": 3, "epoch": 0, "loss": 0.5}, clip_ids=["c3"])
     again.close()
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
