@@ -91,13 +91,18 @@ def clip_image_embedding(frame_embeddings: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(frame_embeddings.float().mean(0), dim=-1)
 
 
+TIE_TOLERANCE = 1e-4  # in score units (100 · cosine); float32 rounding of a 100·cos is ~1e-5
+
+
 def rank_candidates(image_embedding: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[int, float]:
     """Index and score (100 * cosine) of the best of (M, D) normalised text embeddings.
 
-    Ties go to the lowest index, so callers list preferred candidates (sidecars) first.
+    Ties go to the lowest index, so callers list preferred candidates (sidecars) first. Scores
+    within TIE_TOLERANCE of the best count as tied: the same text scored in another row of the
+    product can differ in its last bits (BLAS blocking depends on the row, the CPU and threads).
     """
     scores = 100.0 * (text_embeddings.float() @ image_embedding.float())  # (M,)
-    best = int(torch.argmax(scores))  # torch.argmax returns the first maximum
+    best = int(torch.nonzero(scores >= scores.max() - TIE_TOLERANCE)[0])  # first of the (near-)maxima
     return best, float(scores[best])
 
 
@@ -116,6 +121,7 @@ class ClipRankCaptioner:
         self.template_texts = [t.format(v) for t in cfg.templates for v in cfg.vocabulary]
         # the template set is the same for every clip: embed it once per worker
         self.template_embeddings = clip.embed_texts(self.template_texts)  # (P, D)
+        self.template_by_text = dict(zip(self.template_texts, self.template_embeddings))
 
     def caption(self, keyframes: list[np.ndarray], sidecars: list[list[str]]) -> list[CaptionResult]:
         """keyframes[i]: uint8 (K, H, W, 3) of clip i; sidecars[i]: its sidecar captions (maybe empty)."""
@@ -129,8 +135,10 @@ class ClipRankCaptioner:
         if not self.cfg.use_sidecar:
             sidecars = [[] for _ in keyframes]
         # embed every distinct sidecar caption of the batch in one text-tower call
-        unique = sorted({s for texts in sidecars for s in texts})
+        # (a sidecar that repeats a template phrase reuses its embedding: same text, same bits)
+        unique = sorted({s for texts in sidecars for s in texts} - self.template_by_text.keys())
         sidecar_emb = dict(zip(unique, self.clip.embed_texts(unique))) if unique else {}
+        sidecar_emb.update(self.template_by_text)
         results = []
         for frames, texts in zip(keyframes, sidecars):
             # frames of one clip share a size; different clips may not, so embed clip by clip

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from pipeline.samples import SAMPLE_NAMES, sample_dir
 from tests import media
+
+
+# Versions that change numerics or behaviour: every failure report should carry them.
+HEADER_PACKAGES = ("torch", "torchvision", "ray", "deepspeed", "pyarrow", "diffusers", "numpy", "av",
+                   "opencv-python", "scenedetect", "open_clip_torch")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Package versions, CPU model and SIMD level, threads: the things that make numbers differ."""
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    import torch
+
+    return [
+        "ditharos stack: " + ", ".join(f"{name} {version(name)}" for name in HEADER_PACKAGES),
+        f"cpu: {cpu_model()} ({os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()},"
+        f" {torch.get_num_threads()} torch threads), python {platform.python_version()}",
+    ]
 
 
 @pytest.fixture(scope="session")

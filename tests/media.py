@@ -126,6 +126,9 @@ def write_video(
     num_written = 0
     with av.open(str(path), mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
+        # One encoder thread: threaded x264 / libvpx / SVT-AV1 split the work by core count, and
+        # the bitstream (bytes, lossy error, where a truncation lands) would differ per machine.
+        stream.codec_context.thread_count = 1
         stream.width, stream.height = width, height
         if pix_fmt is not None:
             stream.pix_fmt = pix_fmt
@@ -136,7 +139,11 @@ def write_video(
             t = i / Fraction(fps) if timestamps_s is None else Fraction(timestamps_s[i])
             frame.pts = round(t / time_base)
             frame.time_base = time_base
-            # The encoder converts rgb24 to the stream's pix_fmt (gray, yuv420p10le, ...).
+            # rgb24 → the stream's pix_fmt (gray, yuv420p10le, ...) on one thread: swscale
+            # slices the picture by core count, and at odd sizes that changes chroma rounding.
+            frame = frame.reformat(format=stream.pix_fmt, threads=1)
+            frame.pts = round(t / time_base)
+            frame.time_base = time_base
             container.mux(stream.encode(frame))
             num_written += 1
         container.mux(stream.encode(None))  # flush delayed frames (B-frames, lookahead)
@@ -205,13 +212,17 @@ WIDTH, HEIGHT = 256, 144  # shortest side 144: the smallest a pipeline is expect
 
 # veryfast, not ultrafast: ultrafast turns off x264's scenecut, and real footage has
 # keyframes at cuts. At these sizes veryfast is still a few ms per frame.
-X264 = {"preset": "veryfast", "crf": "28"}
-X265 = {"preset": "ultrafast", "crf": "30", "x265-params": "log-level=error"}
+# Plain C paths (asm=0), one thread: x264's and x265's SIMD and thread choices depend on the CPU
+# (seen: packet sizes of the same frames differ between a 1-core and a 2-core run), and tests
+# that cut a file at a byte offset or bound a lossy error need the same bitstream everywhere.
+# At these frame sizes the C paths are still milliseconds per frame.
+X264 = {"preset": "veryfast", "crf": "28", "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:asm=0"}
+X265 = {"preset": "ultrafast", "crf": "30", "x265-params": "log-level=error:pools=1:frame-threads=1:asm=0"}
 VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "35", "b": "0"}
 # Fast settings per AV1 encoder, tried in this order. Only libsvtav1 is in PyAV 18's wheel;
 # the other two entries follow FFmpeg's option names but are untested here.
 AV1_ENCODERS = {
-    "libsvtav1": {"preset": "10", "crf": "45"},  # SVT-AV1 4.x maps 12 to 11; 10 is plenty
+    "libsvtav1": {"preset": "10", "crf": "45", "svtav1-params": "lp=1"},  # SVT-AV1 4.x maps 12 to 11; 10 is plenty
     "libaom-av1": {"cpu-used": "8", "usage": "realtime", "crf": "45"},
     "librav1e": {"speed": "10", "qp": "120"},
 }

@@ -82,6 +82,11 @@ def _shifted(t: torch.Tensor, batch: PackedBatch, cfg: FlowConfig) -> torch.Tens
     return shift_timesteps(t, batch.full_lengths, cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Loss and sampler arithmetic: float32 for half-precision data, float64 kept (exactness tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 # ---------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------
@@ -96,22 +101,23 @@ def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
     there is; padding tokens never enter the loss.
     """
     device = batch.tokens.device
+    dtype = compute_dtype(batch.tokens)
     b = batch.num_samples
     t = _shifted(sample_timesteps(b, generator, cfg.logit_mean, cfg.logit_std), batch, cfg)  # (B,)
     drop = torch.rand(b, generator=generator) < cfg.cfg_drop_p  # (B,)
     real = batch.real_index()  # (R,)
-    x0 = batch.tokens.float()  # (N, P)
+    x0 = batch.tokens.to(dtype)  # (N, P)
     noise = torch.zeros_like(x0)  # (N, P): padding stays exactly zero
-    noise[real] = torch.randn(len(real), x0.shape[1], generator=generator).to(device)
+    noise[real] = torch.randn(len(real), x0.shape[1], generator=generator, dtype=dtype).to(device)
     token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
     t_tok = torch.cat([t, t.new_zeros(1)]).to(device)[token_sample][:, None]  # (N, 1)
     x_t = (1 - t_tok) * x0 + t_tok * noise  # (N, P)
     target = noise - x0  # (N, P)
     pred = model(x_t, t.to(device), batch, drop)  # (N, P)
-    err = (pred.float() - target).pow(2).mean(dim=1)  # (N,)
+    err = (pred.to(dtype) - target).pow(2).mean(dim=1)  # (N,)
     err_real = err[real]  # (R,)
     lengths = torch.tensor(batch.lengths, device=device)
-    per_sample = torch.zeros(b, device=device).index_add_(0, batch.sample_ids[real], err_real) / lengths  # (B,)
+    per_sample = torch.zeros(b, device=device, dtype=dtype).index_add_(0, batch.sample_ids[real], err_real) / lengths  # (B,)
     return err_real.mean(), per_sample
 
 
@@ -154,17 +160,18 @@ def sample(
     batch = pack(lat, txt, patch, budget, text_mask=mask).to(device)
     drop = torch.tensor([False] * b + [True] * b * (copies - 1))
     real = batch.real_index()  # (R,): the conditional copies' tokens first, then the unconditional ones
-    x = batch.tokens.float()[real]  # (R, P)
+    dtype = compute_dtype(batch.tokens)
+    x = batch.tokens.to(dtype)[real]  # (R, P)
     half = x.shape[0] // copies
     x = x[:half]  # (R/copies, P) one state per sample, shared by both copies
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[None].expand(copies * b, -1)  # (2B, steps+1)
-    grid = _shifted(grid, batch, cfg).float().to(device)  # (2B, steps+1) per-sample schedules
+    grid = _shifted(grid, batch, cfg).to(dtype).to(device)  # (2B, steps+1) per-sample schedules
     was_training = model.training
     model.eval()
-    tokens = batch.tokens.float().clone()  # (N, P)
+    tokens = batch.tokens.to(dtype).clone()  # (N, P)
     for i in range(steps):
         tokens[real] = x.repeat(copies, 1)
-        v = model(tokens, grid[:, i], batch, drop).float()[real]  # (R, P)
+        v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
         if guided:
             v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
         dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)
@@ -172,4 +179,4 @@ def sample(
         x = x - dt_tok * v  # (R/copies, P)
     model.train(was_training)
     tokens[real] = x.repeat(copies, 1)
-    return [y.float() for y in unpack(tokens, batch)[:b]]
+    return unpack(tokens, batch)[:b]

@@ -113,7 +113,9 @@ def test_features_are_deterministic_and_batch_independent(fvd_metric: FVD, bikes
     batched = fvd_metric.features(clips).logits  # one batch of 3
     single = np.concatenate([fvd_metric.features(clips[i : i + 1]).logits for i in range(3)])
     assert batched.shape == (3, 400) and batched.dtype == np.float32
-    assert np.allclose(batched, single, atol=1e-4)
+    # oneDNN picks its conv3d kernel by batch size and CPU, so logits (~10) agree to rounding
+    # only; a batch-mixing bug moves them by O(1).
+    assert np.abs(batched - single).max() < 1e-4 * max(1.0, float(np.abs(batched).max())) * 10
     assert np.array_equal(fvd_metric.features(clips).logits, batched)
 
 

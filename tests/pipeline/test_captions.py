@@ -78,6 +78,12 @@ def test_rank_ties_go_to_the_first_candidate() -> None:
     image = torch.tensor([1.0, 0.0])
     best, _ = rank_candidates(image, torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]))
     assert best == 1
+    # last-bit differences (the same text in another row of a BLAS product) still tie ...
+    best, _ = rank_candidates(image, torch.tensor([[1.0 - 1e-7, 0.0], [1.0, 0.0]]))
+    assert best == 0
+    # ... a real difference in score does not
+    best, _ = rank_candidates(image, torch.tensor([[1.0 - 1e-5, 0.0], [1.0, 0.0]]))
+    assert best == 1
 
 
 def test_clip_image_embedding_is_normalised_mean() -> None:

@@ -26,9 +26,21 @@ def _cut_all(path: Path, buckets: BucketConfig, scenes: SceneConfig | None = Non
                            scenes=scenes or SceneConfig(), decode=DecodeConfig()))
 
 
+@pytest.mark.parametrize("scale", [0.95, 1.0, 1.05])
 @pytest.mark.parametrize("detector", ["adaptive", "content"])
-def test_bikes_scene_cuts_match_known_frames(sample_clips: dict[str, Path], detector: str) -> None:
-    tracker = SceneTracker(SceneConfig(detector=detector), fps=25.0)
+def test_bikes_scene_cuts_match_known_frames(sample_clips: dict[str, Path], detector: str, scale: float) -> None:
+    """The known cuts, also at ±5% of the detector's threshold.
+
+    Frame scores come through a decoder's resize and colour conversion, whose SIMD rounding
+    differs between CPUs and FFmpeg builds (by well under one grey level); the same cuts over
+    a ±5% band of thresholds show no score sits near the threshold, so such differences
+    cannot flip a cut. (Measured band: content keeps these cuts from 0.8× to 1.3×; adaptive
+    loses the frame-76 cut between 1.05× and 1.1×.)
+    """
+    base = SceneConfig()
+    cfg = SceneConfig(detector=detector, adaptive_threshold=base.adaptive_threshold * scale,
+                      content_threshold=base.content_threshold * scale)
+    tracker = SceneTracker(cfg, fps=25.0)
     for index, _, frame in iter_frames(str(sample_clips["bikes"]), 136, 320, codec="h264"):
         tracker.push(index, frame)
     tracker.finish()

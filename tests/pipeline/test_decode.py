@@ -37,10 +37,13 @@ def test_backends_agree_on_bikes(bikes_both: dict) -> None:
     np.testing.assert_array_equal(i_p, np.arange(250))
     np.testing.assert_allclose(t_d, np.arange(250) / 25.0, atol=1e-3)
     np.testing.assert_allclose(t_p, t_d, atol=1e-3)
-    diff = np.abs(f_d.astype(np.int16) - f_p.astype(np.int16))
-    assert diff.mean() < 1.0, diff.mean()
-    # The check can fail: frames one step apart differ far more than the two backends do.
-    assert np.abs(f_d[1:].astype(np.int16) - f_p[:-1].astype(np.int16)).mean() > 3.0
+    diff = np.abs(f_d.astype(np.int16) - f_p.astype(np.int16)).mean()
+    # Frames one step apart: what an off-by-one frame would look like.
+    shifted = np.abs(f_d[1:].astype(np.int16) - f_p[:-1].astype(np.int16)).mean()
+    assert shifted > 3.0  # the check can fail
+    # The two backends' FFmpeg builds resize and convert colour with their own SIMD rounding:
+    # not bit-equal anywhere, and the gap varies by CPU, so bound it by the off-by-one gap.
+    assert diff < 0.25 * shifted, (diff, shifted)
 
 
 def test_output_shape_is_the_requested_size(bikes_both: dict, odd_videos: dict[str, Path]) -> None:

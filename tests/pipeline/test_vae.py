@@ -245,4 +245,7 @@ def test_bfloat16_compute_returns_float32_close_to_float32(image_vae: VideoVAE) 
     video = make_video(1, 3, 16, 16, seed=8)
     z = vae.encode(video)
     assert z.dtype == torch.float32
-    torch.testing.assert_close(z, image_vae.encode(video), rtol=0, atol=0.05)
+    ref = image_vae.encode(video)
+    # bf16 keeps 8 significant bits (relative step 2⁻⁸); a few roundings per layer, relative to
+    # the latents' scale: AVX2 emulates bf16 and AMX runs it natively, so only a bound holds.
+    torch.testing.assert_close(z, ref, rtol=0, atol=4 * 2**-8 * ref.abs().max().item())

@@ -13,6 +13,16 @@ from training.attention import attention, pick_backend, segment_ids
 CPU_BACKENDS = ["sdpa_masked", "sdpa_segments"]
 
 
+def f32_tol(ref: torch.Tensor) -> float:
+    """Float32 agreement bound between attention kernels: 64 ulps of the output's scale.
+
+    Kernels differ in summation order and exp approximation (torch's CPU flash kernel uses a
+    ~20-ulp exp; its blocking follows the SIMD width), so bit-level agreement is not a
+    property; a segment leak or a wrong scale moves outputs by >= 1e-2.
+    """
+    return 64 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+
+
 def varlen_inputs(q_lens, k_lens, heads=3, head_dim=8, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(q_lens), heads, head_dim, generator=g)
@@ -48,14 +58,14 @@ def test_cpu_backends_match_reference(case, backend):
     out = attention(q, k, v, cu_q, cu_k, mq, mk, backend=backend)
     ref = per_segment_reference(q, k, v, cu_q, cu_k)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert (out.double() - ref).abs().max() < 1e-6
+    assert (out.double() - ref).abs().max() < f32_tol(ref)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpu_backends_match_each_other(case):
     q, k, v, cu_q, cu_k, mq, mk = varlen_inputs(*CASES[case], seed=1)
     outs = [attention(q, k, v, cu_q, cu_k, mq, mk, backend=b) for b in CPU_BACKENDS]
-    assert (outs[0] - outs[1]).abs().max() < 1e-6
+    assert (outs[0] - outs[1]).abs().max() < f32_tol(outs[0])
 
 
 def test_gradients_match_between_cpu_backends():
@@ -68,7 +78,7 @@ def test_gradients_match_between_cpu_backends():
         (attention(q, k, v, cu_q, cu_k, mq, mk, backend=backend) * w).sum().backward()
         grads.append([x.grad for x in (q, k, v)])
     for a, b in zip(*grads):
-        assert (a - b).abs().max() < 1e-6 * max(1.0, a.abs().max().item())  # gradients reach ~5: relative
+        assert (a - b).abs().max() < f32_tol(a)  # gradients reach ~5: relative
 
 
 def test_segments_do_not_leak():
@@ -85,7 +95,7 @@ def test_segments_do_not_leak():
 def test_single_segment_equals_plain_sdpa():
     q, k, v, cu_q, cu_k, mq, mk = varlen_inputs([12], [12])
     ref = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
-    assert torch.allclose(attention(q, k, v, cu_q, cu_k, mq, mk), ref, atol=1e-6)
+    assert (attention(q, k, v, cu_q, cu_k, mq, mk) - ref).abs().max() < f32_tol(ref)
 
 
 def test_flex_on_cpu_if_it_runs():
@@ -97,7 +107,7 @@ def test_flex_on_cpu_if_it_runs():
     except Exception as e:  # noqa: BLE001 — availability probe
         pytest.skip(f"FlexAttention does not run on CPU here: {type(e).__name__}: {e}")
     ref = attention(q, k, v, cu_q, cu_k, mq, mk, backend="sdpa_masked")
-    assert (out - ref).abs().max() < 1e-6
+    assert (out - ref).abs().max() < f32_tol(ref)
 
 
 def test_segment_ids_and_errors():

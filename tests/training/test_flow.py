@@ -14,6 +14,8 @@ from training.flow import FlowConfig, flow_loss, sample, sample_timesteps, shift
 from training.model import DIT_MODELS
 from training.packing import pack, unpack
 
+from .conftest import EXACT_F64
+
 PATCH = (1, 2, 2)
 TEXT_DIM = 16
 
@@ -91,7 +93,7 @@ def test_loss_value_with_zero_output_model(drop_rate):
         assert per_sample[i].item() == pytest.approx((eps[sl] - x0[sl]).pow(2).mean().item(), rel=1e-6)
 
 
-def test_loss_ignores_padding():
+def test_loss_ignores_padding(float64):
     model = tiny()
     latents, text = inputs(SHAPES)
     cfg = FlowConfig(cfg_drop_p=0.5)
@@ -102,7 +104,7 @@ def test_loss_ignores_padding():
     a, pa = flow_loss(model, tight, cfg, torch.Generator().manual_seed(1))
     b, pb = flow_loss(model, loose, cfg, torch.Generator().manual_seed(1))
     assert a.item() > 0.1
-    assert (a - b).abs() < 1e-6 and (pa - pb).abs().max() < 1e-6
+    assert (a - b).abs() < EXACT_F64 and (pa - pb).abs().max() < EXACT_F64
 
 
 def test_loss_on_shard_rows():
@@ -160,7 +162,7 @@ def test_dropped_text_uses_the_null_caption():
 # ---------------------------------------------------------------------------
 
 
-def test_sampler_is_euler_with_cfg():
+def test_sampler_is_euler_with_cfg(float64):
     model = tiny()
     shapes = [(4, 1, 4, 8), (4, 2, 4, 4)]
     _, text = inputs(shapes)
@@ -174,7 +176,7 @@ def test_sampler_is_euler_with_cfg():
         v_c = unpack(model(batch.tokens, torch.ones(2), batch, [False, False]), batch)
         v_u = unpack(model(batch.tokens, torch.ones(2), batch, [True, True]), batch)
     for o, x, c, u in zip(out, x1, v_c, v_u):
-        assert (o - (x - (u + 3.0 * (c - u)))).abs().max() < 1e-5
+        assert (o - (x - (u + 3.0 * (c - u)))).abs().max() < EXACT_F64
         assert (c - u).abs().max() > 1e-3  # guidance does something
     again = sample(model, shapes, text, cfg, torch.Generator().manual_seed(5), steps=1, guidance_scale=3.0)
     assert all(torch.equal(a, b) for a, b in zip(out, again))
@@ -193,9 +195,16 @@ def one_thread():
 def test_tiny_dit_overfits_and_sampler_reproduces_memorised_latents(one_thread):
     """4 latents of 2 shapes, 4 captions: loss falls ≥ 10×, then sampling each caption recovers its latent.
 
-    DiT-tiny at width 64 (depth 2, 2 heads): at width 32 memorisation is marginal and sample
-    errors swing between 0.1 and 0.5 with float reduction order; at 64 they stay below 0.1
-    over seeds. About 30 s on one core.
+    DiT-tiny at width 64 (depth 2, 2 heads), about 30 s on one core. 3000 AdamW steps
+    amplify float rounding (kernel choice, SIMD width), so how well each latent is memorised
+    varies by machine: relative errors 0.055-0.10 here over threads 1/2, both CPU attention
+    backends, SDPA math vs fused, 1e-6 weight perturbations and four seeds (Xeon, AVX512);
+    0.34 seen once on an AMD EPYC. The bounds separate that from a broken sampler, whose
+    errors are near 1 or above: returning noise gives ~1.4, zeros 1.0, a sampler that
+    ignores the text at best the mean of the same-shape latents, ~0.71 from each and so a
+    ratio of 1 below. A correct sampler passes with room on any CPU:
+      - the sample's error to its own latent < 0.5, and
+      - < 0.5 × its error to the nearest other latent of its shape (the caption decides).
     """
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -232,5 +241,6 @@ def test_tiny_dit_overfits_and_sampler_reproduces_memorised_latents(one_thread):
     for i, o in enumerate(out):
         errors = [((o - x).norm() / x.norm()).item() if x.shape == o.shape else math.inf for x in latents]
         print(f"sample {i}: relative error to each training latent {errors}")
-        assert min(range(4), key=errors.__getitem__) == i  # nearest training latent is the captioned one
-        assert errors[i] < 0.3, errors
+        others = min(e for j, e in enumerate(errors) if j != i)
+        assert errors[i] < 0.5, errors
+        assert errors[i] < 0.5 * others, errors  # nearest training latent is the captioned one, clearly
