@@ -161,7 +161,15 @@ def _command_errors(config: dict) -> list[str]:
 
 def check(path: str | Path) -> list[str]:
     """All schema and security problems of one cluster YAML (empty: good to `ray up`)."""
-    config = load(path)
+    try:
+        config = load(path)
+    except FileNotFoundError:
+        return ["file not found"]
+    except (OSError, yaml.YAMLError) as e:
+        return [f"cannot read as YAML: {str(e).splitlines()[0]}"]
+    if not isinstance(config, dict):
+        what = "empty" if config is None else f"a {type(config).__name__}, not a mapping"
+        return [f"the file is {what}: a cluster config is a YAML mapping (cluster_name, provider, ...)"]
     errors = schema_errors(config)
     if errors:
         return errors + security_errors(config)

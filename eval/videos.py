@@ -12,6 +12,7 @@ CLIP-score resize them themselves) with the pipeline's decoder; sidecar captions
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.decode import DecodeError, iter_frames
-from pipeline.discover import InputConfig, discover
+from pipeline.discover import InputConfig
+from pipeline.listing import list_folder
 from pipeline.probe import ProbeConfig, ProbeError, VideoInfo, probe
 
 
@@ -102,20 +104,19 @@ def _open_npy(path: Path, num_frames: int | None) -> VideoSet:
 
 
 def _open_folder(path: Path, num_frames: int | None, same_length: bool) -> VideoSet:
-    candidates, _ = discover(InputConfig(), str(path))
-    candidates = sorted(candidates, key=lambda c: c.uri)
+    candidates = sorted((r for r in list_folder(InputConfig(), str(path)) if r["candidate"]), key=lambda r: r["uri"])
     if not candidates:
         raise VideoInputError(f"{path}: no video files in this folder")
     cfg = ProbeConfig(min_frames=1)
     infos = []
     for c in candidates:
         try:
-            infos.append(probe(c.uri, cfg))
+            infos.append(probe(c["uri"], cfg))
         except ProbeError as e:
-            raise VideoInputError(f"{c.uri}: {e}") from None
-    names = [c.uri for c in candidates]
+            raise VideoInputError(f"{c['uri']}: {e}") from None
+    names = [c["uri"] for c in candidates]
     counts = [info.num_frames for info in infos]
-    captions = [c.sidecar_captions for c in candidates]
+    captions = [json.loads(c["sidecars"]) for c in candidates]
     if num_frames is None and not same_length:
         return VideoSet(str(path), names, None, infos=infos, captions=captions)
     if num_frames is None:

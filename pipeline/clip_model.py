@@ -45,10 +45,13 @@ TINY_CONFIG: dict[str, Any] = {
 def _register_tiny() -> None:
     if TINY_ARCH in open_clip.list_models():
         return
-    # add_model_config takes a path (it rescans files), so the config goes through a temp JSON
-    path = Path(tempfile.mkdtemp(prefix="ditharos-clip-")) / f"{TINY_ARCH}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(path)
+    # add_model_config takes a path (it rescans files), so the config goes through a temp JSON;
+    # the registry keeps what it read, and later rescans skip a path that is gone, so the folder
+    # is removed at once (every importing process used to leave one behind).
+    with tempfile.TemporaryDirectory(prefix="ditharos-clip-") as tmp:
+        path = Path(tmp) / f"{TINY_ARCH}.json"
+        path.write_text(json.dumps(TINY_CONFIG))
+        open_clip.add_model_config(path)
 
 
 _register_tiny()

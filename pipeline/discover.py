@@ -1,10 +1,10 @@
-"""Find candidate videos (by extension and by sniffed content) and give each a content id.
+"""What counts as a video (by extension and by sniffed content), sidecar captions, content ids.
 
 A file is a candidate when its extension says video OR its first bytes look like a video
 container — a mislabelled file is sniffed, not trusted. Sidecar captions (`<stem>.txt`,
-one caption per line, or `<stem>.json` with "caption"/"captions") are attached to the
-video they sit beside. The source id is a hash of the bytes, so a renamed copy is the
-same source and is processed once.
+one caption per line, or `<stem>.json` with "caption"/"captions") belong to the video they
+sit beside. The source id is a hash of the bytes, so a renamed copy is the same source.
+`pipeline/listing.py` applies these to folders and listing files at corpus scale.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from pipeline import storage
 
@@ -80,17 +79,7 @@ def sniff_other(head: bytes) -> str:
         return "unrecognised binary data"
 
 
-@dataclass
-class Candidate:
-    """One file that may be a video, plus what was found beside it."""
-
-    uri: str
-    size_bytes: int
-    sniffed: str | None
-    sidecar_captions: list[str] = field(default_factory=list)
-
-
-def _read_sidecar(uri: str, max_bytes: int) -> list[str]:
+def read_sidecar(uri: str, max_bytes: int) -> list[str]:
     text = storage.read_bytes(uri, max_bytes).decode("utf-8", errors="replace")
     if uri.endswith(".json"):
         try:
@@ -102,36 +91,6 @@ def _read_sidecar(uri: str, max_bytes: int) -> list[str]:
         caps = data.get("captions") or ([data["caption"]] if "caption" in data else [])
         return [str(c).strip() for c in caps if str(c).strip()]
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def discover(cfg: InputConfig, uri: str) -> tuple[list[Candidate], list[str]]:
-    """List `uri` recursively → (video candidates, ignored non-video files)."""
-    return discover_files(cfg, storage.list_files(uri))
-
-
-def discover_files(cfg: InputConfig, files: list[tuple[str, int]]) -> tuple[list[Candidate], list[str]]:
-    """Classify (uri, size) files into video candidates (with sidecars) and ignored files."""
-    exts = {e.lower() for e in cfg.extensions}
-    candidates, others = [], []
-    for f, size in files:
-        suffix = PurePosixPath(f).suffix.lower()
-        head = storage.read_bytes(f, SNIFF_BYTES) if (cfg.sniff_content or suffix in exts) else b""
-        sniffed = sniff_container(head)
-        if suffix in exts or (cfg.sniff_content and sniffed):
-            candidates.append(Candidate(f, size, sniffed))
-        else:
-            others.append(f)
-    used: set[str] = set()
-    if cfg.use_sidecars:
-        by_stem: dict[str, list[str]] = {}
-        for f in others:
-            if PurePosixPath(f).suffix.lower() in SIDECAR_EXTENSIONS:
-                by_stem.setdefault(str(PurePosixPath(f).with_suffix("")), []).append(f)
-        for c in candidates:
-            for side in sorted(by_stem.get(str(PurePosixPath(c.uri).with_suffix("")), [])):
-                c.sidecar_captions += _read_sidecar(side, cfg.max_sidecar_bytes)
-                used.add(side)
-    return candidates, [f for f in others if f not in used]
 
 
 def content_id(uri: str) -> str:

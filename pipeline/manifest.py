@@ -1,178 +1,125 @@
-"""Commit staged batches into the output, keep the journal, and write `manifest.json`.
+"""The dataset's manifest, clip index and rejects table: the output contract, O(buckets) in size.
 
 Output layout (all names come from ids, never from input file names):
-    shards/<bucket>/part-00000.arrow   committed shards
-    rejects/part-00000.parquet         rejects of committed batches
-    rejects.parquet                    every reject of the dataset (written with the manifest)
-    _state/journal.jsonl               one line per committed batch: its sources and files
-    manifest.json, config.yaml         written last
-A source is complete once its batch's journal line exists; re-runs skip it. Anything in
-`shards/` that the journal does not name is debris of an interrupted commit and is removed.
+    shards/<bucket>/part-<run>-w<writer>-<seq>.arrow   committed shards (pipeline/writer.py)
+    _state/records/<run>-w<writer>-<seq>.parquet      one commit record per commit (pipeline/records.py)
+    index/<digest>/*.parquet                          the clip index: one row per clip
+    rejects/<digest>/*.parquet                        every reject, once
+    manifest.json, config.yaml, summary.json          written last
+`<digest>` hashes the set of records, so a re-run that commits nothing finds the same digest,
+rewrites nothing and leaves a byte-identical manifest. The manifest holds totals, the
+fingerprint, the bucket specs and the index / rejects locations — never a list of files or
+clips: readers list clips from the index, never by opening shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from pipeline import storage
-from pipeline.shards import SCHEMA_VERSION, rejects_table
+from pipeline.records import INDEX_COLUMNS, REJECT_COLUMNS
+from pipeline.shards import SCHEMA_VERSION
 
-JOURNAL = "_state/journal.jsonl"
-
-
-class CommitError(RuntimeError):
-    """A batch's outputs are incomplete or inconsistent; the batch must be redone."""
+MANIFEST = "manifest.json"
 
 
-def _rel(out_uri: str, uri: str) -> str:
-    base, full = storage.canonical(out_uri).rstrip("/") + "/", storage.canonical(uri)
-    if not full.startswith(base):
-        raise ValueError(f"{uri!r} is not inside {out_uri!r}")
-    return full[len(base) :]
+class ManifestError(ValueError):
+    """A manifest this code cannot read (missing, or another schema version)."""
 
 
-def load_journal(out_uri: str) -> list[dict[str, Any]]:
-    uri = storage.join(out_uri, JOURNAL)
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
-
-
-def completed_sources(journal: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {s["source_id"]: s for entry in journal for s in entry["sources"]}
-
-
-def remove_debris(out_uri: str, journal: list[dict[str, Any]]) -> list[str]:
-    """Delete shard/reject files no journal entry names, and any staging area."""
-    named = {f["path"] for e in journal for f in e["files"]} | {e["rejects"] for e in journal if e.get("rejects")}
-    removed = []
-    for sub in ("shards", "rejects"):
-        root = storage.join(out_uri, sub)
-        if not storage.exists(root):
-            continue
-        for uri, _ in storage.list_files(root):
-            if _rel(out_uri, uri) not in named:
-                fs, path = storage.resolve(uri)
-                fs.delete_file(path)
-                removed.append(uri)
-    storage.delete_dir(storage.join(out_uri, "_staging"))
-    return removed
-
-
-def commit_batch(
-    out_uri: str, staging_uri: str, batch_index: int, sources: list[dict[str, Any]],
-    written: list[dict[str, Any]], journal: list[dict[str, Any]], code_version: str,
-) -> dict[str, Any]:
-    """Check a finished batch, move its shards into place, append the journal line."""
-    summaries = {}
-    for src in sources:
-        uri = storage.join(staging_uri, "sources", f"{src['source_id']}.json")
-        if not storage.exists(uri):
-            raise CommitError(f"source {src['uri']} ({src['source_id']}) never finished cutting")
-        summaries[src["source_id"]] = json.loads(storage.read_bytes(uri))
-    ids = [c for w in written for c in w["clip_ids"]]
-    dupes = [c for c, n in Counter(ids).items() if n > 1]
-    if dupes:
-        raise CommitError(f"{len(dupes)} clip id(s) written twice, e.g. {dupes[0]}")
-    per_source = Counter(s for w in written for s in w["source_ids"])
-    for sid, summary in summaries.items():
-        if per_source.get(sid, 0) != summary["clips"]:
-            raise CommitError(f"source {summary['uri']}: {summary['clips']} clips cut but "
-                              f"{per_source.get(sid, 0)} written")
-    next_part = Counter(f["bucket"] for e in journal for f in e["files"])
-    files = []
-    for w in sorted(written, key=lambda w: (w["bucket"], w["uri"])):
-        rel = f"shards/{w['bucket']}/part-{next_part[w['bucket']]:05d}.arrow"
-        next_part[w["bucket"]] += 1
-        storage.move(w["uri"], storage.join(out_uri, rel))
-        files.append({"path": rel, "bucket": w["bucket"], "rows": w["rows"], "bytes": w["bytes"],
-                      "sha256": w["sha256"], "shapes": w["shapes"]})
-    reject_rows = [r for s in summaries.values() for r in s["rejects"]]
-    rejects_rel = f"rejects/part-{batch_index:05d}.parquet" if reject_rows else ""
-    if reject_rows:
-        sink = pa.BufferOutputStream()
-        pq.write_table(rejects_table(reject_rows), sink)
-        storage.write_bytes_atomic(storage.join(out_uri, rejects_rel), sink.getvalue().to_pybytes())
-    entry = {
-        "batch": batch_index, "code_version": code_version, "files": files, "rejects": rejects_rel,
-        "sources": [{"source_id": s["source_id"], "uri": s["uri"], "clips": s["clips"],
-                     "duration_s": s["duration_s"], "rejects": len(s["rejects"])}
-                    for s in sorted(summaries.values(), key=lambda s: s["uri"])],
-    }
-    lines = [json.dumps(e, sort_keys=True) for e in journal + [entry]]
-    storage.write_bytes_atomic(storage.join(out_uri, JOURNAL), ("\n".join(lines) + "\n").encode())
-    storage.delete_dir(staging_uri)
-    return entry
-
-
-def all_rejects(out_uri: str, journal: list[dict[str, Any]], driver_rejects: list[dict[str, Any]]) -> pa.Table:
-    tables = [rejects_table(driver_rejects)]
-    for e in journal:
-        if e.get("rejects"):
-            tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out_uri, e["rejects"])))))
-    table = pa.concat_tables(tables)
-    return table.sort_by([("source_uri", "ascending"), ("start_frame", "ascending"), ("reason", "ascending")])
+def records_digest(records: list[tuple[str, int]]) -> str:
+    """Digest of the committed state: (record name, size) of every record."""
+    return hashlib.sha256(json.dumps(sorted(records)).encode()).hexdigest()
 
 
 def build_manifest(
-    journal: list[dict[str, Any]], rejects: pa.Table, fingerprint: dict[str, Any], bucket_specs: dict[str, dict],
-    num_inputs: int, ignored_files: list[str],
+    *, digest: str, totals: dict[str, Any], fingerprint: dict[str, Any], bucket_specs: dict[str, dict],
+    bucket_shapes: dict[str, dict[str, list[int]]], shard_files: dict[str, int],
 ) -> dict[str, Any]:
-    """The dataset's manifest: deterministic given the same journal and inputs (no timestamps)."""
-    buckets: dict[str, dict[str, Any]] = {}
-    for e in journal:
-        for f in e["files"]:
-            b = buckets.setdefault(f["bucket"], dict(bucket_specs.get(f["bucket"], {}), rows=0, files=[]))
-            b["rows"] += f["rows"]
-            b["latent_shape"] = f["shapes"]["latents"]
-            b["text_shape"] = f["shapes"]["text_embedding"]
-            b["image_embedding_dim"] = f["shapes"]["image_embedding"][0]
-            b["files"].append({k: f[k] for k in ("path", "rows", "bytes", "sha256")})
-    sources = [s for e in journal for s in e["sources"]]
-    listing = sorted((f["path"], f["sha256"], f["rows"]) for b in buckets.values() for f in b["files"])
-    fp = dict(fingerprint, data_sha256=hashlib.sha256(json.dumps(listing).encode()).hexdigest())
-    stages = Counter(rejects.column("stage").to_pylist())
+    """The manifest: deterministic given the same records and inputs (no timestamps)."""
+    buckets = {}
+    for name, rows in sorted(totals.get("clips_by_bucket", {}).items()):
+        shapes = bucket_shapes.get(name, {})
+        buckets[name] = dict(bucket_specs.get(name, {}), rows=rows, files=shard_files.get(name, 0),
+                             bytes=totals.get("bytes_by_bucket", {}).get(name, 0),
+                             latent_shape=shapes.get("latents"), text_shape=shapes.get("text_embedding"),
+                             image_embedding_dim=(shapes.get("image_embedding") or [None])[0])
+    stages = totals.get("rejects_by_stage", {})
+    ignored = stages.get("discover", 0)  # listed files that are not videos: committed as sources of 0 clips
+    clips = totals.get("clips", 0)
+    files = sum(shard_files.values())
     return {
         "kind": "ditharos-shards",
         "schema_version": SCHEMA_VERSION,
         "random_init": any(m.get("weights") == "random-init" for m in fingerprint["models"].values()),
-        "fingerprint": fp,
-        "buckets": dict(sorted(buckets.items())),
+        "fingerprint": dict(fingerprint, data_sha256=digest),
+        "buckets": buckets,
         "totals": {
-            "inputs": num_inputs,
-            "sources_processed": len(sources),
-            "sources_with_clips": sum(1 for s in sources if s["clips"] > 0),
-            "clips": sum(b["rows"] for b in buckets.values()),
-            "source_seconds": round(sum(s["duration_s"] for s in sources), 3),
-            "reject_rows": rejects.num_rows,
+            "inputs": totals.get("sources", 0) - ignored,
+            "sources_processed": totals.get("sources", 0) - ignored,
+            "sources_with_clips": totals.get("sources_with_clips", 0),
+            "clips": clips,
+            "source_seconds": round(totals.get("source_seconds", 0.0), 3),
+            "shard_files": files,
+            "files_per_1000_clips": round(1000 * files / clips, 2) if clips else 0.0,
+            "reject_rows": totals.get("reject_rows", 0),
             "rejects_by_stage": dict(sorted(stages.items())),
-            "ignored_files": len(ignored_files),
+            "ignored_files": ignored,
         },
-        "files": {"rejects": "rejects.parquet", "config": "config.yaml", "journal": JOURNAL},
+        "files": {"index": f"index/{digest[:16]}", "rejects": f"rejects/{digest[:16]}", "config": "config.yaml"},
     }
 
 
-def write_outputs(out_uri: str, manifest: dict[str, Any], rejects: pa.Table, config_yaml: str) -> None:
-    """rejects.parquet and config.yaml first, manifest.json last (its presence means complete)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(rejects, sink)
-    storage.write_bytes_atomic(storage.join(out_uri, "rejects.parquet"), sink.getvalue().to_pybytes())
+def write_manifest(out_uri: str, manifest: dict[str, Any], config_yaml: str) -> None:
+    """config.yaml first, manifest.json last (its presence means the output is complete)."""
     storage.write_bytes_atomic(storage.join(out_uri, "config.yaml"), config_yaml.encode())
-    storage.write_bytes_atomic(storage.join(out_uri, "manifest.json"),
-                               (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    storage.write_bytes_atomic(storage.join(out_uri, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def read_manifest(out_uri: str) -> dict[str, Any]:
-    uri = storage.join(out_uri, "manifest.json")
+    uri = storage.join(out_uri, MANIFEST)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no manifest.json under {out_uri!r}: run the pipeline first")
     manifest = json.loads(storage.read_bytes(uri))
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{uri}: schema_version {manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{uri}: schema_version {version}, this code reads {SCHEMA_VERSION}"
+                            + ("; version 1 outputs (journal + file lists) must be re-made with the pipeline"
+                               if version == 1 else ""))
     return manifest
+
+
+def _dataset(out_uri: str, rel: str, schema: pa.Schema) -> pads.Dataset:
+    """A Parquet folder of the output (an absent or empty one reads as no rows of `schema`)."""
+    uri = storage.join(out_uri, rel)
+    if not storage.exists(uri):
+        return pads.dataset(schema.empty_table())
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema)
+
+
+def read_index(out_uri: str, manifest: dict[str, Any], columns: list[str] | None = None,
+               split: str | None = None) -> pa.Table:
+    """The clip index (selected columns; optionally one split) — Parquet, read column-wise."""
+    flt = (pads.field("split") == split) if split is not None else None
+    return _dataset(out_uri, manifest["files"]["index"], INDEX_SCHEMA).to_table(columns=columns or INDEX_COLUMNS,
+                                                                                 filter=flt)
+
+
+def read_rejects(out_uri: str, manifest: dict[str, Any]) -> pa.Table:
+    return _dataset(out_uri, manifest["files"]["rejects"], REJECTS_SCHEMA).to_table(columns=REJECT_COLUMNS)
+
+
+def _schema(names: list[str]) -> pa.Schema:
+    from pipeline.records import RECORD_SCHEMA
+
+    return pa.schema([RECORD_SCHEMA.field(n) for n in names])
+
+
+INDEX_SCHEMA = _schema(INDEX_COLUMNS)
+REJECTS_SCHEMA = _schema(REJECT_COLUMNS)

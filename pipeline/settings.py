@@ -26,10 +26,18 @@ class OutputConfig:
     uri: str = "runs/demo/data"
     val_fraction: float = 0.0  # share of sources held out as split="val" (by hash of source id)
     keyframe_jpeg_quality: int = 85
+    # Shards roll over at this size. 512 MB: 50 TB of latents is ~100k files (one LIST page per
+    # 1,000, and far below a default vm.max_map_count of 65,530 once the loader bounds its open
+    # maps); an object-store GET of a whole shard runs at full bandwidth (>= 64 MB objects), and
+    # training reads single record batches (64 rows) by range, so a large shard costs no extra
+    # reads. A writer buffers up to compute.writer_open_mb of open shards on local disk.
+    shard_target_mb: float = 512.0
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"output.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_target_mb <= 0:
+            raise ValueError(f"output.shard_target_mb must be > 0, got {self.shard_target_mb}")
 
 
 @dataclass
@@ -46,17 +54,27 @@ class ComputeConfig:
     vae_actors: int = 1
     model_actor_cpus: float = 0.5  # CPUs reserved per model actor (0.5 leaves a 2-core laptop room to cut)
     gpus_per_model_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0 (CPU)
-    sources_per_commit: int = 64  # sources processed and committed atomically together
-    commit_retries: int = 2  # a failed batch (node lost, …) is redone from scratch this often
-    # A batch that finishes no source and writes no file for this long is cancelled and redone
-    # (a lost node can leave Ray Data waiting forever). Must exceed the slowest single source.
+    # Shard writers: actors that own the rolling shards and commit records (I/O bound, so no CPU
+    # is reserved). Rows are spread over them by (bucket, source); more writers, more bandwidth.
+    writer_actors: int = 1
+    writer_open_mb: float = 8192.0  # local disk a writer may fill with open shards before committing early
+    shuffle_blocks: int = 0  # partitions of the dedupe / resume shuffles; 0 = 2 per cluster CPU
+    # A run holds its output through a lease that expires this long after its last heartbeat
+    # (at once when its process is gone from this host).
+    lease_ttl_s: float = 120.0
+    # Sources left incomplete by a lost writer are redone this many times within the run.
+    repair_passes: int = 2
+    # No row reaches the writers for this long → the job exits non-zero naming the stall; the
+    # re-run resumes. Must exceed the slowest single source's cut + caption + encode.
     stall_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         if self.stall_timeout_s <= 0:
             raise ValueError("compute.stall_timeout_s must be > 0")
-        if self.sources_per_commit < 1:
-            raise ValueError("compute.sources_per_commit must be >= 1")
+        if self.writer_actors < 1:
+            raise ValueError("compute.writer_actors must be >= 1")
+        if self.lease_ttl_s <= 0:
+            raise ValueError("compute.lease_ttl_s must be > 0")
         bad = {k: v for k, v in self.cut_resources.items()
                if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
         if bad:
@@ -97,5 +115,5 @@ def data_config(cfg: PipelineConfig) -> dict:
     """The part of the config that defines the data (hashed into the fingerprint)."""
     d = {k: to_dict(getattr(cfg, k)) for k in DATA_SECTIONS}
     d["input"] = {k: v for k, v in to_dict(cfg.input).items() if k != "uri"}
-    d["output"] = {k: v for k, v in to_dict(cfg.output).items() if k != "uri"}
+    d["output"] = {k: v for k, v in to_dict(cfg.output).items() if k not in ("uri", "shard_target_mb")}
     return d

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: clip index + commit records, manifest without file lists
 
 # Scalar columns: name → arrow type. Tensor columns follow in TENSOR_COLUMNS.
 SCALAR_COLUMNS: dict[str, pa.DataType] = {

@@ -1,17 +1,21 @@
 """The pipeline's steps as plain row → row(s) functions and batch classes (no Ray here).
 
-`pipeline/run.py` wires them into a Ray Data plan; tests call them on plain dicts.
-- `make_probe_fn`: candidate file → source id + probe result (or reject reason)
-- `make_cut_fn`: probed source → clip rows (frames at bucket shape); it also writes the
-  source's reject rows and a summary (clips made) to staging, keyed by source id, so a
-  retried task rewrites the same file
-- `CaptionStage`, `VAEStage`: actor classes over batches of clip rows
+`pipeline/run.py` wires them into one streaming Ray Data plan; tests call them on plain dicts.
+- `make_probe_fn`: listing row (after dedupe) → + source id, probe result, bucketing, or a reason
+- `make_cut_fn`: probed source → stream rows: its clips (frames at bucket shape), then side
+  rows — one `reject` row per dropped span and one `source` row saying how many clips it cut
+- `CaptionStage`, `VAEStage`: actor classes over batches of stream rows; side rows pass
+  through, and a clip a stage cannot handle becomes a clip-level `reject` row
+
+Every stream row has the same columns (`STREAM_COLUMNS`; side rows carry placeholders) and
+a `kind`: clip | source | reject. Side rows carry their commit-record row as `record_json`.
+Accounting per source: clips cut = clips written + clips rejected after the cut.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,48 +24,136 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.buckets import SourceBucketing
+from pipeline.buckets import SourceBucketing, choose_source_bucket
 from pipeline.captions import keyframe_indices, make_captioner
 from pipeline.clip_model import load_clip
+from pipeline.config import to_dict
 from pipeline.cutting import Clip, cut_source
 from pipeline.discover import content_id, sniff_other
+from pipeline.faults import fault_point
 from pipeline.probe import ProbeError, probe
 from pipeline.settings import PipelineConfig
 from pipeline.shards import clip_id, split_of
 from pipeline.vae import load_vae
 
 Row = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+# Columns of every row leaving the cut step (the model stages add theirs).
+CUT_COLUMNS = (
+    "kind", "record_json", "clip_id", "source_id", "source_uri", "split", "bucket", "scene_index",
+    "window_index", "start_frame", "end_frame", "start_s", "end_s", "source_fps", "fps", "num_frames",
+    "height_px", "width_px", "sidecars", "source_meta", "frames",
+)
 
 
 def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def uri_id(uri: str) -> str:
+    """Id of a file that was never hashed (ignored / unreadable): from its URI, not its bytes."""
+    return "uri" + hashlib.sha256(uri.encode()).hexdigest()[:29]
+
+
 # ---------------------------------------------------------------------------
-# discover + probe
+# side rows: what a step decided about a source or a clip, bound for the commit record
+# ---------------------------------------------------------------------------
+
+
+def side_row(record: Row) -> Row:
+    """A stream row carrying one commit-record row (kind source or reject)."""
+    row: Row = {
+        "kind": record["kind"], "record_json": json.dumps(record, sort_keys=True), "clip_id": record.get("clip_id") or "",
+        "source_id": record.get("source_id", ""), "source_uri": record.get("source_uri", ""), "split": "",
+        "bucket": "", "scene_index": -1, "window_index": -1, "start_frame": -1, "end_frame": -1,
+        "start_s": 0.0, "end_s": 0.0, "source_fps": 0.0, "fps": 0.0, "num_frames": 0, "height_px": 0,
+        "width_px": 0, "sidecars": "[]", "source_meta": "{}", "frames": np.zeros((0, 0, 0, 3), np.uint8),
+    }
+    return row
+
+
+def source_record(row: Row, source_id: str, num_clips: int, num_rejects: int, duration_s: float) -> Row:
+    return {"kind": "source", "source_id": source_id, "source_uri": row["uri"], "size_bytes": int(row["size_bytes"]),
+            "mtime_ns": int(row.get("mtime_ns", -1)), "num_clips": num_clips, "num_rejects": num_rejects,
+            "duration_s": duration_s}
+
+
+def reject_record(source_id: str, source_uri: str, stage: str, reason: str, start_frame: int = -1,
+                  end_frame: int = -1, clip: str | None = None) -> Row:
+    return {"kind": "reject", "source_id": source_id, "source_uri": source_uri, "stage": stage, "reason": reason,
+            "start_frame": int(start_frame), "end_frame": int(end_frame), "clip_id": clip}
+
+
+def clip_indices(batch: Batch) -> list[int]:
+    return [i for i, k in enumerate(batch["kind"]) if k == "clip"]
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def _with_columns(batch: Batch, clips: list[int], new: dict[str, tuple[list[Any], Any]]) -> Batch:
+    """batch + columns whose values are given for the clip rows and a placeholder for side rows."""
+    out = dict(batch)
+    n = len(batch["kind"])
+    for name, (values, placeholder) in new.items():
+        col = [placeholder] * n
+        for j, i in enumerate(clips):
+            col[i] = values[j]
+        out[name] = _objects(col) if any(isinstance(v, (np.ndarray, bytes, str)) for v in col) else np.asarray(col)
+    return out
+
+
+def _to_reject(batch: Batch, i: int, stage: str, reason: str) -> None:
+    """Turn clip row i of `batch` into a clip-level reject row, in place."""
+    rec = reject_record(str(batch["source_id"][i]), str(batch["source_uri"][i]), stage, reason,
+                        int(batch["start_frame"][i]), int(batch["end_frame"][i]), str(batch["clip_id"][i]))
+    batch["kind"][i] = "reject"
+    batch["record_json"][i] = json.dumps(rec, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------
+# probe
 # ---------------------------------------------------------------------------
 
 
 def make_probe_fn(cfg: PipelineConfig) -> Callable[[Row], Row]:
-    """Row {uri, size_bytes, sniffed, sidecars} → + {source_id, info (JSON), reason}."""
+    """Listing row (+ source_id, dup_of from dedupe) → + {source_id, info (JSON), bucketing (JSON), stage, reason}."""
 
     def probe_row(row: Row) -> Row:
-        out = dict(row, source_id="", info="", reason="")
+        out = dict(row, source_id=str(row.get("source_id") or ""), info="", bucketing="", stage="", reason="")
+        if not row.get("candidate", True):
+            return dict(out, source_id=uri_id(row["uri"]), stage="discover", reason=row.get("reason") or "not a video")
+        if row.get("dup_of"):
+            return dict(out, stage="dedupe", reason=f"same content as {row['dup_of']}")
         try:
-            if row["size_bytes"] == 0:
+            if int(row["size_bytes"]) == 0:
+                out["source_id"] = uri_id(row["uri"])
                 raise ProbeError("empty file (0 bytes)")
-            out["source_id"] = content_id(row["uri"])
+            if not out["source_id"]:
+                out["source_id"] = content_id(row["uri"])
             with storage.local_copy(row["uri"]) as path:
                 info = probe(path, cfg.probe)
-            out["info"] = json.dumps(info.to_row())
         except ProbeError as e:
             reason = str(e)
             if "not a readable media container" in reason or "cannot open media" in reason:
-                head = storage.read_bytes(row["uri"], 64) if row["size_bytes"] else b""
-                reason = f"{reason}; content looks like: {sniff_other(head) if not row.get('sniffed') else row['sniffed'] + ' (damaged)'}"
-            out["reason"] = reason
+                head = storage.read_bytes(row["uri"], 64) if int(row["size_bytes"]) else b""
+                sniffed = row.get("sniffed")
+                reason = f"{reason}; content looks like: {sniff_other(head) if not sniffed else sniffed + ' (damaged)'}"
+            return dict(out, stage="probe", reason=reason)
         except OSError as e:
-            out["reason"] = f"cannot read file: {e}"
+            return dict(out, source_id=out["source_id"] or uri_id(row["uri"]), stage="probe",
+                        reason=f"cannot read file: {e}")
+        out["info"] = json.dumps(info.to_row())
+        sb = choose_source_bucket(info.width_px, info.height_px, cfg.buckets)
+        if sb is None:
+            return dict(out, stage="bucket", reason=(
+                f"{info.width_px}x{info.height_px} is smaller than every bucket resolution "
+                f"{sorted(cfg.buckets.resolutions_px)} at its nearest aspect"))
+        out["bucketing"] = json.dumps(to_dict(sb))
         return out
 
     return probe_row
@@ -72,16 +164,24 @@ def make_probe_fn(cfg: PipelineConfig) -> Callable[[Row], Row]:
 # ---------------------------------------------------------------------------
 
 
-def make_cut_fn(cfg: PipelineConfig, staging_uri: str) -> Callable[[Row], Iterator[Row]]:
-    """Source row → clip rows; writes `<staging>/sources/<source_id>.json` when the source is done."""
+def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()) -> Callable[[Row], Iterator[Row]]:
+    """Probed source → its clip rows, then its reject rows and one source row.
+
+    `skip_clip_ids`: clips an earlier, interrupted run already committed (of sources it did
+    not finish); cutting is deterministic, so they are recognised by id and not redone.
+    """
 
     def cut_row(row: Row) -> Iterator[Row]:
+        sid = row["source_id"]
+        if row["reason"]:  # rejected before cutting: the reject and an empty source summary
+            yield side_row(reject_record(sid, row["uri"], row["stage"], row["reason"]))
+            yield side_row(source_record(row, sid, 0, 1, 0.0))
+            return
         info = json.loads(row["info"])
         sb = SourceBucketing(**json.loads(row["bucketing"]))
-        sidecars = row.get("sidecars") or "[]"
-        split = split_of(row["source_id"], cfg.output.val_fraction)
+        split = split_of(sid, cfg.output.val_fraction)
         rejects: list[Row] = []
-        num_clips, t0 = 0, time.perf_counter()
+        num_clips = 0
         with storage.local_copy(row["uri"]) as path:
             pieces = cut_source(
                 path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
@@ -91,28 +191,29 @@ def make_cut_fn(cfg: PipelineConfig, staging_uri: str) -> Callable[[Row], Iterat
             )
             for piece in pieces:
                 if not isinstance(piece, Clip):
-                    rejects.append({"source_id": row["source_id"], "source_uri": row["uri"], "stage": piece.stage,
-                                    "reason": piece.reason, "start_frame": piece.start_frame,
-                                    "end_frame": piece.end_frame})
+                    rejects.append(reject_record(sid, row["uri"], piece.stage, piece.reason, piece.start_frame,
+                                                 piece.end_frame))
                     continue
                 num_clips += 1
                 t, h, w = piece.frames.shape[:3]
+                cid = clip_id(sid, piece.start_frame, t)
+                if cid in skip_clip_ids:
+                    continue
                 yield {
-                    "clip_id": clip_id(row["source_id"], piece.start_frame, t),
-                    "source_id": row["source_id"], "source_uri": row["uri"], "split": split,
-                    "bucket": piece.bucket_name, "scene_index": piece.scene_index,
+                    "kind": "clip", "record_json": "", "clip_id": cid, "source_id": sid, "source_uri": row["uri"],
+                    "split": split, "bucket": piece.bucket_name, "scene_index": piece.scene_index,
                     "window_index": piece.window_index, "start_frame": piece.start_frame,
                     "end_frame": piece.end_frame, "start_s": piece.start_s, "end_s": piece.end_s,
                     "source_fps": info["fps"], "fps": cfg.buckets.fps, "num_frames": t,
-                    "height_px": h, "width_px": w, "sidecars": sidecars, "frames": piece.frames,
+                    "height_px": h, "width_px": w, "sidecars": row.get("sidecars") or "[]",
+                    "source_meta": row.get("source_meta") or "{}", "frames": piece.frames,
                 }
+        fault_point("after_cut")
         if num_clips == 0 and not rejects:
-            rejects.append({"source_id": row["source_id"], "source_uri": row["uri"], "stage": "scene",
-                            "reason": "no clip could be cut from any scene", "start_frame": -1, "end_frame": -1})
-        summary = {"source_id": row["source_id"], "uri": row["uri"], "clips": num_clips, "rejects": rejects,
-                   "duration_s": info["duration_s"], "cut_wall_s": time.perf_counter() - t0}
-        storage.write_bytes_atomic(storage.join(staging_uri, "sources", f"{row['source_id']}.json"),
-                                   json.dumps(summary).encode())
+            rejects.append(reject_record(sid, row["uri"], "scene", "no clip could be cut from any scene"))
+        for rec in rejects:
+            yield side_row(rec)
+        yield side_row(source_record(row, sid, num_clips, len(rejects), float(info["duration_s"])))
 
     return cut_row
 
@@ -120,10 +221,6 @@ def make_cut_fn(cfg: PipelineConfig, staging_uri: str) -> Callable[[Row], Iterat
 # ---------------------------------------------------------------------------
 # model stages (actor pools)
 # ---------------------------------------------------------------------------
-
-
-def _rows_of(batch: dict[str, np.ndarray], name: str) -> list[Any]:
-    return list(batch[name])
 
 
 def _check_fingerprint(actual: dict, expected_sha: str, what: str) -> None:
@@ -135,7 +232,7 @@ def _check_fingerprint(actual: dict, expected_sha: str, what: str) -> None:
 
 
 class CaptionStage:
-    """Batch of clip rows → + caption, clip_score, image/text embeddings, text mask, keyframe JPEG."""
+    """Stream batch → + caption, clip_score, image/text embeddings, text mask, keyframe JPEG on clip rows."""
 
     def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "") -> None:
         self.cfg = cfg
@@ -143,37 +240,44 @@ class CaptionStage:
         _check_fingerprint(self.clip.fingerprint(), expected_sha256, "CLIP")
         self.captioner = make_captioner(cfg.caption, self.clip)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        clips = _rows_of(batch, "frames")
+    def __call__(self, batch: Batch) -> Batch:
+        idx = clip_indices(batch)
+        clips = [batch["frames"][i] for i in idx]
         k = self.cfg.caption.num_keyframes
         keyframes = [c[keyframe_indices(len(c), k)] for c in clips]
-        sidecars = [json.loads(s) if self.cfg.caption.use_sidecar else [] for s in _rows_of(batch, "sidecars")]
-        results = self.captioner.caption(keyframes, sidecars)
-        tokens, mask = self.clip.text_tokens([r.caption for r in results])  # (N, L, D), (N, L)
+        sidecars = [json.loads(batch["sidecars"][i]) if self.cfg.caption.use_sidecar else [] for i in idx]
+        results = self.captioner.caption(keyframes, sidecars) if idx else []
+        if idx:
+            tokens, mask = self.clip.text_tokens([r.caption for r in results])  # (N, L, D), (N, L)
+            tokens, mask = tokens.cpu().numpy().astype(np.float16), mask.cpu().numpy().astype(np.uint8)
         quality = [cv2.IMWRITE_JPEG_QUALITY, self.cfg.output.keyframe_jpeg_quality]
         jpegs = []
         for c in clips:
             ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(c[len(c) // 2][..., ::-1]), quality)
             jpegs.append(buf.tobytes() if ok else b"")
-        out = dict(batch)
-        out["caption"] = np.array([r.caption for r in results], dtype=object)
-        out["caption_source"] = np.array([r.source for r in results], dtype=object)
-        out["clip_score"] = np.array([r.score for r in results], dtype=np.float32)
-        out["image_embedding"] = np.stack([r.image_embedding for r in results]).astype(np.float16)
-        out["text_embedding"] = tokens.cpu().numpy().astype(np.float16)
-        out["text_mask"] = mask.cpu().numpy().astype(np.uint8)
-        out["keyframe_jpeg"] = np.array(jpegs, dtype=object)
-        return out
+        return _with_columns(batch, idx, {
+            "caption": ([r.caption for r in results], ""),
+            "caption_source": ([r.source for r in results], ""),
+            "clip_score": ([float(r.score) for r in results], 0.0),
+            "image_embedding": ([r.image_embedding.astype(np.float16) for r in results], np.zeros(0, np.float16)),
+            "text_embedding": ([tokens[j] for j in range(len(idx))] if idx else [], np.zeros((0, 0), np.float16)),
+            "text_mask": ([mask[j] for j in range(len(idx))] if idx else [], np.zeros(0, np.uint8)),
+            "keyframe_jpeg": (jpegs, b""),
+        })
 
 
 class VAEStage:
-    """Batch of clip rows → + latents (storage dtype); drops the pixel frames."""
+    """Stream batch → + latents (storage dtype) on clip rows; drops the pixel frames.
+
+    A clip the VAE cannot encode becomes a clip-level `vae` reject row naming the error; the
+    rest of the batch goes on.
+    """
 
     def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "") -> None:
         self.vae = load_vae(cfg.vae, _device(num_gpus))
         _check_fingerprint(self.vae.fingerprint(), expected_sha256, "VAE")
-        self.latent_dtype = {"float16": np.float16, "float32": np.float32}.get(cfg.vae.latent_dtype)
         self.cfg = cfg
+        self.latent_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[cfg.vae.latent_dtype]
 
     def _store(self, z: torch.Tensor) -> np.ndarray:
         if self.cfg.vae.latent_dtype == "bfloat16":
@@ -181,17 +285,28 @@ class VAEStage:
             return z.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
         return z.cpu().numpy().astype(self.latent_dtype)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        clips = _rows_of(batch, "frames")
-        latents: list[np.ndarray | None] = [None] * len(clips)
+    def _encode(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        z = self.vae.encode(np.stack(frames))  # (B, C, T', H', W')
+        return [self._store(z[j]) for j in range(len(frames))]
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch = {k: (v.copy() if k in ("kind", "record_json") else v) for k, v in batch.items()}
+        batch["kind"], batch["record_json"] = _objects(list(batch["kind"])), _objects(list(batch["record_json"]))
+        idx = clip_indices(batch)
+        latents: dict[int, np.ndarray] = {}
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, c in enumerate(clips):
-            by_shape.setdefault(tuple(c.shape), []).append(i)
-        for idx in by_shape.values():
-            z = self.vae.encode(np.stack([clips[i] for i in idx]))  # (B, C, T', H', W')
-            for j, i in enumerate(idx):
-                latents[i] = self._store(z[j])
+        for i in idx:
+            by_shape.setdefault(tuple(batch["frames"][i].shape), []).append(i)
+        for group in by_shape.values():
+            try:
+                latents.update(zip(group, self._encode([batch["frames"][i] for i in group])))
+            except Exception:  # noqa: BLE001 — find the clip(s) at fault, keep the rest
+                for i in group:
+                    try:
+                        latents[i] = self._encode([batch["frames"][i]])[0]
+                    except Exception as e:  # noqa: BLE001 — any failure of one clip is that clip's reject
+                        _to_reject(batch, i, "vae", f"VAE encode failed: {type(e).__name__}: {e}")
+        kept = clip_indices(batch)
+        placeholder = np.zeros((0, 0, 0, 0), self.latent_dtype)
         out = {k: v for k, v in batch.items() if k not in ("frames", "sidecars")}
-        shapes = {x.shape for x in latents}
-        out["latents"] = np.stack(latents) if len(shapes) == 1 else np.array(latents + [None], dtype=object)[:-1]
-        return out
+        return _with_columns(out, kept, {"latents": ([latents[i] for i in kept], placeholder)})

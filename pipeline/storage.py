@@ -87,14 +87,57 @@ def iter_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
             yield chunk
 
 
+TMP_MARK = ".tmp-"  # in the name of every half-written file (debris once its writer died)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write via temp file + rename so readers never see a partial file."""
+    """Write so readers never see a partial file.
+
+    Local and other filesystems: a temp file in the same folder, then a rename. Object stores
+    (S3, GCS): one direct PUT, which is atomic there — the object appears only when complete —
+    while a "rename" would be a server-side copy plus a delete.
+    """
     fs, path = resolve(uri)
+    if is_object_store(fs):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
     fs.create_dir(os.path.dirname(path), recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+def put_file_atomic(local_path: str, uri: str) -> None:
+    """Place a finished local file at `uri` atomically (rename / copy + rename / one upload)."""
+    fs, path = resolve(uri)
+    if is_object_store(fs):  # multipart upload: the object appears only when complete
+        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        shutil.copyfile(local_path, tmp)  # the local temp dir may be on another filesystem
+    else:
+        pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    fs.move(tmp, path)
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    return fs.type_name in ("s3", "gcs")
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_file(path)
+
+
+def file_size(uri: str) -> int | None:
+    """Size in bytes, or None when there is no such file."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
 
 
 def move(src_uri: str, dst_uri: str) -> None:

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import torch
 
 from pipeline import storage
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_index, read_manifest
 from pipeline.shards import SCHEMA_VERSION, ShardError
 from training.packing import PackedBatch, Patch, num_patches, pack, plan_packs
 
@@ -79,34 +79,31 @@ class ShardIndex:
 
     @classmethod
     def open(cls, data_uri: str, patch: Patch, split: str | None = "train") -> ShardIndex:
-        """Read the manifest and list its clips; `split=None` keeps every clip.
+        """Read the manifest and list its clips from the clip index; `split=None` keeps every clip.
 
-        Only the `clip_id` and `split` columns are touched here: the shards are memory-mapped,
-        so their latents and text embeddings are not read until a clip is loaded.
+        No shard is opened here: the index (Parquet, a few columns read) says where each clip
+        lives. Shards are memory-mapped when a clip is first loaded.
         """
         manifest = read_manifest(data_uri)
         index = cls(data_uri, manifest, [], [], patch)
-        clips = []
+        tokens = {}
         for bucket, spec in manifest["buckets"].items():
             try:
-                tokens = math.prod(num_patches(tuple(spec["latent_shape"]), index.patch))
+                tokens[bucket] = math.prod(num_patches(tuple(spec["latent_shape"]), index.patch))
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
-            for f in spec["files"]:
-                file = len(index.files)
-                index.files.append(f["path"])
-                table = index.table(file)
-                if table.num_rows != f["rows"]:
-                    raise ShardError(f"{f['path']}: {table.num_rows} rows, manifest says {f['rows']}")
-                ids = table.column("clip_id").to_pylist()
-                splits = table.column("split").to_pylist()
-                clips += [ClipRef(c, bucket, file, row, tokens)
-                          for row, (c, s) in enumerate(zip(ids, splits)) if split is None or s == split]
-        clips.sort(key=lambda c: c.clip_id)
-        dupes = [a.clip_id for a, b in zip(clips, clips[1:]) if a.clip_id == b.clip_id]
+        table = read_index(data_uri, manifest, ["clip_id", "bucket", "shard", "row"], split=split)
+        table = table.sort_by([("clip_id", "ascending")])
+        ids, buckets = table["clip_id"].to_pylist(), table["bucket"].to_pylist()
+        shards, rows = table["shard"].to_pylist(), table["row"].to_pylist()
+        file_of: dict[str, int] = {}
+        for path in sorted(set(shards)):
+            file_of[path] = len(index.files)
+            index.files.append(path)
+        index.clips = [ClipRef(c, b, file_of[f], r, tokens[b]) for c, b, f, r in zip(ids, buckets, shards, rows)]
+        dupes = [a for a, b in zip(ids, ids[1:]) if a == b]
         if dupes:
             raise ShardError(f"{len(dupes)} clip id(s) appear twice in {data_uri}, e.g. {dupes[0]}")
-        index.clips = clips
         return index
 
     @property

@@ -35,9 +35,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.manifest import build_manifest  # noqa: E402
-from pipeline.shards import clips_table, rejects_table, write_shard  # noqa: E402
 from tests.bench.packing import TEXT_DIM, TEXT_TOKENS, draw_mix  # noqa: E402
+from tests.datasets import write_dataset  # noqa: E402
 from tests.pipeline.test_shards import make_columns  # noqa: E402
 from training.data import Loader, ShardIndex  # noqa: E402
 from training.flops import PEAK_BF16_FLOPS, train_step_flops  # noqa: E402
@@ -53,7 +52,7 @@ def write_mix(out: Path, num_clips: int, budget: int, seed: int) -> dict:
     by_shape: dict[tuple[int, ...], int] = {}
     for s in shapes:
         by_shape[s] = by_shape.get(s, 0) + 1
-    files = []
+    parts = []
     for k, (shape, n) in enumerate(sorted(by_shape.items())):
         bucket = f"b{k:03d}_{'x'.join(map(str, shape))}"
         cols = make_columns(n, bucket=bucket, seed=seed + k)
@@ -63,16 +62,9 @@ def write_mix(out: Path, num_clips: int, budget: int, seed: int) -> dict:
         cols["image_embedding"] = rng.standard_normal((n, TEXT_DIM)).astype(np.float16)
         cols["split"] = ["train"] * n
         cols["clip_id"] = [f"{bucket}-{i:05d}" for i in range(n)]
-        rel = f"shards/{bucket}/part-00000.arrow"
-        info = write_shard(clips_table(bucket, cols), str(out / rel))
-        files.append({"path": rel, "bucket": bucket, "rows": n, "bytes": info["bytes"], "sha256": info["sha256"],
-                      "shapes": {"latents": list(shape), "text_embedding": [TEXT_TOKENS, TEXT_DIM],
-                                 "image_embedding": [TEXT_DIM]}})
+        parts.append(cols)
     fingerprint = {"code_version": "bench", "config_sha256": "0" * 64, "models": {}}
-    journal = [{"batch": 0, "files": files, "rejects": "", "sources": []}]
-    manifest = build_manifest(journal, rejects_table([]), fingerprint, {}, num_inputs=0, ignored_files=[])
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
+    return write_dataset(out, parts, fingerprint)
 
 
 def loader_rate(data: Path, budget: int, workers: int, steps: int, seed: int) -> dict:
@@ -174,7 +166,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = write_mix(data, args.num_clips, args.budget, args.seed)
         result["dataset"] = {"clips": manifest["totals"]["clips"], "buckets": len(manifest["buckets"]),
-                             "bytes": sum(f["bytes"] for b in manifest["buckets"].values() for f in b["files"]),
+                             "bytes": sum(b["bytes"] for b in manifest["buckets"].values()),
                              "write_s": round(time.perf_counter() - start, 2)}
         result["loader_per_worker"] = loader_rate(data, args.budget, args.workers, args.steps, args.seed)
         result["model"] = model_rate(data, args.model, args.budget, args.model_steps, args.seed)

@@ -149,3 +149,18 @@ def test_schema_errors_are_reported() -> None:
     errors = schema_errors(cfg)
     assert any("max_wrokers" in e for e in errors) and any("cpu_node" in e for e in errors), errors
     assert schema_errors(_aws()) == []
+
+
+def test_checker_names_unusable_files_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.check import main
+
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "broken.yaml").write_text("cluster_name: [unclosed\n")
+    paths = [str(tmp_path / n) for n in ("missing.yaml", "empty.yaml", "list.yaml", "broken.yaml")]
+    assert main(paths) == 1
+    out = capsys.readouterr().out
+    assert "missing.yaml: 1 problem(s)\n  - file not found" in out
+    assert "the file is empty: a cluster config is a YAML mapping" in out
+    assert "the file is a list, not a mapping" in out
+    assert "cannot read as YAML" in out and "Traceback" not in out

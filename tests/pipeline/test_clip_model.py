@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,11 @@ def test_missing_weights_and_hub_tags_refused(tmp_path: Path) -> None:
         load_clip(ClipConfig(arch="ViT-B-32", weights="openai"))
     with pytest.raises(ValueError, match="not an open_clip model"):
         load_clip(ClipConfig(arch="ViT-Nope"))
+
+
+def test_importing_leaves_no_temp_folder_and_the_tiny_arch_stays_registered(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    code = ("import open_clip, pipeline.clip_model as m; open_clip.add_model_config(m.Path('/nonexistent'));"
+            "assert m.TINY_ARCH in open_clip.list_models()")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""pipeline/discover.py and pipeline/probe.py on real sample clips and the generated corpora."""
+"""pipeline/discover.py, pipeline/listing.py and pipeline/probe.py on real sample clips and generated corpora."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pipeline.discover import (
     SNIFF_BYTES,
     InputConfig,
     content_id,
-    discover,
     sniff_container,
     sniff_other,
 )
+from pipeline.listing import InputError, check_input, list_folder
 from pipeline.probe import ProbeConfig, ProbeError, VideoInfo, check_bounds, probe
 from tests import media
 
@@ -83,25 +83,36 @@ def input_dir(tmp_path: Path, odd_videos: dict[str, Path], bad_videos: dict[str,
     return root
 
 
+def discover(cfg: InputConfig, uri: str, exclude: str = "") -> tuple[list[dict], list[str]]:
+    """What the job's listing stage yields for a folder: every task's rows, split by candidacy."""
+    if not Path(uri).exists():
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    rows = list_folder(cfg, uri, exclude)
+    cands = [dict(r, sidecar_captions=json.loads(r["sidecars"]), sniffed=r["sniffed"] or None)
+             for r in rows if r["candidate"]]
+    return cands, [r["uri"] for r in rows if not r["candidate"]]
+
+
 def _rel(root: Path, uris: list[str]) -> set[str]:
     return {Path(u).relative_to(root.resolve()).as_posix() for u in uris}
 
 
 def test_discover_finds_candidates_by_extension_and_content(input_dir: Path) -> None:
     cands, ignored = discover(InputConfig(), str(input_dir))
-    by_name = {Path(c.uri).name: c for c in cands}
+    by_name = {Path(c["uri"]).name: c for c in cands}
     assert set(by_name) == {"alpha.mp4", "beta.webm", "gamma.avi", "mystery.dat", "notes.mp4", "picture.mov"}
-    assert by_name["mystery.dat"].sniffed == "mp4/mov"  # found by content
-    assert by_name["beta.webm"].sniffed == "matroska/webm"
+    assert by_name["mystery.dat"]["sniffed"] == "mp4/mov"  # found by content
+    assert by_name["beta.webm"]["sniffed"] == "matroska/webm"
     # Extension-only candidates: they look like nothing; probe will say why.
-    assert by_name["notes.mp4"].sniffed is None and by_name["picture.mov"].sniffed is None
-    assert by_name["alpha.mp4"].size_bytes == (input_dir / "alpha.mp4").stat().st_size
+    assert by_name["notes.mp4"]["sniffed"] is None and by_name["picture.mov"]["sniffed"] is None
+    assert by_name["alpha.mp4"]["size_bytes"] == (input_dir / "alpha.mp4").stat().st_size
+    assert by_name["alpha.mp4"]["mtime_ns"] == (input_dir / "alpha.mp4").stat().st_mtime_ns
     assert _rel(input_dir, ignored) == {"README.md", "orphan.json", "sub/alpha.txt"}
 
 
 def test_sidecars_attach_to_their_video_only(input_dir: Path) -> None:
     cands, ignored = discover(InputConfig(), str(input_dir))
-    caps = {Path(c.uri).name: c.sidecar_captions for c in cands}
+    caps = {Path(c["uri"]).name: c["sidecar_captions"] for c in cands}
     assert caps["alpha.mp4"] == ["a red car", "a blue sky"]
     assert caps["beta.webm"] == ["first", "second"]
     assert caps["gamma.avi"] == ["only one"]
@@ -111,16 +122,33 @@ def test_sidecars_attach_to_their_video_only(input_dir: Path) -> None:
 
 def test_sidecars_off_and_sniffing_off(input_dir: Path) -> None:
     cands, ignored = discover(InputConfig(use_sidecars=False), str(input_dir))
-    assert all(c.sidecar_captions == [] for c in cands)
+    assert all(c["sidecar_captions"] == [] for c in cands)
     assert {"alpha.txt", "beta.json", "sub/gamma.json"} <= _rel(input_dir, ignored)
     cands, ignored = discover(InputConfig(sniff_content=False), str(input_dir))
-    assert "mystery.dat" not in {Path(c.uri).name for c in cands}
+    assert "mystery.dat" not in {Path(c["uri"]).name for c in cands}
     assert "mystery.dat" in _rel(input_dir, ignored)
 
 
-def test_discover_missing_input_is_clear(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        discover(InputConfig(), str(tmp_path / "nowhere"))
+def test_missing_input_and_bad_listing_files_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        check_input(str(tmp_path / "nowhere"))
+    (tmp_path / "l.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(InputError, match="each line must be a JSON object"):
+        check_input(str(tmp_path / "l.jsonl"))
+    (tmp_path / "l.csv").write_text("path,caption\n")
+    with pytest.raises(InputError, match="no 'uri' column \\(columns: \\['path', 'caption'\\]\\)"):
+        check_input(str(tmp_path / "l.csv"))
+    (tmp_path / "ok.csv").write_text("uri,caption\n")
+    assert check_input(str(tmp_path / "ok.csv")) == "csv" and check_input(str(tmp_path)) == "folder"
+
+
+def test_the_output_inside_the_input_is_not_listed(input_dir: Path) -> None:
+    out = input_dir / "sub" / "data"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "x.mp4").write_bytes(b"not listed")
+    cands, ignored = discover(InputConfig(), str(input_dir), exclude=str(out.resolve()))
+    assert not [u for u in [c["uri"] for c in cands] + ignored if "/data/" in u]
+    assert "gamma.avi" in {Path(c["uri"]).name for c in cands}  # the rest of sub/ still is
 
 
 def test_content_id_follows_bytes_not_names(tmp_path: Path, odd_videos: dict[str, Path]) -> None:

@@ -1,275 +1,114 @@
-"""pipeline/manifest.py: staged batches committed into shards/, the journal, debris, the manifest."""
+"""pipeline/state.py + pipeline/manifest.py: shard checks, per-source status, totals, the manifest."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import (
-    JOURNAL,
-    CommitError,
-    all_rejects,
-    build_manifest,
-    commit_batch,
-    load_journal,
-    remove_debris,
-)
-from pipeline.shards import read_shard, tensor
-from pipeline.sink import write_bucket_files
-from tests.pipeline.test_shards import make_columns
-
-A, B = "96p_16x9_9f", "128p_1x1_17f"
-FINGERPRINT = {"code_version": "git:test", "config_sha256": "c" * 64,
-               "models": {"vae": {"weights": "random-init"}, "clip": {"weights": "sha:1"}}}
+from pipeline.manifest import ManifestError, build_manifest, read_index, read_manifest, read_rejects, records_digest
+from pipeline.records import record_table
+from pipeline.shards import SCHEMA_VERSION
+from pipeline.state import add_totals, check_shards, status_block, totals_block
 
 
-def _source(sid: str) -> dict[str, Any]:
-    return {"source_id": sid, "uri": f"/in/{sid}.mp4"}
+def clip(uri: str, cid: str, bucket: str = "b1", nbytes: int = 10) -> dict:
+    return {"kind": "clip", "source_uri": uri, "source_id": "s" + uri, "clip_id": cid, "bucket": bucket,
+            "clip_bytes": nbytes}
 
 
-def stage_batch(
-    staging: Path, clips: dict[str, list[str]], *, seed: int = 0, tag: str = "task00000-aaaa",
-    rejects: dict[str, list[dict]] | None = None, summaries: bool = True, clips_in_summary: dict | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Write staged shards for {bucket: [source_id per clip]} plus per-source summaries like make_cut_fn.
-
-    Returns (sources, written) as pipeline/run.py hands them to commit_batch.
-    """
-    groups = {}
-    for k, (bucket, sids) in enumerate(sorted(clips.items())):
-        cols = make_columns(len(sids), bucket=bucket, seed=seed + k)
-        cols["source_id"] = list(sids)
-        cols["clip_id"] = [f"{s}-{i:07d}-9f" for i, s in enumerate(sids)]
-        groups[bucket] = cols
-    written = write_bucket_files(groups, str(staging), tag)
-    sids = sorted({s for v in clips.values() for s in v} | set(rejects or {}))
-    if summaries:
-        for sid in sids:
-            n = sum(s == sid for v in clips.values() for s in v)
-            summary = {"source_id": sid, "uri": f"/in/{sid}.mp4", "clips": (clips_in_summary or {}).get(sid, n),
-                       "rejects": (rejects or {}).get(sid, []), "duration_s": 2.5, "cut_wall_s": 0.1}
-            (staging / "sources").mkdir(parents=True, exist_ok=True)
-            (staging / "sources" / f"{sid}.json").write_text(json.dumps(summary))
-    return [_source(s) for s in sids], written
+def source(uri: str, n: int, seconds: float = 2.0) -> dict:
+    return {"kind": "source", "source_uri": uri, "source_id": "s" + uri, "num_clips": n, "size_bytes": 100,
+            "mtime_ns": 7, "duration_s": seconds, "num_rejects": 0}
 
 
-def _reject(sid: str, reason: str, stage: str = "scene") -> dict[str, Any]:
-    return {"source_id": sid, "source_uri": f"/in/{sid}.mp4", "stage": stage, "reason": reason,
-            "start_frame": 10, "end_frame": 20}
+def reject(uri: str, stage: str, reason: str, cid: str | None = None) -> dict:
+    return {"kind": "reject", "source_uri": uri, "source_id": "s" + uri, "stage": stage, "reason": reason,
+            "start_frame": -1, "end_frame": -1, "clip_id": cid}
 
 
-def commit_two_batches(out: Path) -> list[dict[str, Any]]:
-    """Batch 0: sources s1, s2 into buckets A and B; batch 1: s3 into A. Returns the journal."""
-    staging = out / "_staging" / "batch-00000"
-    sources, written = stage_batch(staging, {A: ["s1", "s1", "s2"], B: ["s2"]},
-                                   rejects={"s1": [_reject("s1", "scene too short")]})
-    commit_batch(str(out), str(staging), 0, sources, written, [], "git:test")
-    staging = out / "_staging" / "batch-00001"
-    sources, written = stage_batch(staging, {A: ["s3", "s3"]}, seed=10, tag="task00001-bbbb",
-                                   rejects={"s4": [_reject("s4", "no clip could be cut")]})
-    commit_batch(str(out), str(staging), 1, sources, written, load_journal(str(out)), "git:test")
-    return load_journal(str(out))
-
-
-# ---------------------------------------------------------------------------
-# commit_batch
-# ---------------------------------------------------------------------------
-
-
-def test_commit_moves_shards_and_writes_journal(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    staging = out / "_staging" / "batch-00000"
-    sources, written = stage_batch(staging, {A: ["s1", "s1", "s2"], B: ["s2"]},
-                                   rejects={"s1": [_reject("s1", "scene too short")]})
-    staged_a = next(w for w in written if w["bucket"] == A)
-    entry = commit_batch(str(out), str(staging), 0, sources, written, [], "git:test")
-
-    assert sorted(p.relative_to(out).as_posix() for p in (out / "shards").rglob("*")
-                  if p.is_file()) == [f"shards/{B}/part-00000.arrow", f"shards/{A}/part-00000.arrow"]
-    assert not staging.exists()  # staging cleaned up
-    table = read_shard(str(out / "shards" / A / "part-00000.arrow"))
-    assert table.column("clip_id").to_pylist() == staged_a["clip_ids"]
-    assert tensor(table, "latents").shape == (3, 4, 5, 8, 14)
-
-    assert entry["batch"] == 0 and entry["code_version"] == "git:test"
-    by_path = {f["path"]: f for f in entry["files"]}
-    fa = by_path[f"shards/{A}/part-00000.arrow"]
-    assert (fa["bucket"], fa["rows"], fa["sha256"]) == (A, 3, staged_a["sha256"])
-    assert fa["bytes"] == (out / fa["path"]).stat().st_size
-    assert fa["shapes"]["latents"] == [4, 5, 8, 14] and fa["shapes"]["text_embedding"] == [77, 64]
-    assert [(s["source_id"], s["clips"], s["rejects"]) for s in entry["sources"]] == [("s1", 2, 1), ("s2", 2, 0)]
-
-    assert entry["rejects"] == "rejects/part-00000.parquet"
-    rej = pq.read_table(out / entry["rejects"]).to_pylist()
-    assert rej == [_reject("s1", "scene too short")]
-
-    lines = (out / JOURNAL).read_text().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0]) == entry
-    assert load_journal(str(out)) == [entry]
-
-
-def test_second_batch_continues_numbering(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    journal = commit_two_batches(out)
-    assert len(journal) == 2
-    assert [f["path"] for f in journal[1]["files"]] == [f"shards/{A}/part-00001.arrow"]
-    assert (out / "shards" / A / "part-00000.arrow").is_file()  # batch 0's file untouched
-    assert read_shard(str(out / "shards" / A / "part-00001.arrow")).column("source_id").to_pylist() == ["s3", "s3"]
-    assert journal[1]["rejects"] == "rejects/part-00001.parquet"
-    # A source with only rejects is still recorded as processed.
-    assert {s["source_id"]: s["clips"] for s in journal[1]["sources"]} == {"s3": 2, "s4": 0}
-
-
-def test_two_files_of_one_bucket_in_one_batch_get_consecutive_parts(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    staging = out / "_staging" / "b0"
-    sources1, w1 = stage_batch(staging, {A: ["s1"]}, tag="task00000-x")
-    sources2, w2 = stage_batch(staging, {A: ["s2", "s2"]}, seed=5, tag="task00001-y")
-    entry = commit_batch(str(out), str(staging), 0, sources1 + sources2, w1 + w2, [], "v")
-    assert [(f["path"], f["rows"]) for f in entry["files"]] == [
-        (f"shards/{A}/part-00000.arrow", 1), (f"shards/{A}/part-00001.arrow", 2)]
-
-
-def test_commit_error_when_a_summary_is_missing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    staging = out / "_staging" / "b0"
-    sources, written = stage_batch(staging, {A: ["s1"]}, summaries=False)
-    with pytest.raises(CommitError, match=r"/in/s1\.mp4 \(s1\) never finished cutting"):
-        commit_batch(str(out), str(staging), 0, sources, written, [], "v")
-    assert not (out / "shards").exists() and not (out / JOURNAL).exists()
-
-
-def test_commit_error_when_a_clip_id_is_written_twice(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    staging = out / "_staging" / "b0"
-    sources, w1 = stage_batch(staging, {A: ["s1"]}, tag="task00000-x")
-    _, w2 = stage_batch(staging, {A: ["s1"]}, tag="task00001-retry")  # a retried task wrote it again
-    with pytest.raises(CommitError, match=r"1 clip id\(s\) written twice, e\.g\. s1-0000000-9f"):
-        commit_batch(str(out), str(staging), 0, sources, w1 + w2, [], "v")
-    assert not (out / "shards").exists() and not (out / JOURNAL).exists()
-
-
-def test_commit_error_when_written_count_differs_from_summary(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    staging = out / "_staging" / "b0"
-    sources, written = stage_batch(staging, {A: ["s1", "s1"], B: ["s2"]}, clips_in_summary={"s1": 3})
-    with pytest.raises(CommitError, match=r"/in/s1\.mp4: 3 clips cut but 2 written"):
-        commit_batch(str(out), str(staging), 0, sources, written, [], "v")
-    assert not (out / "shards").exists()
-    # Nothing was moved: the staged files are all still there for the retry to overwrite.
-    assert all(Path(w["uri"]).is_file() for w in written)
-
-
-# ---------------------------------------------------------------------------
-# remove_debris
-# ---------------------------------------------------------------------------
-
-
-def _add_debris(out: Path) -> list[Path]:
-    debris = [out / "shards" / A / "part-00002.arrow", out / "shards" / "999p_1x1_1f" / "part-00000.arrow",
-              out / "shards" / A / "part-00000.arrow.tmp-1234abcd", out / "rejects" / "part-00007.parquet"]
-    for p in debris:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"half-written")
-    (out / "_staging" / "batch-00009" / "sources").mkdir(parents=True)
-    (out / "_staging" / "batch-00009" / "sources" / "x.json").write_text("{}")
-    return debris
-
-
-@pytest.mark.parametrize("spelling", ["relative", "relative/", "absolute"])
-def test_remove_debris_keeps_journal_files_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                spelling: str) -> None:
-    out = tmp_path / "out"
-    journal = commit_two_batches(out)
-    kept = sorted(p for p in out.rglob("*") if p.is_file() and "_state" not in p.parts)
-    debris = _add_debris(out)
-    monkeypatch.chdir(tmp_path)
-    out_uri = {"relative": "out", "relative/": "out/", "absolute": str(out)}[spelling]
-
-    removed = remove_debris(out_uri, journal)
-
-    assert sorted(Path(os.path.abspath(r)) for r in removed) == sorted(debris)
-    assert all(not p.exists() for p in debris)
-    assert all(p.is_file() for p in kept) and len(kept) == 5  # 3 shards + 2 reject parts
-    assert not (out / "_staging").exists()
-    assert (out / JOURNAL).is_file()
-    assert remove_debris(out_uri, journal) == []  # idempotent
-
-
-def test_remove_debris_with_empty_journal_clears_everything(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    commit_two_batches(out)
-    remove_debris(str(out), [])
-    assert not [p for p in (out / "shards").rglob("*") if p.is_file()]
-    assert not [p for p in (out / "rejects").rglob("*") if p.is_file()]
-
-
-# ---------------------------------------------------------------------------
-# build_manifest
-# ---------------------------------------------------------------------------
-
-
-def _manifest(out: Path, journal: list[dict[str, Any]]) -> dict[str, Any]:
-    driver_rejects = [_reject("s9", "not a readable media container", stage="probe")]
-    rejects = all_rejects(str(out), journal, driver_rejects)
-    specs = {A: {"height_px": 96, "width_px": 176}, B: {"height_px": 128, "width_px": 128}}
-    return build_manifest(journal, rejects, FINGERPRINT, specs, num_inputs=6, ignored_files=["/in/readme.md"])
-
-
-def test_build_manifest_totals(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    m = _manifest(out, commit_two_batches(out))
-    assert m["kind"] == "ditharos-shards" and m["schema_version"] == 1
-    assert m["random_init"] is True
-    assert m["totals"] == {
-        "inputs": 6, "sources_processed": 4, "sources_with_clips": 3, "clips": 6, "source_seconds": 10.0,
-        "reject_rows": 3, "rejects_by_stage": {"probe": 1, "scene": 2}, "ignored_files": 1,
+def test_check_shards_finds_debris_missing_and_damaged() -> None:
+    records = {
+        "r1": {"path": "shards/b/part-1.arrow", "bytes": 100, "sha256": "aa"},
+        "r2": {"path": "shards/b/part-2.arrow", "bytes": 50, "sha256": "bb"},
+        "r3": {"path": "shards/b/part-3.arrow", "bytes": 70, "sha256": "cc"},
+        "r4": {},  # side rows only
     }
-    assert list(m["buckets"]) == sorted([A, B])
-    ba = m["buckets"][A]
-    assert (ba["rows"], ba["height_px"], ba["latent_shape"], ba["text_shape"], ba["image_embedding_dim"]) == (
-        5, 96, [4, 5, 8, 14], [77, 64], 64)
-    assert [f["path"] for f in ba["files"]] == [f"shards/{A}/part-00000.arrow", f"shards/{A}/part-00001.arrow"]
-    assert m["fingerprint"]["config_sha256"] == "c" * 64
-    # all_rejects: committed parts plus driver rejects, sorted by source uri.
-    assert [r["source_id"] for r in all_rejects(str(out), load_journal(str(out)), [_reject("s9", "x")]).to_pylist()] \
-        == ["s1", "s4", "s9"]
+    sizes = {"shards/b/part-1.arrow": 100, "shards/b/part-2.arrow": 49, "shards/b/part-9.arrow": 5}
+    check = check_shards(records, sizes)
+    assert check.debris == ["shards/b/part-9.arrow"]
+    assert set(check.damaged) == {"r2", "r3"}
+    assert "49 bytes, committed with 50" in check.damaged["r2"] and "missing" in check.damaged["r3"]
+    assert check.ok_shards == 1 and check.ok_bytes == 100
+    deep = check_shards(records, {"shards/b/part-1.arrow": 100}, checksums={"shards/b/part-1.arrow": "ab"})
+    assert "content differs" in deep.damaged["r1"]  # same size, other bytes: only --verify sees it
 
 
-def test_manifest_and_data_sha_are_deterministic_and_track_content(tmp_path: Path) -> None:
-    m1 = _manifest(tmp_path / "run1", commit_two_batches(tmp_path / "run1"))
-    m2 = _manifest(tmp_path / "run2", commit_two_batches(tmp_path / "run2"))
-    # Two runs over the same inputs: byte-identical shards and manifest.
-    assert json.dumps(m1, sort_keys=True) == json.dumps(m2, sort_keys=True)
-    assert len(m1["fingerprint"]["data_sha256"]) == 64
+def test_status_counts_clips_and_clip_level_rejects_and_lists_committed_ids() -> None:
+    table = record_table([
+        source("a", 2), clip("a", "a1"), clip("a", "a2"),  # complete
+        source("b", 3), clip("b", "b1"), reject("b", "vae", "nan", "b2"),  # 2 of 3 accounted
+        clip("c", "c1"),  # clips but no source row yet
+        source("d", 0), reject("d", "probe", "not a video"),  # complete with no clips
+        source("a", 2),  # a redone source's summary again: counted once
+    ], "r")
+    status = {r["source_uri"]: r for r in status_block(table).to_pylist()}
+    assert status["a"]["complete"] and status["a"]["committed_ids"] == []
+    assert not status["b"]["complete"] and status["b"]["committed_ids"] == ["b1", "b2"]
+    assert status["c"]["num_clips"] == -1 and not status["c"]["complete"] and status["c"]["committed_ids"] == ["c1"]
+    assert status["d"]["complete"] and status["d"]["num_clips"] == 0
 
-    # Same layout, one latent value different in one clip: the data hash changes.
-    out3 = tmp_path / "run3"
-    staging = out3 / "_staging" / "b0"
-    sources, written = stage_batch(staging, {A: ["s1", "s1", "s2"], B: ["s2"]},
-                                   rejects={"s1": [_reject("s1", "scene too short")]})
-    w = next(w for w in written if w["bucket"] == A)
-    table = read_shard(w["uri"])
-    assert table.num_rows == 3
-    cols = {name: table.column(name).to_pylist() for name in table.column_names
-            if name not in ("latents", "text_embedding", "text_mask", "image_embedding")}
-    for name in ("latents", "text_embedding", "text_mask", "image_embedding"):
-        cols[name] = tensor(table, name).copy()
-    # Rebuilt unchanged, the file is byte-identical, so only the edit below can move the hash.
-    assert write_bucket_files({A: cols}, str(tmp_path / "scratch"), "t")[0]["sha256"] == w["sha256"]
-    cols["latents"][1, 0, 0, 0, 0] += np.float16(1.0)
-    w.update(write_bucket_files({A: cols}, str(staging), "task00000-aaaa")[0])
-    commit_batch(str(out3), str(staging), 0, sources, written, [], "git:test")
-    staging = out3 / "_staging" / "b1"
-    sources, written = stage_batch(staging, {A: ["s3", "s3"]}, seed=10, tag="task00001-bbbb",
-                                   rejects={"s4": [_reject("s4", "no clip could be cut")]})
-    commit_batch(str(out3), str(staging), 1, sources, written, load_journal(str(out3)), "git:test")
-    m3 = _manifest(out3, load_journal(str(out3)))
-    assert m3["totals"] == m1["totals"]
-    assert m3["fingerprint"]["data_sha256"] != m1["fingerprint"]["data_sha256"]
+
+def test_totals_count_repeated_side_rows_once_and_add_up() -> None:
+    part1 = record_table([source("a", 2, 3.0), clip("a", "a1", "x", 5), clip("a", "a2", "y", 7),
+                          reject("a", "scene", "too short"), reject("a", "scene", "too short"), source("a", 2, 3.0)],
+                         "r1")
+    part2 = record_table([source("z", 0, 1.0), reject("z", "discover", "not a video: text file")], "r2")
+    t1, t2 = totals_block(part1), totals_block(part2)
+    assert t1["sources"] == 1 and t1["reject_rows"] == 1 and t1["source_seconds"] == 3.0
+    total = add_totals(t1, t2)
+    assert total["clips"] == 2 and total["clips_by_bucket"] == {"x": 1, "y": 1}
+    assert total["bytes_by_bucket"] == {"x": 5, "y": 7}
+    assert total["sources"] == 2 and total["sources_with_clips"] == 1
+    assert total["rejects_by_stage"] == {"scene": 1, "discover": 1}
+
+
+def _manifest(digest: str = "ab" * 32) -> dict:
+    totals = {"clips": 3, "clips_by_bucket": {"b1": 3}, "bytes_by_bucket": {"b1": 30}, "sources": 3,
+              "sources_with_clips": 2, "source_seconds": 4.0, "reject_rows": 1, "rejects_by_stage": {"discover": 1}}
+    return build_manifest(digest=digest, totals=totals, fingerprint={"models": {"clip": {"weights": "random-init"}}},
+                          bucket_specs={"b1": {"num_frames": 9}},
+                          bucket_shapes={"b1": {"latents": [4, 9, 8, 8], "text_embedding": [77, 64],
+                                                "image_embedding": [64]}},
+                          shard_files={"b1": 2})
+
+
+def test_manifest_is_small_deterministic_and_counts_files() -> None:
+    m = _manifest()
+    assert m == _manifest() and json.dumps(m) == json.dumps(_manifest())
+    assert m["schema_version"] == SCHEMA_VERSION and m["random_init"] is True
+    assert m["totals"]["inputs"] == 2 and m["totals"]["ignored_files"] == 1  # the discover reject is not an input
+    assert m["totals"]["files_per_1000_clips"] == pytest.approx(666.67)
+    assert m["buckets"]["b1"] == {"num_frames": 9, "rows": 3, "files": 2, "bytes": 30, "latent_shape": [4, 9, 8, 8],
+                                  "text_shape": [77, 64], "image_embedding_dim": 64}
+    assert m["files"]["index"] == "index/" + "ab" * 8
+    assert "files" not in m["buckets"]["b1"] or isinstance(m["buckets"]["b1"]["files"], int)  # no file lists
+    assert records_digest([("a", 1), ("b", 2)]) == records_digest([("b", 2), ("a", 1)]) != records_digest([("a", 1)])
+
+
+def test_old_manifest_versions_get_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(ManifestError, match="schema_version 1, this code reads 2; version 1 outputs"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run the pipeline first"):
+        read_manifest(str(tmp_path / "none"))
+
+
+def test_index_and_rejects_of_an_empty_output_read_as_empty_tables(tmp_path: Path) -> None:
+    m = _manifest()
+    assert read_index(str(tmp_path), m, ["clip_id", "shard"]).num_rows == 0
+    assert read_rejects(str(tmp_path), m).num_rows == 0
+    (tmp_path / m["files"]["rejects"]).mkdir(parents=True)  # a run with no rejects writes an empty folder
+    assert read_rejects(str(tmp_path), m).column_names[:2] == ["source_id", "source_uri"]
+    assert read_index(str(tmp_path), m, split="val").num_rows == 0

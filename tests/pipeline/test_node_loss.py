@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cluster.local import LocalCluster
@@ -37,8 +39,10 @@ def _launch(src: Path, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "pipeline/run.py", "--input", str(src), "--output", str(out),
          "--set", "compute.model_actor_cpus=0.25",
-         # Each source finishes in seconds; a batch silent for 60 s is stuck, not slow.
-         "--set", "compute.stall_timeout_s=60", "--set", "compute.commit_retries=3"],
+         # Tiny shards: commits (records) appear while the run goes on, so the test can see progress.
+         "--set", "output.shard_target_mb=0.02",
+         # Each source finishes in seconds; a run silent for 60 s is stuck, not slow.
+         "--set", "compute.stall_timeout_s=60"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -60,8 +64,8 @@ def test_worker_node_killed_mid_run(tmp_path: Path, odd_videos: dict[str, Path])
         out = tmp_path / "killed"
         job = _launch(src, out, env)
         deadline = time.time() + 300
-        # Wait until cutting is under way (a source finished), then take a worker node away.
-        while not list(out.glob("_staging/*/sources/*.json")):
+        # Wait until the first commit, then take a worker node away mid-run.
+        while not list(out.glob("_state/records/*.parquet")):
             assert job.poll() is None, job.communicate()[0][-4000:]
             assert time.time() < deadline, "the pipeline never started cutting"
             time.sleep(0.2)
@@ -74,3 +78,5 @@ def test_worker_node_killed_mid_run(tmp_path: Path, odd_videos: dict[str, Path])
         got = _clip_ids(out)
         assert len(got) == len(set(got)), "duplicate clips after node loss"
         assert sorted(got) == sorted(expected)
+        index = pq.read_table(out / json.loads((out / "manifest.json").read_text())["files"]["index"])
+        assert sorted(index["clip_id"].to_pylist()) == sorted(expected)

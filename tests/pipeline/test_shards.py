@@ -116,7 +116,7 @@ def test_read_shard_rejects_wrong_schema_version(tmp_path: Path) -> None:
     table = clips_table(BUCKET, make_columns(4))
     old = table.replace_schema_metadata({**table.schema.metadata, b"ditharos.schema_version": b"0"})
     write_shard(old, str(tmp_path / "old.arrow"))
-    with pytest.raises(ShardError, match=r"old\.arrow: shard schema version b'0', this code reads 1"):
+    with pytest.raises(ShardError, match=r"old\.arrow: shard schema version b'0', this code reads 2"):
         read_shard(str(tmp_path / "old.arrow"))
     write_shard(table.replace_schema_metadata(None), str(tmp_path / "bare.arrow"))
     with pytest.raises(ShardError, match="schema version None"):

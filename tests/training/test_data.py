@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.manifest import build_manifest
-from pipeline.shards import clips_table, read_shard, rejects_table, tensor, write_shard
+from pipeline.shards import read_shard, tensor
+from tests import datasets
 from tests.pipeline.test_shards import make_columns
 from training.data import (
     FingerprintMismatch,
@@ -40,23 +40,16 @@ FINGERPRINT = {"code_version": "git:test", "config_sha256": "c" * 64, "models": 
 
 
 def write_dataset(out: Path) -> dict[str, Any]:
-    """Small real shards (two files in one bucket, an oversized bucket) and their manifest."""
-    files = []
+    """Small real shards (two files in one bucket, an oversized bucket), their records, index and manifest."""
+    parts = []
     for k, (bucket, (shape, rows)) in enumerate(BUCKETS.items()):
         for part, n in enumerate(rows):
             cols = make_columns(n, bucket=bucket, seed=10 * k + part)
             rng = np.random.default_rng(100 + 10 * k + part)
             cols["latents"] = rng.standard_normal((n, *shape)).astype(np.float16)
             cols["clip_id"] = [f"clip-{bucket}-{part}-{i:03d}" for i in range(n)]
-            rel = f"shards/{bucket}/part-{part:05d}.arrow"
-            info = write_shard(clips_table(bucket, cols), str(out / rel))
-            shapes = {"latents": list(shape), "text_embedding": [77, 64], "image_embedding": [64]}
-            files.append({"path": rel, "bucket": bucket, "rows": n, "bytes": info["bytes"],
-                          "sha256": info["sha256"], "shapes": shapes})
-    journal = [{"batch": 0, "files": files, "rejects": "", "sources": []}]
-    manifest = build_manifest(journal, rejects_table([]), FINGERPRINT, {}, num_inputs=0, ignored_files=[])
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+            parts.append(cols)
+    return datasets.write_dataset(out, parts, FINGERPRINT)
 
 
 @pytest.fixture(scope="module")

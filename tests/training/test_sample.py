@@ -20,9 +20,8 @@ import yaml
 
 from pipeline.clip_model import load_clip
 from pipeline.config import config_hash, dump_yaml, to_dict
-from pipeline.manifest import build_manifest, read_manifest, write_outputs
+from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.settings import PipelineConfig, data_config
-from pipeline.shards import rejects_table
 from pipeline.vae import VAEConfig, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
@@ -45,8 +44,9 @@ def make_data(out: Path, vae: VAEConfig | None = None) -> Path:
     models = {"clip": load_clip(cfg.caption.clip).fingerprint(), "vae": load_vae(cfg.vae).fingerprint()}
     fingerprint = {"config_sha256": config_hash(data_config(cfg)), "models": models,
                    "buckets": to_dict(cfg.buckets), "code_version": code_version()}
-    rejects = rejects_table([])
-    write_outputs(str(out), build_manifest([], rejects, fingerprint, {}, 0, []), rejects, dump_yaml(cfg))
+    manifest = build_manifest(digest="5a" * 32, totals={}, fingerprint=fingerprint, bucket_specs={},
+                              bucket_shapes={}, shard_files={})
+    write_manifest(str(out), manifest, dump_yaml(cfg))
     return out
 
 
@@ -187,7 +187,7 @@ def test_clip_or_vae_weights_unlike_the_manifest_are_refused(image_run: Path, tm
     data = Path(state["data_uri"])
     moved = tmp_path / "data"
     moved.mkdir()
-    for name in ("manifest.json", "rejects.parquet"):
+    for name in ("manifest.json",):
         (moved / name).write_bytes((data / name).read_bytes())
     cfg = yaml.safe_load((data / "config.yaml").read_text())
     cfg["caption"]["clip"]["seed"] = 1  # another random init: same arch, other weights

@@ -1,0 +1,212 @@
+"""Rolling per-bucket shard writer with the append-only commit protocol (plain Python, no Ray).
+
+`pipeline/run.py` runs a few of these as Ray actors for the whole job; the last stage of the
+streaming plan routes each row to one of them (clip rows by bucket and source, side rows by
+source). A writer appends clip rows of each bucket to an open Arrow IPC file on local disk;
+when the file reaches `target_bytes` it commits it:
+
+  1. close the file, hash it, place it at `shards/<bucket>/part-<name>.arrow` (atomic);
+  2. write the record `_state/records/<name>.parquet` (atomic): the shard's clip index rows,
+     plus every source / reject row received since the last commit.
+
+A crash before 2 leaves a shard no record names: the next run deletes it and redoes its
+clips. Rows still in open files when a writer dies were never committed: their sources stay
+incomplete and the next pass redoes them. A restarted writer reads its own records of this
+run back, so a row re-sent after a retried call is not committed twice.
+
+Memory per writer: one incoming batch. Local disk per writer: at most `max_open_bytes`; past
+that the largest open file is committed early (a smaller shard rather than a full disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.faults import fault_point
+from pipeline.logs import get_logger
+from pipeline.records import RECORDS_DIR, of_kind, read_record, write_record
+from pipeline.shards import SCALAR_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
+
+log = get_logger("writer")
+SHARD_COLUMNS = list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
+DIT_PATCH_HW = 2  # index num_tokens counts tokens at the DiT's default (1, 2, 2) patch
+
+
+def shard_path(bucket: str, name: str) -> str:
+    return f"shards/{bucket}/part-{name}.arrow"
+
+
+@dataclass
+class _OpenShard:
+    """One bucket's shard being filled on local disk."""
+
+    path: str
+    sink: pa.OSFile
+    writer: pa.ipc.RecordBatchFileWriter
+    schema: pa.Schema
+    index_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.sink.tell()
+
+
+class ShardWriter:
+    """Appends clip rows to rolling per-bucket shards and commits them with records."""
+
+    def __init__(self, out_uri: str, name: str, target_bytes: int, max_open_bytes: int,
+                 skip_clip_ids: frozenset[str] | set[str] = frozenset(), local_dir: str | None = None) -> None:
+        if target_bytes <= 0 or max_open_bytes < target_bytes:
+            raise ValueError(f"need 0 < target_bytes ({target_bytes}) <= max_open_bytes ({max_open_bytes})")
+        self.out_uri = out_uri
+        self.name = name  # unique per run and writer, e.g. "<run_id>-w003"
+        self.target_bytes = target_bytes
+        self.max_open_bytes = max_open_bytes
+        self.skip = set(skip_clip_ids)
+        self.tmp = tempfile.mkdtemp(prefix="ditharos-writer-", dir=local_dir)
+        self.open: dict[str, _OpenShard] = {}
+        self.side_rows: list[dict[str, Any]] = []
+        self.seq = 0
+        self.stats = {"clips": 0, "skipped": 0, "side_rows": 0, "shards": 0, "records": 0, "shard_bytes": 0}
+        self._recover()
+
+    # -- public -------------------------------------------------------------
+
+    def append(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        """Take a batch of stream rows (column arrays with a `kind` column); commit full shards."""
+        kinds = [str(k) for k in batch["kind"]]
+        by_bucket: dict[str, list[int]] = {}
+        for i, kind in enumerate(kinds):
+            if kind == "clip":
+                cid = str(batch["clip_id"][i])
+                if cid in self.skip:
+                    self.stats["skipped"] += 1
+                    continue
+                self.skip.add(cid)
+                by_bucket.setdefault(str(batch["bucket"][i]), []).append(i)
+            elif kind in ("source", "reject"):
+                self.side_rows.append(json.loads(str(batch["record_json"][i])))
+                self.stats["side_rows"] += 1
+            else:
+                raise ValueError(f"stream row kind {kind!r} is not clip, source or reject")
+        for bucket, idx in sorted(by_bucket.items()):
+            meta = [str(batch["source_meta"][i]) if "source_meta" in batch else "{}" for i in idx]
+            self._append_clips(bucket, {c: [batch[c][i] for i in idx] for c in SHARD_COLUMNS}, meta)
+        return {"clips": sum(len(v) for v in by_bucket.values()), "side_rows": len(kinds) - sum(
+            len(v) for v in by_bucket.values())}
+
+    def flush(self) -> dict[str, int]:
+        """Commit every open shard and any side rows still pending (end of the stream)."""
+        for bucket in sorted(self.open):
+            self._commit(bucket)
+        if self.side_rows:
+            self._write_record([], self._next_name())
+        return dict(self.stats)
+
+    def close(self) -> None:
+        for shard in self.open.values():
+            shard.writer.close()
+            shard.sink.close()
+        self.open.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- internals ------------------------------------------------------------
+
+    def _append_clips(self, bucket: str, cols: dict[str, list[Any]], source_meta: list[str]) -> None:
+        table = clips_table(bucket, cols)
+        shard = self.open.get(bucket)
+        if shard is not None and shard.schema != table.schema:
+            raise ShardError(f"bucket {bucket!r}: rows of shapes {_shapes(table.schema)} after rows of "
+                             f"{_shapes(shard.schema)}; a bucket has one latent/text shape")
+        if shard is None:
+            path = os.path.join(self.tmp, f"{bucket}.arrow")
+            sink = pa.OSFile(path, "wb")
+            shard = _OpenShard(path, sink, pa.ipc.new_file(sink, table.schema), table.schema)
+            self.open[bucket] = shard
+        first_row = len(shard.index_rows)
+        shard.writer.write_table(table, max_chunksize=64)
+        fault_point("mid_write")
+        latents = cols["latents"]
+        for j in range(table.num_rows):
+            shape = [int(d) for d in np.shape(latents[j])]
+            c, t, h, w = shape
+            shard.index_rows.append({
+                "kind": "clip", "clip_id": str(cols["clip_id"][j]), "source_id": str(cols["source_id"][j]),
+                "source_uri": str(cols["source_uri"][j]), "split": str(cols["split"][j]), "bucket": bucket,
+                "row": first_row + j, "num_frames": int(cols["num_frames"][j]),
+                "height_px": int(cols["height_px"][j]), "width_px": int(cols["width_px"][j]),
+                "fps": float(cols["fps"][j]), "start_s": float(cols["start_s"][j]), "end_s": float(cols["end_s"][j]),
+                "latent_shape": shape, "num_tokens": t * (h // DIT_PATCH_HW) * (w // DIT_PATCH_HW),
+                "caption": str(cols["caption"][j]), "caption_source": str(cols["caption_source"][j]),
+                "clip_score": float(cols["clip_score"][j]),
+                "clip_bytes": int(sum(np.asarray(cols[c][j]).nbytes for c in TENSOR_COLUMNS)),
+                "source_meta": source_meta[j],
+            })
+        self.stats["clips"] += table.num_rows
+        if shard.bytes >= self.target_bytes:
+            self._commit(bucket)
+        while self.open and sum(s.bytes for s in self.open.values()) > self.max_open_bytes:
+            self._commit(max(self.open, key=lambda b: self.open[b].bytes))
+
+    def _next_name(self) -> str:
+        name = f"{self.name}-{self.seq:06d}"
+        self.seq += 1
+        return name
+
+    def _commit(self, bucket: str) -> None:
+        shard = self.open.pop(bucket)
+        shard.writer.close()
+        shard.sink.close()
+        name = self._next_name()
+        rel = shard_path(bucket, name)
+        size, digest = os.path.getsize(shard.path), _sha256_file(shard.path)
+        storage.put_file_atomic(shard.path, storage.join(self.out_uri, rel))  # 1. shard in place
+        os.remove(shard.path)
+        fault_point("after_shard_move")
+        rows = [dict(r, shard=rel, shard_bytes=size, shard_sha256=digest) for r in shard.index_rows]
+        self._write_record(rows, name, {"path": rel, "bytes": size, "sha256": digest,
+                                        "rows": len(rows)})  # 2. the record: now it is committed
+        self.stats["shards"] += 1
+        self.stats["shard_bytes"] += size
+
+    def _write_record(self, clip_rows: list[dict[str, Any]], name: str, shard: dict[str, Any] | None = None) -> None:
+        write_record(self.out_uri, name, clip_rows + self.side_rows, shard)
+        self.side_rows = []
+        self.stats["records"] += 1
+
+    def _recover(self) -> None:
+        """After a restart: continue numbering after this writer's records and skip what they hold."""
+        root = storage.join(self.out_uri, RECORDS_DIR)
+        if not storage.exists(root):
+            return
+        mine = [u for u, _ in storage.list_files(root)
+                if os.path.basename(u).startswith(f"{self.name}-") and u.endswith(".parquet")]
+        for uri in mine:
+            table = read_record(uri)
+            self.skip.update(of_kind(table, "clip")["clip_id"].to_pylist())
+            self.seq = max(self.seq, int(os.path.basename(uri).removesuffix(".parquet").rsplit("-", 1)[1]) + 1)
+        if mine:
+            log.warning("writer %s restarted: %d record(s) of this run already committed", self.name, len(mine))
+
+
+def _shapes(schema: pa.Schema) -> dict[str, list[int]]:
+    return {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+

@@ -1,0 +1,84 @@
+"""pipeline/steps.py on plain rows: cut emits clips then side rows; model stages pass side rows and reject clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.listing import listing_row
+from pipeline.settings import PipelineConfig
+from pipeline.steps import VAEStage, make_cut_fn, make_probe_fn, side_row
+
+
+def probed(path: Path, cfg: PipelineConfig) -> dict:
+    st = path.stat()
+    row = dict(listing_row(str(path), st.st_size, st.st_mtime_ns), source_id="", dup_of="")
+    return make_probe_fn(cfg)(row)
+
+
+def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in rows[0]:
+        arr = np.empty(len(rows), dtype=object)
+        arr[:] = [r[k] for r in rows]
+        out[k] = arr
+    return out
+
+
+def test_cut_yields_clips_then_rejects_then_one_source_row(sample_clips: dict[str, Path]) -> None:
+    cfg = PipelineConfig()
+    row = probed(sample_clips["bikes"], cfg)
+    out = list(make_cut_fn(cfg)(row))
+    kinds = [r["kind"] for r in out]
+    assert kinds[-1] == "source" and "clip" in kinds
+    assert kinds == sorted(kinds, key=lambda k: {"clip": 0, "reject": 1, "source": 2}[k])  # clips first
+    clips = [r for r in out if r["kind"] == "clip"]
+    source = json.loads(out[-1]["record_json"])
+    assert source["num_clips"] == len(clips) and source["source_uri"] == str(sample_clips["bikes"])
+    assert all(set(r) == set(out[0]) for r in out)  # one set of columns for every kind of row
+    # an interrupted run committed the first clip: it is not cut again, but still counted
+    again = list(make_cut_fn(cfg, frozenset({clips[0]["clip_id"]}))(row))
+    assert [r["clip_id"] for r in again if r["kind"] == "clip"] == [c["clip_id"] for c in clips[1:]]
+    assert json.loads(again[-1]["record_json"])["num_clips"] == len(clips)
+
+
+def test_a_rejected_source_becomes_a_reject_and_an_empty_source_row(tmp_path: Path) -> None:
+    cfg = PipelineConfig()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    out = list(make_cut_fn(cfg)(probed(bad, cfg)))
+    assert [r["kind"] for r in out] == ["reject", "source"]
+    rej, src = (json.loads(r["record_json"]) for r in out)
+    assert rej["stage"] == "probe" and "not a readable media container" in rej["reason"]
+    assert src["num_clips"] == 0 and src["num_rejects"] == 1 and rej["source_id"] == src["source_id"] != ""
+
+
+def test_vae_failure_rejects_that_clip_only_and_side_rows_pass(sample_clips: dict[str, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = PipelineConfig()
+    rows = list(make_cut_fn(cfg)(probed(sample_clips["bikes"], cfg)))
+    clips = [r for r in rows if r["kind"] == "clip"][:3]
+    assert len(clips) == 3
+    side = side_row({"kind": "reject", "source_id": "s", "source_uri": "u", "stage": "scene", "reason": "short"})
+    stage = VAEStage(cfg)
+    real = stage.vae.encode
+    poisoned = clips[1]["clip_id"]
+
+    def encode(frames: np.ndarray):
+        if any(np.array_equal(f, clips[1]["frames"]) for f in frames):
+            raise RuntimeError("NaN in latents")
+        return real(frames)
+
+    monkeypatch.setattr(stage.vae, "encode", encode)
+    out = stage(as_batch(clips + [side]))
+    kinds = dict(zip(out["clip_id"], out["kind"]))
+    assert kinds[poisoned] == "reject" and list(out["kind"]).count("clip") == 2
+    rec = json.loads(out["record_json"][list(out["clip_id"]).index(poisoned)])
+    assert rec["stage"] == "vae" and "NaN in latents" in rec["reason"] and rec["clip_id"] == poisoned
+    assert out["kind"][-1] == "reject" and json.loads(out["record_json"][-1])["reason"] == "short"
+    good = [i for i, k in enumerate(out["kind"]) if k == "clip"]
+    assert all(out["latents"][i].ndim == 4 and out["latents"][i].size > 0 for i in good)
+    assert "frames" not in out

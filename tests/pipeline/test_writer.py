@@ -1,0 +1,137 @@
+"""pipeline/writer.py + pipeline/records.py: rolling shards, commit records, recovery, completeness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.records import (
+    RECORDS_DIR, duplicate_clip_ids, of_kind, read_record, record_table, shards_named, source_status,
+)
+from pipeline.shards import ShardError, read_shard, tensor
+from pipeline.writer import ShardWriter
+
+from tests.datasets import stream_batch
+
+from .test_shards import BUCKET, make_columns
+
+
+def columns(n: int, **kw: Any) -> dict[str, Any]:
+    """Shard columns whose source URIs follow their source ids (one file per source)."""
+    cols = make_columns(n, **kw)
+    cols["source_uri"] = [f"/in/{s}.mp4" for s in cols["source_id"]]
+    return cols
+
+
+def source_row(sid: str, uri: str, num_clips: int) -> dict[str, Any]:
+    return {"kind": "source", "source_id": sid, "source_uri": uri, "size_bytes": 100, "mtime_ns": 5,
+            "num_clips": num_clips, "num_rejects": 0, "duration_s": 1.0}
+
+
+def all_records(out: Path) -> pa.Table:
+    return pa.concat_tables([read_record(str(p)) for p in sorted((out / RECORDS_DIR).glob("*.parquet"))])
+
+
+def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path) -> None:
+    cols = columns(40)
+    per_clip = sum(np.asarray(cols[c][0]).nbytes for c in ("latents", "text_embedding", "image_embedding"))
+    w = ShardWriter(str(tmp_path), "run1-w000", target_bytes=10 * per_clip, max_open_bytes=100 * per_clip)
+    sources = sorted(set(cols["source_id"]))
+    side = [source_row(s, cols["source_uri"][cols["source_id"].index(s)], cols["source_id"].count(s))
+            for s in sources]
+    for start in range(0, 40, 8):
+        part = {k: v[start:start + 8] for k, v in cols.items()}
+        w.append(stream_batch(part, side if start == 0 else []))
+    stats = w.flush()
+    w.close()
+    assert stats["clips"] == 40 and stats["shards"] >= 3  # rolled, not one file per append
+    shards = sorted((tmp_path / "shards" / BUCKET).glob("*.arrow"))
+    assert len(shards) == stats["shards"]
+    records = all_records(tmp_path)
+    clips = of_kind(records, "clip")
+    assert sorted(clips["clip_id"].to_pylist()) == sorted(cols["clip_id"])
+    assert duplicate_clip_ids(records) == []
+    # every index row points at the right row of the right shard, whose size/hash it records
+    named = shards_named(records).to_pylist()
+    assert {n["shard"] for n in named} == {f"shards/{BUCKET}/{p.name}" for p in shards}
+    for n in named:
+        data = (tmp_path / n["shard"]).read_bytes()
+        assert n["shard_bytes"] == len(data)
+    latents = {c: cols["latents"][i] for i, c in enumerate(cols["clip_id"])}
+    for r in clips.to_pylist():
+        table = read_shard(str(tmp_path / r["shard"]))
+        assert table["clip_id"][r["row"]].as_py() == r["clip_id"]
+        np.testing.assert_array_equal(tensor(table, "latents")[r["row"]], latents[r["clip_id"]])
+        assert r["latent_shape"] == [4, 5, 8, 14] and r["num_tokens"] == 5 * 4 * 7
+    status = source_status(records).to_pylist()
+    assert len(status) == len(sources) and all(s["complete"] for s in status)
+    assert not list(tmp_path.rglob("*.tmp-*"))  # no half-written files
+
+
+def test_a_source_is_incomplete_until_all_its_clips_commit(tmp_path: Path) -> None:
+    cols = columns(6)
+    sid = cols["source_id"][0]
+    n = cols["source_id"].count(sid)
+    w = ShardWriter(str(tmp_path), "r-w000", target_bytes=1 << 30, max_open_bytes=1 << 30)
+    first = [i for i, s in enumerate(cols["source_id"]) if s == sid][:1]
+    w.append(stream_batch({k: [v[i] for i in first] for k, v in cols.items()},
+                          [source_row(sid, cols["source_uri"][first[0]], n)]))
+    w._write_record([], w._next_name())  # the side row commits; the clip is still in an open file
+    status = {s["source_id"]: s for s in source_status(all_records(tmp_path)).to_pylist()}
+    assert status[sid]["complete"] is False and status[sid]["num_clips"] == n
+    assert status[sid]["committed_clips"] == 0
+    w.flush()
+    status = {s["source_id"]: s for s in source_status(all_records(tmp_path)).to_pylist()}
+    assert status[sid]["committed_clips"] == 1 and (status[sid]["complete"] is (n == 1))
+    w.close()
+
+
+def test_restarted_writer_skips_what_it_committed_and_numbers_on(tmp_path: Path) -> None:
+    cols = columns(10)
+    w = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30)  # commit every append
+    w.append(stream_batch({k: v[:6] for k, v in cols.items()}))
+    w.close()
+    again = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30)
+    assert again.seq == 1
+    again.append(stream_batch(cols))  # a retried call re-sends the first 6
+    again.flush()
+    again.close()
+    records = all_records(tmp_path)
+    assert duplicate_clip_ids(records) == []
+    assert sorted(of_kind(records, "clip")["clip_id"].to_pylist()) == sorted(cols["clip_id"])
+    assert again.stats["skipped"] == 6
+
+
+def test_open_bytes_bound_commits_the_largest_shard_early(tmp_path: Path) -> None:
+    a, b = columns(8, seed=1), columns(2, bucket="96p_1x1_9f", seed=2)
+    per_clip = sum(np.asarray(a[c][0]).nbytes for c in ("latents", "text_embedding", "image_embedding"))
+    w = ShardWriter(str(tmp_path), "r-w002", target_bytes=9 * per_clip, max_open_bytes=9 * per_clip)
+    w.append(stream_batch(b))
+    w.append(stream_batch({k: v[:6] for k, v in a.items()}))
+    assert set(w.open) == {"96p_1x1_9f", BUCKET} and w.stats["shards"] == 0
+    w.append(stream_batch({k: v[6:] for k, v in a.items()}))  # 10 clips open > 9: commit the largest
+    assert set(w.open) == {"96p_1x1_9f"} and w.stats["shards"] == 1
+    w.flush()
+    w.close()
+
+
+def test_a_bucket_keeps_one_shape(tmp_path: Path) -> None:
+    cols = columns(4)
+    other = dict(columns(4, seed=3))
+    other["latents"] = np.zeros((4, 4, 5, 8, 12), np.float16)
+    w = ShardWriter(str(tmp_path), "r-w003", target_bytes=1 << 30, max_open_bytes=1 << 30)
+    w.append(stream_batch(cols))
+    with pytest.raises(ShardError, match="a bucket has one latent/text shape"):
+        w.append(stream_batch(other))
+    w.close()
+
+
+def test_record_rows_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown columns \\['colour'\\]"):
+        record_table([{"kind": "clip", "colour": "red"}], "x")
+    with pytest.raises(ValueError, match="kind 'clips' is not clip, source or reject"):
+        record_table([{"kind": "clips"}], "x")
