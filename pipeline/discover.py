@@ -9,7 +9,6 @@ sit beside. The source id is a hash of the bytes, so a renamed copy is the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -95,7 +94,4 @@ def read_sidecar(uri: str, max_bytes: int) -> list[str]:
 
 def content_id(uri: str) -> str:
     """Stable source id: sha256 of the file's bytes (first 32 hex digits)."""
-    h = hashlib.sha256()
-    for chunk in storage.iter_chunks(uri):
-        h.update(chunk)
-    return "src" + h.hexdigest()[:29]
+    return "src" + storage.sha256(uri)[:29]

@@ -17,7 +17,6 @@ sources, redo damaged or unfinished ones and never commit a clip twice.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -119,7 +118,7 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
     checksums = None
     if verify:
         checksums = {r["path"]: r["sha"] for r in ray.data.from_items([{"path": p} for p in sizes]).map(
-            lambda r: {"path": r["path"], "sha": _sha256_uri(storage.join(out, r["path"]))}).take_all()}
+            lambda r: {"path": r["path"], "sha": storage.sha256(storage.join(out, r["path"]))}).take_all()}
     check = check_shards({u: s for u, s in named.items()}, sizes, checksums)
     for rel in check.debris:
         storage.delete_file(storage.join(out, rel))
@@ -141,13 +140,6 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
     incomplete = status.filter(lambda r: not r["complete"]).take_all()
     skip = frozenset(c for r in incomplete for c in r["committed_ids"])
     return Resume(valid, status, skip, len(incomplete))
-
-
-def _sha256_uri(uri: str) -> str:
-    h = hashlib.sha256()
-    for chunk in storage.iter_chunks(uri):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _records_ds(ray, uris: list[str]):

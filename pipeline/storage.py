@@ -8,6 +8,7 @@ directory, then a rename.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -88,6 +89,14 @@ def iter_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
 
 
 TMP_MARK = ".tmp-"  # in the name of every half-written file (debris once its writer died)
+
+
+def sha256(uri: str) -> str:
+    """sha256 hex digest of a file's bytes (local path or URI), read in 8 MB chunks."""
+    h = hashlib.sha256()
+    for chunk in iter_chunks(uri):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

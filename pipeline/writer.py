@@ -20,7 +20,6 @@ that the largest open file is committed early (a smaller shard rather than a ful
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -169,7 +168,7 @@ class ShardWriter:
         shard.sink.close()
         name = self._next_name()
         rel = shard_path(bucket, name)
-        size, digest = os.path.getsize(shard.path), _sha256_file(shard.path)
+        size, digest = os.path.getsize(shard.path), storage.sha256(shard.path)
         storage.put_file_atomic(shard.path, storage.join(self.out_uri, rel))  # 1. shard in place
         os.remove(shard.path)
         fault_point("after_shard_move")
@@ -201,12 +200,3 @@ class ShardWriter:
 
 def _shapes(schema: pa.Schema) -> dict[str, list[int]]:
     return {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
