@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.buckets import all_buckets
@@ -46,11 +47,11 @@ from pipeline.listing import InputError, folder_tasks, listing_row, make_list_fn
 from pipeline.logs import get_logger
 from pipeline.manifest import build_manifest, read_manifest, records_digest, write_manifest
 from pipeline.preflight import OutputError, Plan, preflight, record_settings
-from pipeline.records import INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_COLUMNS, record_shard
+from pipeline.records import INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_COLUMNS, read_record, record_shard
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import TENSOR_COLUMNS, read_shard
-from pipeline.state import add_totals, check_shards, status_block, totals_json
+from pipeline.state import add_totals, check_shards, status_block, totals_block, totals_json
 from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
 from pipeline.version import code_version
 
@@ -92,10 +93,14 @@ def model_fingerprints(cfg: PipelineConfig) -> dict:
 
 @dataclass
 class Resume:
+    """What the output holds: valid records, read by the driver (small) or as a Ray Dataset (large)."""
+
     records: list[tuple[str, int]]  # (record uri, size) of every valid record
-    status: object | None  # Ray Dataset of STATUS_SCHEMA rows (per committed source), or None
-    skip_clip_ids: frozenset[str]  # committed clips of sources not yet complete
-    incomplete: int
+    table: pa.Table | None = None  # every record row, when the driver read them (≤ compute.small_state_mb)
+    by_source: object | None = None  # otherwise: a materialized Dataset of record rows partitioned by source_uri
+    status: object | None = None  # STATUS_SCHEMA rows per committed source (a Table or a Dataset)
+    skip_clip_ids: frozenset[str] = frozenset()  # committed clips of sources not yet complete
+    incomplete: int = 0
 
 
 def _list(uri: str) -> list[tuple[str, int]]:
@@ -133,13 +138,23 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
             storage.delete_file(storage.join(out, shard["path"]))
     valid = [(u, s) for u, s in records if u not in check.damaged]
     if not valid:
-        return Resume([], None, frozenset(), 0)
-    status = _records_ds(ray, [u for u, _ in valid]).repartition(
-        num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).map_batches(
-        status_block, batch_format="pyarrow", batch_size=None).materialize()
-    incomplete = status.filter(lambda r: not r["complete"]).take_all()
-    skip = frozenset(c for r in incomplete for c in r["committed_ids"])
-    return Resume(valid, status, skip, len(incomplete))
+        return Resume([])
+    if sum(s for _, s in valid) <= cfg.compute.small_state_mb * 2**20:
+        table = pa.concat_tables([read_record(u).replace_schema_metadata(None) for u, _ in valid])
+        status = status_block(table)
+        incomplete = status.filter(pc.invert(status["complete"])).to_pylist()
+        resume = Resume(valid, table=table, status=status)
+    else:
+        from ray.data.expressions import col
+
+        by_source = _records_ds(ray, [u for u, _ in valid]).repartition(
+            num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).materialize()
+        status = by_source.map_batches(status_block, batch_format="pyarrow", batch_size=None).materialize()
+        incomplete = status.filter(expr=col("complete") == False).take_all()  # noqa: E712
+        resume = Resume(valid, by_source=by_source, status=status)
+    resume.skip_clip_ids = frozenset(c for r in incomplete for c in r["committed_ids"])
+    resume.incomplete = len(incomplete)
+    return resume
 
 
 def _records_ds(ray, uris: list[str]):
@@ -206,23 +221,41 @@ class Router:
         return {"rows": np.array([n])}
 
 
-def build_plan(ray, cfg: PipelineConfig, plan: Plan, resume: Resume, fingerprints: dict, writers: list):
-    gpus = cfg.compute.gpus_per_model_actor
-    if gpus < 0:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    model_cpus = cfg.compute.model_actor_cpus
+def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
+    """Listing ∪ committed sources → dedupe → the rows this pass must process (materialized).
+
+    Grouping by size is a barrier anyway (every row of one size must meet), so keeping the
+    listing and the result costs only object-store space (~0.3 KB per listed file, spilled to
+    disk past memory) and buys: the size of the listing decides shuffle or not, nothing loads a
+    model when there is nothing to do, and a long listing is not mistaken for a stall by the
+    watchdog of the streaming stages.
+    """
     listing = listing_dataset(ray, cfg, plan).map_batches(
         lambda t: t.append_column("committed_id", pa.array([""] * t.num_rows, pa.string())),
         batch_format="pyarrow")
     if resume.status is not None:  # what earlier runs committed takes part in dedupe (and is skipped)
-        listing = listing.union(resume.status.map_batches(committed_rows, batch_format="pyarrow"))
+        status = ray.data.from_arrow(resume.status) if isinstance(resume.status, pa.Table) else resume.status
+        listing = listing.union(status.map_batches(committed_rows, batch_format="pyarrow"))
+    listing = listing.materialize()
+    if listing.size_bytes() <= cfg.compute.small_state_mb * 2**20:
+        grouped = listing.repartition(1)  # every size group in one block: no shuffle
+    else:  # rows of one size meet in one block: duplicates are found without the driver
+        grouped = listing.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["size_bytes"])
+    return grouped.map_batches(dedupe_block, batch_format="numpy", batch_size=None).materialize()
+
+
+def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dict, writers: list):
+    """The streaming stages over the rows to do, ending in the shard writers."""
+    gpus = cfg.compute.gpus_per_model_actor
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    model_cpus = cfg.compute.model_actor_cpus
     return (
-        # Rows of one size meet in one block: duplicates are found without the driver.
-        listing.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["size_bytes"])
-        .map_batches(dedupe_block, batch_format="numpy", batch_size=None)
-        # Probing reads each file once (hash + container scan): one small task per source.
+        # Few sources per task: a shuffle block holds thousands (see compute.sources_per_task).
+        todo.repartition(target_num_rows_per_block=cfg.compute.sources_per_task)
+        # Probing reads each file once (hash + container scan).
         .map(make_probe_fn(cfg))
-        # One task per source: decode + scene cut + sampling share one pass over the frames.
+        # Per source: decode + scene cut + sampling share one pass over the frames.
         .flat_map(make_cut_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
                   resources=cfg.compute.cut_resources or None)
         .map_batches(
@@ -321,22 +354,28 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
         old = read_manifest(out)
     except (FileNotFoundError, ValueError):
         old = None
+    index_rel, rejects_rel = f"index/{digest[:16]}", f"rejects/{digest[:16]}"
+    if (old is not None and old["fingerprint"] == dict(fingerprint, data_sha256=digest)
+            and storage.exists(storage.join(out, index_rel)) and storage.exists(storage.join(out, rejects_rel))):
+        return old  # the same records under the same settings: index, rejects and totals are as they were
     specs = {b.name: {"num_frames": b.num_frames, "height_px": b.height_px, "width_px": b.width_px, "fps": b.fps}
              for b in all_buckets(cfg.buckets)}
-    index_rel, rejects_rel = f"index/{digest[:16]}", f"rejects/{digest[:16]}"
     totals: dict = {}
     shard_files: dict[str, int] = {}
     shapes: dict[str, dict] = {}
-    if resume.records:
-        records = _records_ds(ray, [u for u, _ in resume.records])
-        by_source = records.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).materialize()
-        for row in by_source.map_batches(totals_json, batch_format="pyarrow", batch_size=None).take_all():
+    if resume.table is not None:  # small output: the driver holds the records already
+        totals = totals_block(resume.table)
+        _write_table(_index_rows(resume.table), out, index_rel)
+        _write_table(_reject_rows(resume.table), out, rejects_rel)
+    elif resume.by_source is not None:
+        for row in resume.by_source.map_batches(totals_json, batch_format="pyarrow", batch_size=None).take_all():
             totals = add_totals(totals, json.loads(row["totals"]))
         if not storage.exists(storage.join(out, index_rel)):
-            _write_parquet(records.map_batches(_index_rows, batch_format="pyarrow"), out, index_rel)
+            _write_parquet(resume.by_source.map_batches(_index_rows, batch_format="pyarrow"), out, index_rel)
         if not storage.exists(storage.join(out, rejects_rel)):
-            _write_parquet(by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None),
+            _write_parquet(resume.by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None),
                            out, rejects_rel)
+    if resume.records:
         base = storage.canonical(out).rstrip("/") + "/"
         for uri, _ in _list(storage.join(out, "shards")):
             bucket = uri[len(base):].split("/")[1]
@@ -370,6 +409,17 @@ def _reject_rows(table: pa.Table) -> pa.Table:
         [("source_uri", "ascending"), ("start_frame", "ascending"), ("reason", "ascending")])
 
 
+def _write_table(table: pa.Table, out: str, rel: str) -> None:
+    """One small table as a Parquet folder of one part, atomically (see _write_parquet)."""
+    if storage.exists(storage.join(out, rel)):
+        return
+    fs, path = storage.resolve(storage.join(out, rel))
+    tmp = f"{path}{storage.TMP_MARK}{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    pq.write_table(table, f"{tmp}/part-00000.parquet", filesystem=fs)
+    _publish(fs, tmp, path)
+
+
 def _write_parquet(ds, out: str, rel: str) -> None:
     """Write a Ray Dataset as a Parquet folder atomically: to a temp folder, then renamed."""
     target = storage.join(out, rel)
@@ -379,6 +429,11 @@ def _write_parquet(ds, out: str, rel: str) -> None:
     if fs.get_file_info(tmp).type == pafs.FileType.NotFound:  # nothing to write: an empty folder
         fs.create_dir(path, recursive=True)
         return
+    _publish(fs, tmp, path)
+
+
+def _publish(fs, tmp: str, path: str) -> None:
+    """Rename a finished temp folder into place (copy + delete on object stores)."""
     if storage.is_object_store(fs):  # no directory rename: copy the (few, small) parts
         for info in fs.get_file_info(pafs.FileSelector(tmp)):
             fs.copy_file(info.path, f"{path}/{info.base_name}")
@@ -439,7 +494,17 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
     fingerprints = model_fingerprints(cfg)
     fingerprint = {"config_sha256": config_hash(data_config(cfg)), "models": fingerprints,
                    "buckets": to_dict(cfg.buckets), "code_version": code_version()}
+    phases: dict[str, float] = {"start": time.perf_counter() - t_start}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     resume = read_state(ray, out, cfg, verify)
+    phase("read_state")
     stats: dict = {}
     for attempt in range(cfg.compute.repair_passes + 1):
         if attempt and resume.incomplete == 0:
@@ -447,22 +512,32 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         if attempt:
             log.warning("%d source(s) left incomplete (a writer was lost): pass %d redoes them",
                         resume.incomplete, attempt + 1)
+        todo = sources_to_do(ray, cfg, plan, resume)
+        phase("list_dedupe")
+        if todo.count() == 0:
+            break  # every listed file is committed (or nothing was listed): no model is loaded
         writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
-        ds = build_plan(ray, cfg, plan, resume, fingerprints, writers)
+        ds = build_plan(ray, cfg, todo, resume, fingerprints, writers)
         try:
             run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
         except Stalled as e:
             sys.exit(f"error: {e}")
+        committed = 0
         for s in ray.get([w.flush.remote() for w in writers]):
+            committed += s.get("records", 0)
             for k, v in s.items():
                 stats[k] = stats.get(k, 0) + v
         for w in writers:
             ray.kill(w)
-        resume = read_state(ray, out, cfg, verify=False)
+        phase("stream")
+        if committed:  # else the state is as read before this pass
+            resume = read_state(ray, out, cfg, verify=False)
+            phase("read_state")
     if resume.incomplete:
         sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
                  "pass(es); re-run to finish them")
     manifest = finalize(ray, cfg, out, resume, fingerprint)
+    phase("finalize")
     if manifest["totals"]["inputs"] == 0:
         log.warning("no video found in %s: the output holds no clips", plan.input_uri or "the sample clips")
     summary = {
@@ -472,6 +547,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         "this_run": {"clips_written": stats.get("clips", 0), "shards": stats.get("shards", 0),
                      "records": stats.get("records", 0)},
         "wall_s": round(time.perf_counter() - t_start, 2),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
     }
     storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary

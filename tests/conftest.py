@@ -1,13 +1,15 @@
-"""Shared pytest fixtures: real sample clips, the generated video corpora (tests/media.py), a local Ray."""
+"""Shared pytest fixtures: real sample clips, the generated video corpora (tests/media.py), a local Ray, a local S3."""
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from pipeline.samples import SAMPLE_NAMES, sample_dir
@@ -78,3 +80,35 @@ def ray_local() -> Iterator[None]:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free 127.0.0.1 port; the env that points pyarrow (and Ray workers) at it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process's pyarrow reads the same server
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def s3fs() -> pafs.S3FileSystem:
+    """pyarrow's S3 client on the `s3_env` server (buckets may be created)."""
+    return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http",
+                             access_key="testing", secret_key="testing", region="us-east-1",
+                             allow_bucket_creation=True)

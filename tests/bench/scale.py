@@ -88,7 +88,8 @@ def run_job(src: Path, out: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"pipeline failed:\n{stderr[-4000:]}")
-    return {"wall_s": wall, "driver_peak_rss_mb": peak["mb"]}
+    phases = json.loads((out / "summary.json").read_text()).get("phases_s", {})
+    return {"wall_s": wall, "driver_peak_rss_mb": peak["mb"], "phases_s": phases}
 
 
 def bare_pass(src: str) -> None:
@@ -141,6 +142,7 @@ def measure(n: int, tmp: Path) -> dict:
         "shard_files": manifest["totals"]["shard_files"],
         "files_per_1000_clips": manifest["totals"]["files_per_1000_clips"],
         "resume_scan_s": round(resume["wall_s"], 2),
+        "job_phases_s": job["phases_s"], "resume_phases_s": resume["phases_s"],
     }
 
 

@@ -114,6 +114,65 @@ def test_rerun_skips_complete_sources_and_rewrites_nothing(demo_out: Path) -> No
     assert after == before  # no file rewritten, none added
 
 
+def _finalized(ray_mod, src: Path, out: Path, small_state_mb: float) -> tuple[dict, list, list]:
+    """A copy of `src` without manifest / index / rejects, finalized again with the given threshold."""
+    from pipeline.run import finalize, read_state
+    from pipeline.settings import PipelineConfig
+
+    shutil.copytree(src, out)
+    for name in ("index", "rejects"):
+        shutil.rmtree(out / name)
+    (out / "manifest.json").unlink()
+    cfg = PipelineConfig()
+    cfg.compute.small_state_mb = small_state_mb
+    resume = read_state(ray_mod, str(out), cfg, verify=False)
+    assert (resume.table is not None) == (small_state_mb > 0)  # the path under test was taken
+    old = json.loads((src / "manifest.json").read_text())
+    manifest = finalize(ray_mod, cfg, str(out), resume, {k: v for k, v in old["fingerprint"].items()
+                                                            if k != "data_sha256"})
+    index = sorted(read_index(str(out), manifest).to_pylist(), key=lambda r: r["clip_id"])
+    return manifest, index, read_rejects(str(out), manifest).to_pylist()
+
+
+def test_driver_and_ray_data_reads_of_the_records_agree(demo_out: Path, tmp_path: Path) -> None:
+    """Small state is read on the driver, large with Ray Data shuffles: the same manifest, index, rejects."""
+    import ray
+
+    small = _finalized(ray, demo_out, tmp_path / "small", 64.0)
+    large = _finalized(ray, demo_out, tmp_path / "large", 0.0)
+    assert small == large
+    assert small[0] == json.loads((demo_out / "manifest.json").read_text())  # as the job wrote it
+    assert len(small[1]) == small[0]["totals"]["clips"] > 0
+
+
+def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
+                                               sample_clips: dict[str, Path]) -> None:
+    """One block vs a size shuffle: the same rows to do, the same survivors and dedupe rejects."""
+    import ray
+
+    from pipeline.preflight import preflight
+    from pipeline.run import Resume, sources_to_do
+    from pipeline.settings import PipelineConfig
+
+    src = tmp_path / "raw"
+    (src / "b").mkdir(parents=True)
+    for i, name in enumerate(sample_clips):
+        shutil.copy(sample_clips[name], src / f"{i}.mp4")
+    shutil.copy(sample_clips["carphone_pristine"], src / "b" / "copy.mp4")
+    shutil.copy(sample_clips["carphone_pristine"], src / "a copy.mp4")
+    (src / "notes.md").write_text("not a video")
+    found = []
+    for mb in (64.0, 0.0):
+        cfg = PipelineConfig()
+        cfg.input.uri, cfg.output.uri, cfg.compute.small_state_mb = str(src), str(tmp_path / "out"), mb
+        todo = sources_to_do(ray, cfg, preflight(cfg), Resume([]))
+        found.append(sorted((r["uri"], r["source_id"], r["dup_of"]) for r in todo.take_all()))
+    assert found[0] == found[1] and len(found[0]) == 6
+    dups = [r for r in found[0] if r[2]]
+    carphone = sorted(str(p) for p in src.rglob("*.mp4") if p.read_bytes() == sample_clips["carphone_pristine"].read_bytes())
+    assert [r[0] for r in dups] == carphone[1:] and {r[2] for r in dups} == {carphone[0]}
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_crash_at_any_commit_point_then_rerun_gives_every_clip_once(point: str, demo_out: Path,
                                                                     tmp_path: Path) -> None:

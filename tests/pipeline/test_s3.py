@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,45 +17,20 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.records import record_shard
+from tests.conftest import s3fs
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server on a free 127.0.0.1 port; the env that points pyarrow (and Ray workers) at it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process's pyarrow reads the same server
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
-
-def s3fs() -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http",
-                             access_key="testing", secret_key="testing", region="us-east-1",
-                             allow_bucket_creation=True)
-
-
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "pipeline/run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=900)
+
+
+# Rolled at 50 KB (several commits); state read with Ray Data shuffles, not by the driver (the
+# listing-file test below takes the small-state path on the store).
+SETTINGS = ("--set", "output.shard_target_mb=0.05", "--set", "compute.small_state_mb=0")
 
 
 def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[str, Path]) -> None:
@@ -72,7 +45,7 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
     with fs.open_output_stream("raw/notes.md") as f:
         f.write(b"not a video")
 
-    first = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", "--set", "output.shard_target_mb=0.05")
+    first = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", *SETTINGS)
     assert first.returncode == 0, first.stderr[-4000:]
 
     from pipeline.manifest import read_index, read_manifest, read_rejects
@@ -99,7 +72,7 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
     # Resume: nothing new → nothing written, the same manifest bytes.
     with fs.open_input_stream("data/out/manifest.json") as f:
         before = f.read()
-    again = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", "--set", "output.shard_target_mb=0.05")
+    again = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", *SETTINGS)
     assert again.returncode == 0, again.stderr[-4000:]
     with fs.open_input_stream("data/out/manifest.json") as f:
         assert f.read() == before
@@ -112,7 +85,7 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
         head = f.read(1000)
     with fs.open_output_stream(victim) as f:
         f.write(head)
-    fixed = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", "--set", "output.shard_target_mb=0.05")
+    fixed = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", *SETTINGS)
     assert fixed.returncode == 0 and "damaged" in fixed.stderr, fixed.stderr[-4000:]
     after = read_index("s3://data/out", read_manifest("s3://data/out"), ["clip_id"])["clip_id"].to_pylist()
     assert sorted(after) == sorted(index["clip_id"].to_pylist())
