@@ -24,7 +24,7 @@ import torch
 from eval.fvd import MIN_FRAMES
 from eval.settings import EVAL_SECTIONS, NightlyConfig
 from pipeline.config import to_dict
-from pipeline.shards import tensor
+from pipeline.shards import as_float32, tensor
 from pipeline.vae import VideoVAE
 from training.data import ShardIndex
 from training.sample import read_prompts_file
@@ -176,9 +176,7 @@ def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
 def read_latents(index: ShardIndex, clip: RealClip) -> torch.Tensor:
     """A clip's latents (C, T', H', W') as float32; bfloat16 latents are stored as uint16 bits."""
     raw = tensor(index.table(clip.file).slice(clip.row, 1), "latents")[0]  # (C, T', H', W')
-    if raw.dtype == np.uint16:
-        return torch.from_numpy(raw.copy()).view(torch.bfloat16).float()
-    return torch.from_numpy(raw.astype(np.float32))
+    return torch.from_numpy(as_float32(raw))
 
 
 def decode_reals(index: ShardIndex, vae: VideoVAE, reals: list[RealClip], num_frames: int) -> Iterator[np.ndarray]:

@@ -88,9 +88,10 @@ def read_manifest(out_uri: str) -> dict[str, Any]:
     manifest = json.loads(storage.read_bytes(uri))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
+        older = {1: "journal + file lists", 2: "no shard sizes in the index"}
         raise ManifestError(f"{uri}: schema_version {version}, this code reads {SCHEMA_VERSION}"
-                            + ("; version 1 outputs (journal + file lists) must be re-made with the pipeline"
-                               if version == 1 else ""))
+                            + (f"; version {version} outputs ({older[version]}) must be re-made with the pipeline"
+                               if version in older else ""))
     return manifest
 
 
@@ -101,6 +102,11 @@ def _dataset(out_uri: str, rel: str, schema: pa.Schema) -> pads.Dataset:
         return pads.dataset(schema.empty_table())
     fs, path = storage.resolve(uri)
     return pads.dataset(path, filesystem=fs, format="parquet", schema=schema)
+
+
+def index_dataset(out_uri: str, manifest: dict[str, Any]) -> pads.Dataset:
+    """The clip index as a pyarrow dataset, to stream in record batches (see read_index for whole columns)."""
+    return _dataset(out_uri, manifest["files"]["index"], INDEX_SCHEMA)
 
 
 def read_index(out_uri: str, manifest: dict[str, Any], columns: list[str] | None = None,

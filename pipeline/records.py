@@ -76,7 +76,8 @@ RECORD_SCHEMA = pa.schema([
     ("end_frame", pa.int64()),
 ])
 INDEX_COLUMNS = [
-    "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "num_frames", "height_px",
+    "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "shard_bytes", "shard_sha256",
+    "num_frames", "height_px",
     "width_px", "fps", "start_s", "end_s", "latent_shape", "num_tokens", "caption", "caption_source",
     "clip_score", "clip_bytes", "source_meta",
 ]

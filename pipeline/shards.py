@@ -4,7 +4,9 @@ A shard is an Arrow IPC file `shards/<bucket>/part-00000.arrow` holding clips of
 bucket. Latents and text embeddings are `arrow.fixed_shape_tensor` columns (one shape
 per bucket), so bare pyarrow reads them zero-copy with `to_numpy_ndarray()`; no pickle
 anywhere. `clips_table` builds a shard table from plain column arrays and checks every
-shape; `read_shard` memory-maps one back.
+shape; `read_shard` memory-maps one back (reads it whole from object stores), and
+`as_float32` turns stored tensor values (float16 / float32 / bfloat16 bits) into float32.
+Training, eval and the tests read shards through these, nowhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 
-SCHEMA_VERSION = 2  # 2: clip index + commit records, manifest without file lists
+SCHEMA_VERSION = 3  # 2: clip index + commit records, manifest without file lists; 3: index has shard sizes + sha256
 
 # Scalar columns: name → arrow type. Tensor columns follow in TENSOR_COLUMNS.
 SCALAR_COLUMNS: dict[str, pa.DataType] = {
@@ -75,7 +77,9 @@ def shard_schema(bucket: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[s
     fields = [pa.field(n, t, nullable=False) for n, t in SCALAR_COLUMNS.items()]
     for name in TENSOR_COLUMNS:
         value_type = pa.from_numpy_dtype(np.dtype(dtypes[name]))
-        fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(shapes[name])), nullable=False))
+        meta = {"ditharos.dtype": "bfloat16"} if np.dtype(dtypes[name]) == np.uint16 else None  # see as_float32
+        fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(shapes[name])), nullable=False,
+                               metadata=meta))
     meta = {"ditharos.schema_version": str(SCHEMA_VERSION), "ditharos.bucket": bucket}
     return pa.schema(fields, metadata=meta)
 
@@ -154,5 +158,17 @@ def read_shard(uri: str) -> pa.Table:
 
 
 def tensor(table: pa.Table, name: str) -> np.ndarray:
-    """A fixed-shape tensor column as one numpy array (N, *shape) — zero-copy when possible."""
+    """A fixed-shape tensor column as one numpy array (N, *shape) of the stored dtype — zero-copy when possible."""
     return table.column(name).combine_chunks().to_numpy_ndarray()
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """Stored tensor values → float32, exactly.
+
+    numpy has no bfloat16, so bfloat16 latents are stored as their raw bits in uint16 (the
+    field says `ditharos.dtype: bfloat16`); a bfloat16 is the top half of a float32, so the
+    bits shifted up 16 are its float32 value. uint16 is used for nothing else.
+    """
+    if values.dtype == np.uint16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)

@@ -266,6 +266,16 @@ class CaptionStage:
         })
 
 
+STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+def store_latents(z: torch.Tensor, latent_dtype: str) -> np.ndarray:
+    """Latents as the shard stores them: bfloat16 as its uint16 bits (numpy has none; see shards.as_float32)."""
+    if latent_dtype == "bfloat16":
+        return z.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    return z.cpu().numpy().astype(STORED_DTYPES[latent_dtype])
+
+
 class VAEStage:
     """Stream batch → + latents (storage dtype) on clip rows; drops the pixel frames.
 
@@ -277,17 +287,11 @@ class VAEStage:
         self.vae = load_vae(cfg.vae, _device(num_gpus))
         _check_fingerprint(self.vae.fingerprint(), expected_sha256, "VAE")
         self.cfg = cfg
-        self.latent_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[cfg.vae.latent_dtype]
-
-    def _store(self, z: torch.Tensor) -> np.ndarray:
-        if self.cfg.vae.latent_dtype == "bfloat16":
-            # numpy has no bfloat16: keep the bits, stored as uint16 (training views them back).
-            return z.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
-        return z.cpu().numpy().astype(self.latent_dtype)
+        self.latent_dtype = STORED_DTYPES[cfg.vae.latent_dtype]
 
     def _encode(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         z = self.vae.encode(np.stack(frames))  # (B, C, T', H', W')
-        return [self._store(z[j]) for j in range(len(frames))]
+        return [store_latents(z[j], self.cfg.vae.latent_dtype) for j in range(len(frames))]
 
     def __call__(self, batch: Batch) -> Batch:
         batch = {k: (v.copy() if k in ("kind", "record_json") else v) for k, v in batch.items()}

@@ -30,19 +30,21 @@ import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.dataset as pads
 import torch
 
 from pipeline import storage
-from pipeline.manifest import read_index, read_manifest
-from pipeline.shards import SCHEMA_VERSION, ShardError
-from training.packing import PackedBatch, Patch, num_patches, pack, plan_packs
+from pipeline.manifest import index_dataset, read_index, read_manifest
+from pipeline.shards import ShardError, as_float32, read_shard
+from training.ffd import GrowingFFD
+from training.packing import PackedBatch, Patch, num_patches, pack
 
 log = logging.getLogger("ditharos.data")
 
@@ -64,42 +66,54 @@ class ClipRef:
 
 
 class ShardIndex:
-    """Every clip of a dataset (optionally one split), sorted by clip_id; shards memory-mapped lazily."""
+    """Every clip of a dataset (optionally one split), sorted by clip_id; shards opened lazily, LRU-bounded."""
 
     def __init__(self, data_uri: str, manifest: dict[str, Any], files: list[str], clips: list[ClipRef],
-                 patch: Patch) -> None:
+                 patch: Patch, max_open_shards: int = 512, max_open_bytes: int = 16 << 30,
+                 verify: bool = False) -> None:
         self.data_uri = data_uri
         self.manifest = manifest
         self.files = files  # paths relative to data_uri
         self.clips = clips
         self.patch = tuple(patch)
-        self._tables: dict[int, pa.Table] = {}
-        self._chunks: dict[tuple[int, str], tuple[np.ndarray, list[np.ndarray]]] = {}
+        self.max_open_shards, self.max_open_bytes = max_open_shards, max_open_bytes
+        self.verify = verify  # also check each shard's sha256 when it is first opened (reads it whole)
+        self.file_bytes: list[int] = []  # committed size of each file (from the index)
+        self.file_sha256: list[str] = []
+        # file → (table, {column: (chunk starts, chunk arrays)}); views die with their table
+        self._open: OrderedDict[int, tuple[pa.Table, dict[str, tuple[np.ndarray, list[np.ndarray]]]]] = OrderedDict()
+        self._open_bytes = 0
+        self.opened = 0  # shard opens so far (re-opens after eviction count again)
         self._lock = threading.Lock()  # the prefetch thread and the main thread may both open files
 
     @classmethod
-    def open(cls, data_uri: str, patch: Patch, split: str | None = "train") -> ShardIndex:
+    def open(cls, data_uri: str, patch: Patch, split: str | None = "train", max_open_shards: int = 512,
+             max_open_bytes: int = 16 << 30, verify: bool = False) -> ShardIndex:
         """Read the manifest and list its clips from the clip index; `split=None` keeps every clip.
 
         No shard is opened here: the index (Parquet, a few columns read) says where each clip
         lives. Shards are memory-mapped when a clip is first loaded.
         """
         manifest = read_manifest(data_uri)
-        index = cls(data_uri, manifest, [], [], patch)
+        index = cls(data_uri, manifest, [], [], patch, max_open_shards, max_open_bytes, verify)
         tokens = {}
         for bucket, spec in manifest["buckets"].items():
             try:
                 tokens[bucket] = math.prod(num_patches(tuple(spec["latent_shape"]), index.patch))
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
-        table = read_index(data_uri, manifest, ["clip_id", "bucket", "shard", "row"], split=split)
+        table = read_index(data_uri, manifest, ["clip_id", "bucket", "shard", "row", "shard_bytes", "shard_sha256"],
+                           split=split)
         table = table.sort_by([("clip_id", "ascending")])
         ids, buckets = table["clip_id"].to_pylist(), table["bucket"].to_pylist()
         shards, rows = table["shard"].to_pylist(), table["row"].to_pylist()
+        committed = dict(zip(shards, zip(table["shard_bytes"].to_pylist(), table["shard_sha256"].to_pylist())))
         file_of: dict[str, int] = {}
-        for path in sorted(set(shards)):
+        for path in sorted(committed):
             file_of[path] = len(index.files)
             index.files.append(path)
+            index.file_bytes.append(committed[path][0])
+            index.file_sha256.append(committed[path][1])
         index.clips = [ClipRef(c, b, file_of[f], r, tokens[b]) for c, b, f, r in zip(ids, buckets, shards, rows)]
         dupes = [a for a, b in zip(ids, ids[1:]) if a == b]
         if dupes:
@@ -110,41 +124,94 @@ class ShardIndex:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]["data_sha256"]
 
-    def table(self, file: int) -> pa.Table:
-        """One shard as an Arrow table, memory-mapped when local (opened once, then cached)."""
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
+    def _entry(self, file: int) -> tuple[pa.Table, dict]:
+        """The open shard (`pipeline.shards.read_shard`: mapped when local), opening it and closing the LRU ones."""
         with self._lock:
-            if file not in self._tables:
-                uri = storage.join(self.data_uri, self.files[file])
-                fs, path = storage.resolve(uri)
-                if isinstance(fs, pafs.LocalFileSystem):
-                    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-                else:  # object stores cannot be mapped: read the file once
-                    with fs.open_input_file(path) as f:
-                        table = pa.ipc.open_file(f).read_all()
-                version = (table.schema.metadata or {}).get(b"ditharos.schema_version")
-                if version != str(SCHEMA_VERSION).encode():
-                    raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
-                self._tables[file] = table
-            return self._tables[file]
+            if file in self._open:
+                self._open.move_to_end(file)
+                return self._open[file]
+        table = self._open_checked(file)  # outside the lock: may be slow
+        with self._lock:
+            if file not in self._open:
+                self._open[file] = (table, {})
+                self._open_bytes += table.nbytes
+                self.opened += 1
+                while len(self._open) > 1 and (len(self._open) > self.max_open_shards
+                                               or self._open_bytes > self.max_open_bytes):
+                    _, (old, _) = self._open.popitem(last=False)  # its map closes with its last reference
+                    self._open_bytes -= old.nbytes
+            return self._open[file]
+
+    def _open_checked(self, file: int) -> pa.Table:
+        """Open one shard after checking it is the file that was committed (size; sha256 with verify)."""
+        uri = storage.join(self.data_uri, self.files[file])
+        redo = "re-run the pipeline on this output: it notices the damage and redoes those sources"
+        size = storage.file_size(uri)
+        if size is None:
+            raise ShardError(f"{uri}: shard missing (the clip index points at it); {redo}")
+        if size != self.file_bytes[file]:
+            raise ShardError(f"{uri}: {size} bytes, committed with {self.file_bytes[file]} (truncated or "
+                             f"overwritten); {redo}")
+        if self.verify and storage.sha256(uri) != self.file_sha256[file]:
+            raise ShardError(f"{uri}: content differs from its committed sha256; {redo} (with --verify)")
+        try:
+            return read_shard(uri)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {redo}") from None
+
+    def table(self, file: int) -> pa.Table:
+        return self._entry(file)[0]
 
     def _row(self, file: int, name: str, row: int) -> np.ndarray:
-        """One row of a tensor column: a zero-copy view into the mapped shard."""
-        key = (file, name)
-        if key not in self._chunks:
-            chunks = self.table(file).column(name).chunks
-            starts = np.cumsum([0] + [len(c) for c in chunks])
-            with self._lock:
-                self._chunks[key] = (starts, [c.to_numpy_ndarray() for c in chunks])
-        starts, arrays = self._chunks[key]
+        """One row of a tensor column: a view into the open shard (copy it before the shard may close)."""
+        table, columns = self._entry(file)
+        if name not in columns:
+            chunks = table.column(name).chunks
+            columns[name] = (np.cumsum([0] + [len(c) for c in chunks]), [c.to_numpy_ndarray() for c in chunks])
+        starts, arrays = columns[name]
         c = int(np.searchsorted(starts, row, side="right")) - 1
         return arrays[c][row - starts[c]]
 
     def load(self, clip: ClipRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents (C, T', H', W') float32, text (77, D) float32, text_mask (77,) bool) of one clip."""
-        latents = torch.from_numpy(self._row(clip.file, "latents", clip.row).astype(np.float32))
-        text = torch.from_numpy(self._row(clip.file, "text_embedding", clip.row).astype(np.float32))
+        """(latents (C, T', H', W') float32, text (77, D) float32, text_mask (77,) bool) of one clip (copies)."""
+        latents = torch.from_numpy(as_float32(self._row(clip.file, "latents", clip.row)))
+        if not torch.isfinite(latents).all():
+            raise ShardError(f"{storage.join(self.data_uri, self.files[clip.file])} row {clip.row} "
+                             f"(clip {clip.clip_id}): latents hold NaN or inf; refusing to train on them")
+        text = torch.from_numpy(as_float32(self._row(clip.file, "text_embedding", clip.row)))
         mask = torch.from_numpy(self._row(clip.file, "text_mask", clip.row).astype(bool))
         return latents, text, mask
+
+
+def check_data(data_uri: str, split: str | None = None) -> dict[str, Any]:
+    """Before any worker starts: the manifest reads, the index reads, every shard it names is there
+    at its committed size. Returns the manifest; raises ShardError / ManifestError naming what is wrong.
+
+    The index is streamed in record batches (two columns), so the launcher holds one entry per
+    shard file (~100k at 100M clips), never one per clip; the shards folder is listed once
+    (one LIST per 1,000 objects on object stores).
+    """
+    manifest = read_manifest(data_uri)
+    committed: dict[str, int] = {}
+    flt = (pads.field("split") == split) if split is not None else None
+    for batch in index_dataset(data_uri, manifest).to_batches(columns=["shard", "shard_bytes"], filter=flt):
+        committed.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+    base = storage.canonical(data_uri).rstrip("/") + "/"
+    root = storage.join(data_uri, "shards")
+    found = {u[len(base):]: size for u, size in (storage.list_files(root) if storage.exists(root) else [])}
+    missing = sorted(p for p in committed if p not in found)
+    wrong = sorted(p for p in committed if p in found and found[p] != committed[p])
+    if missing or wrong:
+        first = [f"{p} is missing" for p in missing[:3]] + [
+            f"{p} has {found[p]} bytes, committed with {committed[p]}" for p in wrong[:3]]
+        raise ShardError(f"{data_uri}: {len(missing)} shard file(s) missing and {len(wrong)} of the wrong size "
+                         f"(of {len(committed)}): {'; '.join(first)}; re-run the pipeline on this output: it "
+                         "notices the damage and redoes those sources")
+    return manifest
 
 
 # ---------------------------------------------------------------------------
@@ -189,13 +256,12 @@ def plan_step(token_counts: list[int], order: np.ndarray, state: LoaderState, pa
     """Greedily take clips from `order[state.position:]` while FFD fits them in `packs_per_step` packs.
 
     Returns (packs as clip indices, skipped clip indices, next position). Packs are FFD's
-    plan of the taken clips; a step ends at the first clip that would need one pack more,
-    or at the end of the order.
+    plan of the taken clips (`packing.plan_packs`); a step ends at the first clip that would
+    need one pack more, or at the end of the order. `training.ffd` answers "does FFD still
+    fit?" per clip without re-running FFD over all taken clips.
     """
-    taken: list[int] = []
+    ffd = GrowingFFD(token_budget, packs_per_step)
     skipped: list[int] = []
-    plan: list[list[int]] = []
-    total = 0
     pos = state.position
     while pos < len(order):
         clip = int(order[pos])
@@ -204,16 +270,14 @@ def plan_step(token_counts: list[int], order: np.ndarray, state: LoaderState, pa
             skipped.append(clip)
             pos += 1
             continue
-        if total + n > packs_per_step * token_budget:  # cannot fit: no need to run FFD
+        if ffd.total + n > packs_per_step * token_budget:  # cannot fit: no need to ask FFD
             break
-        trial = plan_packs([token_counts[c] for c in taken + [clip]], token_budget)
-        if len(trial) > packs_per_step:
+        ffd.add(clip, n)
+        if not ffd.fits():
+            ffd.remove_last(n)
             break
-        taken.append(clip)
-        total += n
-        plan = trial
         pos += 1
-    return [[taken[i] for i in p] for p in plan], skipped, pos
+    return ffd.plan(), skipped, pos
 
 
 def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step: int,

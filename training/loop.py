@@ -130,7 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     stage3 = cfg.optim.zero_stage == 3
 
-    index = ShardIndex.open(cfg.data.uri, dit_config(cfg.model.name, **cfg.model.overrides).patch, cfg.data.split)
+    index = ShardIndex.open(cfg.data.uri, dit_config(cfg.model.name, **cfg.model.overrides).patch, cfg.data.split,
+                            cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20))
     model_cfg = model_config_for(cfg, index.manifest)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VideoDiT(model_cfg)

@@ -24,6 +24,10 @@ class DataConfig:
     packs_per_step: int = 2  # packs in one global step; divisible by scaling.num_workers
     token_budget: int = 2688  # tokens per pack (one micro-batch); the demo's largest clip has 2584
     prefetch_depth: int = 2  # steps built ahead in a background thread
+    # Open shards per worker, least recently used closed first. Each open local shard is one
+    # memory map (Linux allows 65,530 per process by default); a remote one is held in memory.
+    max_open_shards: int = 512
+    max_open_mb: float = 16384.0
     # Resuming a checkpoint on shards with another manifest fingerprint changes what the saved
     # data order means; it is refused unless this is set.
     allow_fingerprint_mismatch: bool = False
@@ -32,6 +36,9 @@ class DataConfig:
         if self.packs_per_step < 1 or self.token_budget < 1:
             raise ValueError(f"data: packs_per_step and token_budget must be >= 1, got "
                              f"{self.packs_per_step}, {self.token_budget}")
+        if self.max_open_shards < 1 or self.max_open_mb <= 0:
+            raise ValueError(f"data: max_open_shards must be >= 1 and max_open_mb > 0, got "
+                             f"{self.max_open_shards}, {self.max_open_mb}")
         if self.prefetch_depth < 1:
             raise ValueError(f"data.prefetch_depth must be >= 1, got {self.prefetch_depth}")
 

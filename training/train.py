@@ -38,9 +38,10 @@ import yaml
 from pipeline import storage
 from pipeline.config import ConfigError, dump_yaml, load_config, to_dict
 from pipeline.logs import get_logger
-from pipeline.manifest import read_manifest
+from pipeline.manifest import ManifestError, read_manifest
+from pipeline.shards import ShardError
 from training import checkpoint as ckpt
-from training.data import FingerprintMismatch, check_fingerprint
+from training.data import FingerprintMismatch, check_data, check_fingerprint
 from training.loop import train_loop_per_worker
 from training.metrics import read_metrics
 from training.settings import TrainConfig
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     cfg.data.uri = storage.canonical(cfg.data.uri)  # workers may start in another directory
     run_uri = cfg.run.dir = storage.canonical(cfg.run.dir)
+    try:  # a data problem is one line here, not a traceback in every worker after retries
+        check_data(cfg.data.uri, cfg.data.split)
+    except (ShardError, ManifestError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     latest = check_resume(cfg, run_uri)
     storage.makedirs(run_uri)
     storage.write_bytes_atomic(storage.join(run_uri, "config.yaml"), dump_yaml(cfg).encode())

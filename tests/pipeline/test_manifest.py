@@ -99,7 +99,7 @@ def test_manifest_is_small_deterministic_and_counts_files() -> None:
 
 def test_old_manifest_versions_get_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
-    with pytest.raises(ManifestError, match="schema_version 1, this code reads 2; version 1 outputs"):
+    with pytest.raises(ManifestError, match=f"schema_version 1, this code reads {SCHEMA_VERSION}; version 1 outputs"):
         read_manifest(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run the pipeline first"):
         read_manifest(str(tmp_path / "none"))

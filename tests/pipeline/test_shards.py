@@ -16,6 +16,7 @@ from pipeline.shards import (
     SCHEMA_VERSION,
     TENSOR_COLUMNS,
     ShardError,
+    as_float32,
     clip_id,
     clips_table,
     read_shard,
@@ -116,7 +117,7 @@ def test_read_shard_rejects_wrong_schema_version(tmp_path: Path) -> None:
     table = clips_table(BUCKET, make_columns(4))
     old = table.replace_schema_metadata({**table.schema.metadata, b"ditharos.schema_version": b"0"})
     write_shard(old, str(tmp_path / "old.arrow"))
-    with pytest.raises(ShardError, match=r"old\.arrow: shard schema version b'0', this code reads 2"):
+    with pytest.raises(ShardError, match=rf"old\.arrow: shard schema version b'0', this code reads {SCHEMA_VERSION}"):
         read_shard(str(tmp_path / "old.arrow"))
     write_shard(table.replace_schema_metadata(None), str(tmp_path / "bare.arrow"))
     with pytest.raises(ShardError, match="schema version None"):
@@ -214,3 +215,34 @@ def test_split_of_is_deterministic_and_respects_fraction() -> None:
     # Raising the fraction only moves sources from train to val, never back.
     assert all(b == "val" for a, b in zip(at10, at30) if a == "val")
     assert all(split_of(s, 0.0) == "train" for s in ids)
+
+
+@pytest.mark.parametrize("latent_dtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_latents_round_trip_exactly_in_every_stored_dtype(latent_dtype: str, where: str, tmp_path: Path,
+                                                          request: pytest.FixtureRequest) -> None:
+    """VAE output → the stage's storage encoding → shard → read_shard + as_float32: the value the dtype holds."""
+    import torch
+
+    from pipeline.steps import store_latents
+
+    z = torch.randn(3, *LATENT_SHAPE, generator=torch.Generator().manual_seed(7)) * 40  # spans many exponents
+    cols = make_columns(3)
+    cols["latents"] = [store_latents(z[i], latent_dtype) for i in range(3)]
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        from tests.conftest import s3fs
+
+        s3fs().create_dir(f"rt-{latent_dtype}")
+        uri = f"s3://rt-{latent_dtype}/shards/{BUCKET}/part-00000.arrow"
+    else:
+        uri = str(tmp_path / "part-00000.arrow")
+    write_shard(clips_table(BUCKET, cols), uri)
+    table = read_shard(uri)
+    got = as_float32(tensor(table, "latents"))
+    want = z.to(getattr(torch, latent_dtype)).float().numpy()
+    assert got.dtype == np.float32 and got.shape == (3, *LATENT_SHAPE)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - z.numpy()).max() <= np.abs(z.numpy()).max() * 2.0 ** -8  # a value, not a bit pattern
+    field = table.schema.field("latents")
+    assert (field.metadata or {}).get(b"ditharos.dtype") == (b"bfloat16" if latent_dtype == "bfloat16" else None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import read_shard, tensor
+from pipeline.shards import ShardError, read_shard, tensor
 from tests import datasets
 from tests.pipeline.test_shards import make_columns
 from training.data import (
@@ -223,6 +223,100 @@ def test_packed_tokens_unpack_to_the_stored_latents_and_text(data_dir: Path, ind
                 assert torch.equal(text, torch.from_numpy(txt[m.astype(bool)].astype(np.float32)))
                 checked += 1
     assert checked > 10
+
+
+def test_bfloat16_latents_load_as_values_not_bit_patterns(tmp_path: Path) -> None:
+    """`vae.latent_dtype: bfloat16` shards: the loader sees the latents' values (it once saw raw uint16 bits)."""
+    from pipeline.steps import store_latents
+
+    shape, n = BUCKETS["a"][0], 6
+    z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(3))
+    cols = make_columns(n, bucket="a", seed=3)
+    cols["latents"] = [store_latents(z[i], "bfloat16") for i in range(n)]
+    cols["clip_id"] = [f"clip-bf16-{i}" for i in range(n)]
+    datasets.write_dataset(tmp_path, [cols], FINGERPRINT)
+    idx = ShardIndex.open(str(tmp_path), PATCH, split=None)
+    for clip in idx.clips:
+        latents, _, _ = idx.load(clip)
+        want = z[int(clip.clip_id.rsplit("-", 1)[1])]
+        assert latents.dtype == torch.float32
+        assert torch.equal(latents, want.to(torch.bfloat16).float())
+        assert latents.abs().max() < 10  # bit patterns read as numbers are ~1e4
+
+
+def test_open_shards_stay_within_the_lru_bounds_and_maps_are_released(tmp_path: Path) -> None:
+    """Many shard files, few allowed open: every clip still loads right, and the process's maps stay bounded."""
+    import gc
+
+    shape, parts = BUCKETS["a"][0], []
+    for part in range(24):
+        cols = make_columns(2, bucket="a", seed=part)
+        cols["latents"] = np.random.default_rng(part).standard_normal((2, *shape)).astype(np.float16)
+        cols["clip_id"] = [f"clip-{part:02d}-{i}" for i in range(2)]
+        parts.append(cols)
+    datasets.write_dataset(tmp_path, parts, FINGERPRINT)
+    want = {c: lat for cols in parts for c, lat in zip(cols["clip_id"], cols["latents"])}
+    shard_dir = str(tmp_path / "shards")
+
+    def maps() -> int:
+        gc.collect()
+        return sum(shard_dir in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    idx = ShardIndex.open(str(tmp_path), PATCH, split=None, max_open_shards=3)
+    for rnd in range(2):  # twice over: closed shards reopen
+        for clip in idx.clips:
+            latents, _, _ = idx.load(clip)
+            assert torch.equal(latents, torch.from_numpy(want[clip.clip_id].astype(np.float32)))
+            assert idx.num_open <= 3 and maps() <= 3
+    assert len(idx.files) == 24 and idx.opened == 48
+    one = ShardIndex.open(str(tmp_path), PATCH, split=None, max_open_bytes=1)  # bytes bound: one at a time
+    for clip in one.clips[:6]:
+        one.load(clip)
+        assert one.num_open == 1
+    del idx, one
+    assert maps() == 0
+
+
+def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path) -> None:
+    """Each shard is checked when first opened; bad latents are refused with file and row."""
+    import shutil
+
+    shape, parts = BUCKETS["a"][0], []
+    for part in range(5):
+        cols = make_columns(3, bucket="a", seed=part)
+        cols["latents"] = np.random.default_rng(part).standard_normal((3, *shape)).astype(np.float16)
+        if part == 4:
+            cols["latents"][1, 0, 0, 0, 0] = np.nan
+        cols["clip_id"] = [f"clip-{part}-{i}" for i in range(3)]
+        parts.append(cols)
+    datasets.write_dataset(tmp_path, parts, FINGERPRINT)
+    idx = ShardIndex.open(str(tmp_path), PATCH, split=None)
+    by_part = {int(c.clip_id.split("-")[1]): c for c in idx.clips if c.clip_id.endswith("-1")}
+    path = {p: tmp_path / idx.files[c.file] for p, c in by_part.items()}
+    for p in (0, 1, 2, 3):
+        idx.load(by_part[p])  # all good first
+    data = path[0].read_bytes()
+    path[0].write_bytes(data[: len(data) // 2])  # truncated
+    path[1].unlink()  # missing
+    flipped = bytearray(path[2].read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, other bytes
+    path[2].write_bytes(bytes(flipped))
+    footer = bytearray(path[3].read_bytes())
+    footer[-3:] = b"XYZ"  # the trailing magic: not an Arrow file any more
+    path[3].write_bytes(bytes(footer))
+    fresh = ShardIndex.open(str(tmp_path), PATCH, split=None)
+    with pytest.raises(ShardError, match=rf"{path[0].name}: \d+ bytes, committed with {len(data)} .*re-run the pipeline"):
+        fresh.load(by_part[0])
+    with pytest.raises(ShardError, match=rf"{path[1].name}: shard missing"):
+        fresh.load(by_part[1])
+    fresh.load(by_part[2])  # sizes only: not seen ...
+    with pytest.raises(ShardError, match=rf"{path[2].name}: content differs from its committed sha256"):
+        ShardIndex.open(str(tmp_path), PATCH, split=None, verify=True).load(by_part[2])  # ... verify sees it
+    with pytest.raises(ShardError, match=rf"{path[3].name}: not a readable Arrow shard"):
+        fresh.load(by_part[3])
+    with pytest.raises(ShardError, match=rf"{path[4].name} row \d+ \(clip clip-4-1\): latents hold NaN or inf"):
+        fresh.load(by_part[4])
+    shutil.rmtree(tmp_path)
 
 
 def test_prefetch_yields_the_same_steps_and_reports_wait(index: ShardIndex) -> None:

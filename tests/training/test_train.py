@@ -173,6 +173,23 @@ def test_resume_refusals(demo_data: Path, tmp_path: Path) -> None:
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match="data.allow_fingerprint_mismatch=true"):
         train(other, run_dir, "run.max_steps=4", "optim.total_steps=10", "optim.warmup_steps=1")
+    # Damaged data: one line naming the file, before any worker starts (no retries, no tracebacks).
+    shutil.rmtree(other)
+    shutil.copytree(demo_data, other)
+    victim = sorted(other.glob("shards/*/*.arrow"))[0]
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[:1000])
+    rel = victim.relative_to(other)
+    with pytest.raises(SystemExit, match=rf"0 shard file\(s\) missing and 1 of the wrong size .*{rel} has 1000 bytes, "
+                                         rf"committed with {size}; re-run the pipeline"):
+        train(other, tmp_path / "run2")
+    victim.unlink()
+    with pytest.raises(SystemExit, match=rf"1 shard file\(s\) missing .*{rel} is missing"):
+        train(other, tmp_path / "run2")
+    (other / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match="no manifest.json"):
+        train(other, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()  # refused before the run dir was made
     assert len(rows(run_dir)) == 2  # the refused relaunches touched nothing
 
 
