@@ -1,6 +1,6 @@
 """Pipeline cost per source from 10^2 to 10^4 sources; prints JSON.
 
-    python tests/bench/scale.py [--sizes 200,2000,10000] [--keep DIR]
+    python tests/bench/scale.py [--sizes 200,2000,10000] [--keep DIR] [--set KEY=VALUE ...]
 
 For each N: a generated corpus of N small distinct sources (3 s, 160×128 H.264, one scene
 cut each; distinct bytes), run through the real job (`pipeline/run.py`, tiny random-init
@@ -79,9 +79,10 @@ def peak_rss_of(proc: subprocess.Popen) -> dict[str, float]:
     return peak
 
 
-def run_job(src: Path, out: Path) -> dict:
+def run_job(src: Path, out: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "pipeline/run.py", "--input", str(src), "--output", str(out)],
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "pipeline/run.py", "--input", str(src), "--output", str(out), *sets],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = peak_rss_of(proc)
     stdout, stderr = proc.communicate()
@@ -123,14 +124,14 @@ def run_bare(src: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(n: int, tmp: Path) -> dict:
+def measure(n: int, tmp: Path, overrides: list[str]) -> dict:
     src, out = tmp / f"src-{n}", tmp / f"out-{n}"
     t = time.perf_counter()
     make_corpus(src, n)
     gen_s = time.perf_counter() - t
-    job = run_job(src, out)
+    job = run_job(src, out, overrides)
     bare_s = run_bare(src)
-    resume = run_job(src, out)
+    resume = run_job(src, out, overrides)
     manifest = json.loads((out / "manifest.json").read_text())
     state_bytes = sum(p.stat().st_size for p in (out / "_state").rglob("*") if p.is_file())
     return {
@@ -150,6 +151,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="200,2000,10000")
     p.add_argument("--keep", help="keep corpora and outputs in this folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline config override for the job runs, e.g. compute.sources_per_task=16")
     p.add_argument("--bare", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare:
@@ -160,14 +163,14 @@ def main() -> None:
     try:
         runs = []
         for n in sizes:
-            runs.append(measure(n, tmp))
+            runs.append(measure(n, tmp, args.set))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     first, last = runs[0], runs[-1]
     result = {
-        "machine": {"cpus": os.cpu_count()}, "runs": runs,
+        "machine": {"cpus": os.cpu_count()}, "overrides": args.set, "runs": runs,
         "per_source_ratio": round(last["per_source_s"] / first["per_source_s"], 3),
         "driver_rss_growth_mb_per_1k_sources": round(
             (last["driver_peak_rss_mb"] - first["driver_peak_rss_mb"]) / ((last["sources"] - first["sources"]) / 1000),
