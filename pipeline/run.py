@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pipeline/run.py`: import the package, not sibling files
@@ -101,6 +101,7 @@ class Resume:
     status: object | None = None  # STATUS_SCHEMA rows per committed source (a Table or a Dataset)
     skip_clip_ids: frozenset[str] = frozenset()  # committed clips of sources not yet complete
     incomplete: int = 0
+    shards: dict[str, int] = field(default_factory=dict)  # committed shard path → size, from the one listing
 
 
 def _list(uri: str) -> list[tuple[str, int]]:
@@ -118,8 +119,7 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
         named = {r["uri"]: r["shard"] for r in shards}
     else:
         named = {u: record_shard(u) for u in uris}
-    base = storage.canonical(out).rstrip("/") + "/"
-    sizes = {u[len(base):]: s for u, s in _list(storage.join(out, "shards"))}
+    sizes = storage.list_relative(out, "shards")
     checksums = None
     if verify:
         checksums = {r["path"]: r["sha"] for r in ray.data.from_items([{"path": p} for p in sizes]).map(
@@ -139,11 +139,13 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
     valid = [(u, s) for u, s in records if u not in check.damaged]
     if not valid:
         return Resume([])
+    gone = set(check.debris) | {named[r]["path"] for r in check.damaged}
+    shards = {p: size for p, size in sizes.items() if p not in gone}
     if sum(s for _, s in valid) <= cfg.compute.small_state_mb * 2**20:
         table = pa.concat_tables([read_record(u).replace_schema_metadata(None) for u, _ in valid])
         status = status_block(table)
         incomplete = status.filter(pc.invert(status["complete"])).to_pylist()
-        resume = Resume(valid, table=table, status=status)
+        resume = Resume(valid, table=table, status=status, shards=shards)
     else:
         from ray.data.expressions import col
 
@@ -151,7 +153,7 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
             num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).materialize()
         status = by_source.map_batches(status_block, batch_format="pyarrow", batch_size=None).materialize()
         incomplete = status.filter(expr=col("complete") == False).take_all()  # noqa: E712
-        resume = Resume(valid, by_source=by_source, status=status)
+        resume = Resume(valid, by_source=by_source, status=status, shards=shards)
     resume.skip_clip_ids = frozenset(c for r in incomplete for c in r["committed_ids"])
     resume.incomplete = len(incomplete)
     return resume
@@ -375,14 +377,12 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
         if not storage.exists(storage.join(out, rejects_rel)):
             _write_parquet(resume.by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None),
                            out, rejects_rel)
-    if resume.records:
-        base = storage.canonical(out).rstrip("/") + "/"
-        for uri, _ in _list(storage.join(out, "shards")):
-            bucket = uri[len(base):].split("/")[1]
-            shard_files[bucket] = shard_files.get(bucket, 0) + 1
-            if bucket not in shapes:  # one footer per bucket
-                schema = read_shard(uri).schema
-                shapes[bucket] = {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+    for path in sorted(resume.shards):
+        bucket = path.split("/")[1]
+        shard_files[bucket] = shard_files.get(bucket, 0) + 1
+        if bucket not in shapes:  # one footer per bucket
+            schema = read_shard(storage.join(out, path)).schema
+            shapes[bucket] = {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
     fault_point("during_index")
     manifest = build_manifest(digest=digest, totals=totals, fingerprint=fingerprint, bucket_specs=specs,
                               bucket_shapes=shapes, shard_files=shard_files)

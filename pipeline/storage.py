@@ -62,6 +62,15 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
+def list_relative(root: str, sub: str) -> dict[str, int]:
+    """Files below `root`/`sub` (recursive) as {path relative to root: size}; {} when there is none."""
+    uri = join(root, sub)
+    if not exists(uri):
+        return {}
+    base = canonical(root).rstrip("/") + "/"
+    return {u[len(base):]: size for u, size in list_files(uri)}
+
+
 def list_files(uri: str) -> list[tuple[str, int]]:
     """All regular files below `uri` (recursive), as (uri, size_bytes), sorted."""
     fs, path = resolve(uri)

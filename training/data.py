@@ -43,10 +43,12 @@ import torch
 from pipeline import storage
 from pipeline.manifest import index_dataset, read_index, read_manifest
 from pipeline.shards import ShardError, as_float32, read_shard
+from pipeline.state import check_shards
 from training.ffd import GrowingFFD
 from training.packing import PackedBatch, Patch, num_patches, pack
 
 log = logging.getLogger("ditharos.data")
+REDO = "re-run the pipeline on this output: it notices the damage and redoes those sources"
 
 
 # ---------------------------------------------------------------------------
@@ -149,19 +151,18 @@ class ShardIndex:
     def _open_checked(self, file: int) -> pa.Table:
         """Open one shard after checking it is the file that was committed (size; sha256 with verify)."""
         uri = storage.join(self.data_uri, self.files[file])
-        redo = "re-run the pipeline on this output: it notices the damage and redoes those sources"
         size = storage.file_size(uri)
         if size is None:
-            raise ShardError(f"{uri}: shard missing (the clip index points at it); {redo}")
+            raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}")
         if size != self.file_bytes[file]:
             raise ShardError(f"{uri}: {size} bytes, committed with {self.file_bytes[file]} (truncated or "
-                             f"overwritten); {redo}")
+                             f"overwritten); {REDO}")
         if self.verify and storage.sha256(uri) != self.file_sha256[file]:
-            raise ShardError(f"{uri}: content differs from its committed sha256; {redo} (with --verify)")
+            raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} (with --verify)")
         try:
             return read_shard(uri)
         except (pa.ArrowInvalid, OSError) as e:
-            raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {redo}") from None
+            raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {REDO}") from None
 
     def table(self, file: int) -> pa.Table:
         return self._entry(file)[0]
@@ -200,17 +201,14 @@ def check_data(data_uri: str, split: str | None = None) -> dict[str, Any]:
     flt = (pads.field("split") == split) if split is not None else None
     for batch in index_dataset(data_uri, manifest).to_batches(columns=["shard", "shard_bytes"], filter=flt):
         committed.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-    base = storage.canonical(data_uri).rstrip("/") + "/"
-    root = storage.join(data_uri, "shards")
-    found = {u[len(base):]: size for u, size in (storage.list_files(root) if storage.exists(root) else [])}
-    missing = sorted(p for p in committed if p not in found)
-    wrong = sorted(p for p in committed if p in found and found[p] != committed[p])
-    if missing or wrong:
-        first = [f"{p} is missing" for p in missing[:3]] + [
-            f"{p} has {found[p]} bytes, committed with {committed[p]}" for p in wrong[:3]]
+    found = storage.list_relative(data_uri, "shards")
+    # the pipeline's own check of records against the listing (files no clip names are not ours to judge)
+    damaged = check_shards({p: {"path": p, "bytes": b} for p, b in committed.items()}, found).damaged
+    missing = [why for p, why in damaged.items() if p not in found]
+    wrong = [why for p, why in damaged.items() if p in found]
+    if damaged:
         raise ShardError(f"{data_uri}: {len(missing)} shard file(s) missing and {len(wrong)} of the wrong size "
-                         f"(of {len(committed)}): {'; '.join(first)}; re-run the pipeline on this output: it "
-                         "notices the damage and redoes those sources")
+                         f"(of {len(committed)}): {'; '.join(missing[:3] + wrong[:3])}; {REDO}")
     return manifest
 
 
