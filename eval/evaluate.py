@@ -29,7 +29,7 @@ from pipeline.captions import keyframe_indices
 from pipeline.clip_model import ClipModel, load_clip
 from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
-from training.data import ShardIndex
+from training.index import ShardIndex
 from training.sample import load_data_models, load_sampler, write_video
 
 log = get_logger("eval.evaluate")

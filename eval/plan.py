@@ -24,9 +24,8 @@ import torch
 from eval.fvd import MIN_FRAMES
 from eval.settings import EVAL_SECTIONS, NightlyConfig
 from pipeline.config import to_dict
-from pipeline.shards import as_float32, tensor
 from pipeline.vae import VideoVAE
-from training.data import ShardIndex
+from training.index import ClipRef, ShardIndex
 from training.sample import read_prompts_file
 
 
@@ -89,18 +88,13 @@ class EvalPlan:
 
 
 def list_clips(index: ShardIndex) -> list[RealClip]:
-    """Every clip of the shards with the scalar columns eval needs, sorted by clip id."""
-    columns: dict[int, dict[str, list]] = {}
-    out = []
-    for c in index.clips:
-        if c.file not in columns:
-            table = index.table(c.file)
-            columns[c.file] = {k: table.column(k).to_pylist()
-                               for k in ("split", "caption", "width_px", "height_px", "num_frames")}
-        col = columns[c.file]
-        out.append(RealClip(c.clip_id, col["split"][c.row], c.bucket, c.file, c.row, col["caption"][c.row],
-                            col["width_px"][c.row], col["height_px"][c.row], col["num_frames"][c.row]))
-    return out
+    """Every clip with the scalar columns eval needs, sorted by clip id: from the clip index
+    (opened with `scalars=True`), no shard is opened."""
+    if index.scalars is None:
+        raise ValueError("list_clips needs ShardIndex.open(..., scalars=True)")
+    col = {k: index.scalars.column(k).to_pylist() for k in ("split", "caption", "width_px", "height_px", "num_frames")}
+    return [RealClip(c.clip_id, col["split"][i], c.bucket, c.file, c.row, col["caption"][i], col["width_px"][i],
+                     col["height_px"][i], col["num_frames"][i]) for i, c in enumerate(index.clips)]
 
 
 def choose_num_frames(clips: list[RealClip]) -> int:
@@ -154,8 +148,9 @@ def plan_videos(reals: list[RealClip], prompts: list[str], seed: int, num_videos
 
 
 def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
-    """Read the shards' scalar columns (latents stay on disk) and fix the night's eval set."""
-    index = ShardIndex.open(data_uri, (1, 1, 1), split=None)  # patch (1, 1, 1): every latent shape fits
+    """Read the clip index's scalar columns (shards stay closed) and fix the night's eval set."""
+    # patch (1, 1, 1): every latent shape fits
+    index = ShardIndex.open(data_uri, (1, 1, 1), split=None, scalars=True)
     clips = list_clips(index)
     r = cfg.reals
     reals, frames, held_out = choose_reals(clips, r.split, r.allow_train, r.max_clips, r.num_frames)
@@ -174,9 +169,8 @@ def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
 
 
 def read_latents(index: ShardIndex, clip: RealClip) -> torch.Tensor:
-    """A clip's latents (C, T', H', W') as float32; bfloat16 latents are stored as uint16 bits."""
-    raw = tensor(index.table(clip.file).slice(clip.row, 1), "latents")[0]  # (C, T', H', W')
-    return torch.from_numpy(as_float32(raw))
+    """A clip's latents (C, T', H', W') as float32 (the training reader: checked shard, finite values)."""
+    return index.latents(ClipRef(clip.clip_id, clip.bucket, clip.file, clip.row, 0))  # (C, T', H', W')
 
 
 def decode_reals(index: ShardIndex, vae: VideoVAE, reals: list[RealClip], num_frames: int) -> Iterator[np.ndarray]:

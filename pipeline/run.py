@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -479,6 +480,14 @@ def main(argv: list[str] | None = None) -> dict:
         lease.release()
 
 
+def _rss_mb() -> float:
+    """This process's resident set now (Linux), else its peak."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: float) -> dict:
     import ray
 
@@ -495,12 +504,14 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
     fingerprint = {"config_sha256": config_hash(data_config(cfg)), "models": fingerprints,
                    "buckets": to_dict(cfg.buckets), "code_version": code_version()}
     phases: dict[str, float] = {"start": time.perf_counter() - t_start}
+    rss = {"after_start": _rss_mb()}  # driver memory at each phase's end: what grows with the corpus shows here
     mark = time.perf_counter()
 
     def phase(name: str) -> None:
         nonlocal mark
         now = time.perf_counter()
         phases[name] = phases.get(name, 0.0) + now - mark
+        rss[f"after_{name}"] = _rss_mb()
         mark = now
 
     resume = read_state(ray, out, cfg, verify)
@@ -548,6 +559,8 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
                      "records": stats.get("records", 0)},
         "wall_s": round(time.perf_counter() - t_start, 2),
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "driver_rss_mb": {**{k: round(v, 1) for k, v in rss.items()},
+                          "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
     }
     storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary

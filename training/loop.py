@@ -38,7 +38,9 @@ from pipeline.config import dump_yaml, from_dict
 from pipeline.logs import get_logger
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.data import Loader, LoaderState, Prefetcher, ShardIndex, Step, check_fingerprint
+from training.cache import ShardCache
+from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
+from training.index import DATA_ERRORS, ShardIndex
 from training.flops import train_step_flops
 from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
 from training.model import DiTConfig, dit_config
@@ -79,8 +81,7 @@ def pack_loss_weight(step_tokens: int, world_size: int, grad_accumulation: int) 
 
 def filler_pack(index: ShardIndex, token_budget: int) -> PackedBatch:
     """A one-clip pack (the index's smallest clip) for weight-0 micro-batches on short steps."""
-    clip = min(index.clips, key=lambda c: (c.num_tokens, c.clip_id))
-    latents, text, mask = index.load(clip)
+    latents, text, mask = index.load(index.smallest_clip())
     return pack([latents], [text], index.patch, token_budget, text_mask=[mask])
 
 
@@ -106,8 +107,27 @@ def pack_flops(model_cfg: DiTConfig, packs: list[PackedBatch]) -> float:
 # ---------------------------------------------------------------------------
 
 
+def data_error_uri(run_uri: str, launch_id: str) -> str:
+    """Where a worker leaves the data error that stopped it (training/train.py watches for it)."""
+    return storage.join(run_uri, "_errors", f"data-{launch_id}.txt")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker. `config` = {"cfg": TrainConfig as a dict, "run_uri": run dir path or URI}."""
+    """One Ray Train worker. `config` = {"cfg": TrainConfig as a dict, "run_uri": run dir path or URI,
+    "launch_id": this launch}.
+
+    Damaged or unusable data (training.index.DATA_ERRORS) fails the same way on every retry:
+    the error is left in the run dir for the launcher, which stops the run with that one line
+    instead of letting Ray Train restart the workers `run.max_failures` times.
+    """
+    try:
+        _train(config)
+    except DATA_ERRORS as e:
+        storage.write_bytes_atomic(data_error_uri(config["run_uri"], config.get("launch_id", "")), str(e).encode())
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, config["cfg"])
     run_uri = config["run_uri"]
     on_gpu = cfg.scaling.use_gpu
@@ -131,7 +151,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stage3 = cfg.optim.zero_stage == 3
 
     index = ShardIndex.open(cfg.data.uri, dit_config(cfg.model.name, **cfg.model.overrides).patch, cfg.data.split,
-                            cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20))
+                            cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20), cfg.data.verify)
+    if not storage.is_local(cfg.data.uri):
+        index.use_cache(ShardCache(cfg.data.cache_dir or str(Path(tempfile.gettempdir()) / "ditharos-shard-cache"),
+                                   int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
     model_cfg = model_config_for(cfg, index.manifest)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VideoDiT(model_cfg)
@@ -139,19 +162,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Rank 0 keeps the fp32 EMA; made before deepspeed.initialize, which partitions ZeRO-3 weights.
     ema = EMA(model, cfg.optim.ema_decay) if rank == 0 and cfg.optim.ema_decay > 0 else None
     # ---- resume (a relaunch, or Ray Train restarting the group after a failure) ----
-    restored = ray.train.get_checkpoint()
-    ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
-    source = None if restored is None else storage.to_uri(restored.filesystem, restored.path)
-    saved = None if source is None else ckpt.read_state(source)
+    # Always the newest *intact* checkpoint on storage (what the launcher announced): Ray Train's
+    # registered one may be older (a worker died after reporting, before Ray Train polled it)
+    # or damaged (a file lost since), and loading a damaged one fails on every retry.
+    registered = ray.train.get_checkpoint()
+    registered = None if registered is None else storage.to_uri(registered.filesystem, registered.path)
     on_disk = ckpt.latest_complete(run_uri)
-    if on_disk is not None and (saved is None or saved.steps_done < on_disk[0]):
-        # Reported, but not yet registered by Ray Train when a worker died: still the newest state.
-        if rank == 0:
-            log.info("using %s: complete on storage but not registered by Ray Train (registered: %s)",
-                     on_disk[1], source)
-        fs, path = storage.resolve(on_disk[1])
-        restored, source = ray.train.Checkpoint(path=path, filesystem=fs), on_disk[1]
-        saved = ckpt.read_state(source)
+    source = None if on_disk is None else on_disk[1]
+    if rank == 0 and registered is not None and registered != source:
+        log.warning("Ray Train's checkpoint %s is not the newest intact one; resuming from %s", registered,
+                    source or "step 0 (no intact checkpoint)")
+    ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
+    restored, saved = None, None
+    if source is not None:
+        fs, path = storage.resolve(source)
+        restored, saved = ray.train.Checkpoint(path=path, filesystem=fs), ckpt.read_state(source)
     if restored is not None:
         d = _checkpoint_dir(restored)
         check_fingerprint(saved.data_fingerprint, index.manifest, cfg.data.allow_fingerprint_mismatch)
@@ -196,7 +221,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "; universal checkpoint" if universal else "")
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
-                    token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state)
+                    token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
+                    fetch_ahead=cfg.data.fetch_ahead_steps)
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)
     filler = filler_pack(index, cfg.data.token_budget)
     share = cfg.micro_batches
@@ -286,6 +312,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                        step.step + 1 - steps_done))
     finally:
         steps.close()
+        if index.cache is not None:
+            index.cache.close()
+            log.info("rank %d shard cache: %d download(s), %.1f MB, %d hit(s), %.2f s waited", rank,
+                     index.cache.downloads, index.cache.downloaded_bytes / 2**20, index.cache.hits, index.cache.wait_s)
         if runlog is not None:
             runlog.close()
 

@@ -28,6 +28,17 @@ class DataConfig:
     # memory map (Linux allows 65,530 per process by default); a remote one is held in memory.
     max_open_shards: int = 512
     max_open_mb: float = 16384.0
+    # Also check each shard's committed sha256 when a worker first opens it (reads the shard once
+    # more). Sizes, Arrow footers and finite latents are always checked; `--verify` sets this.
+    verify: bool = False
+    # Remote shards (s3://, gs://) are downloaded whole into a node-local cache shared by the
+    # node's workers (training/cache.py), `fetch_ahead_steps` steps before a step reads them.
+    # Size the cache to hold several steps' shards of all the node's workers; "" = the system
+    # temp folder. Local data is memory-mapped in place and never cached.
+    cache_dir: str = ""
+    cache_mb: float = 65536.0
+    fetch_ahead_steps: int = 4
+    fetch_threads: int = 8
     # Resuming a checkpoint on shards with another manifest fingerprint changes what the saved
     # data order means; it is refused unless this is set.
     allow_fingerprint_mismatch: bool = False
@@ -39,6 +50,9 @@ class DataConfig:
         if self.max_open_shards < 1 or self.max_open_mb <= 0:
             raise ValueError(f"data: max_open_shards must be >= 1 and max_open_mb > 0, got "
                              f"{self.max_open_shards}, {self.max_open_mb}")
+        if self.cache_mb <= 0 or self.fetch_ahead_steps < 0 or self.fetch_threads < 1:
+            raise ValueError(f"data: cache_mb must be > 0, fetch_ahead_steps >= 0 and fetch_threads >= 1, got "
+                             f"{self.cache_mb}, {self.fetch_ahead_steps}, {self.fetch_threads}")
         if self.prefetch_depth < 1:
             raise ValueError(f"data.prefetch_depth must be >= 1, got {self.prefetch_depth}")
 
@@ -63,11 +77,16 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # When the cluster cannot place num_workers now: seconds to wait for it to grow (an
+    # autoscaling cluster adds nodes on demand) before refusing with one line; 0 refuses at once.
+    resource_wait_s: float = 0.0
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError(f"scaling: num_workers and cpus_per_worker must be >= 1, got "
                              f"{self.num_workers}, {self.cpus_per_worker}")
+        if self.resource_wait_s < 0:
+            raise ValueError(f"scaling.resource_wait_s must be >= 0, got {self.resource_wait_s}")
 
 
 @dataclass

@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python training/train.py`: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -41,8 +44,10 @@ from pipeline.logs import get_logger
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.shards import ShardError
 from training import checkpoint as ckpt
-from training.data import FingerprintMismatch, check_data, check_fingerprint
-from training.loop import train_loop_per_worker
+from training.data import FingerprintMismatch, check_fingerprint
+from training.index import check_data
+from training.preflight import check_resources
+from training.loop import data_error_uri, train_loop_per_worker
 from training.metrics import read_metrics
 from training.settings import TrainConfig
 
@@ -53,7 +58,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML config file (default: the demo settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
+    p.add_argument("--verify", action="store_true",
+                   help="check each shard's committed sha256 when a worker first opens it (sets data.verify)")
     return p.parse_args(argv)
+
+
+def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float = 0.5) -> Any:
+    """trainer.fit(), unless a worker reports a data error first: then stop Ray and exit with it.
+
+    Ray Train restarts a failed worker group up to run.max_failures times whatever the error;
+    damaged data fails identically each time, so the workers leave the error at `marker_uri`
+    (training.loop.train_loop_per_worker) and this stops the run on it (one storage HEAD per poll).
+    """
+    done: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 — re-raised below
+            done["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True, name="ditharos-fit")
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(poll_s)
+            if storage.exists(marker_uri):
+                message = storage.read_bytes(marker_uri).decode()
+                ray.shutdown()  # stops the workers and Ray Train's retries
+                sys.exit(f"error: {message}")
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: fit() in its thread would not see it
+        ray.shutdown()
+        sys.exit("interrupted: workers stopped; launch the same command again to resume from the latest checkpoint")
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
 
 
 def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
@@ -72,7 +111,10 @@ def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
                      f"Use another run.dir to start a new run.")
         if allowed:
             log.info("relaunch of %s with changed settings: %s", run_uri, ", ".join(allowed))
-    found = ckpt.latest_complete(run_uri)
+    found, newest = ckpt.latest_complete(run_uri), ckpt.latest_checkpoint(run_uri)
+    if newest is not None and (found is None or found[1] != newest):
+        log.warning("checkpoint %s is incomplete or damaged (a rank's file is missing or empty): resuming "
+                    "from %s", newest, found[1] if found else "step 0")
     if found is None:
         return None
     latest = found[1]
@@ -91,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(TrainConfig, args.config, args.set)
     except (ConfigError, ValueError) as e:
         sys.exit(f"config error: {e}")
+    cfg.data.verify = cfg.data.verify or args.verify
     t_start = time.perf_counter()
     cfg.data.uri = storage.canonical(cfg.data.uri)  # workers may start in another directory
     run_uri = cfg.run.dir = storage.canonical(cfg.run.dir)
@@ -103,10 +146,15 @@ def main(argv: list[str] | None = None) -> dict:
     storage.write_bytes_atomic(storage.join(run_uri, "config.yaml"), dump_yaml(cfg).encode())
 
     ray.init(ignore_reinit_error=True)
+    try:
+        check_resources(ray, cfg.scaling)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    launch_id = uuid.uuid4().hex[:12]
     s, parent = cfg.scaling, run_uri.rstrip("/").rsplit("/", 1)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_uri": run_uri},
+        train_loop_config={"cfg": to_dict(cfg), "run_uri": run_uri, "launch_id": launch_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -118,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             # DeepSpeed picks its accelerator at import; on CPU workers it must not probe for CUDA.
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not s.use_gpu else None),
     )
-    result = trainer.fit()
+    result = fit_or_data_error(trainer, data_error_uri(run_uri, launch_id))
     if result.error:
         raise result.error
 

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from tests.bench.packing import TEXT_DIM, TEXT_TOKENS, draw_mix  # noqa: E402
 from tests.datasets import write_dataset  # noqa: E402
 from tests.pipeline.test_shards import make_columns  # noqa: E402
-from training.data import Loader, ShardIndex  # noqa: E402
+from training.data import Loader  # noqa: E402
+from training.index import ShardIndex  # noqa: E402
 from training.flops import PEAK_BF16_FLOPS, train_step_flops  # noqa: E402
 from training.flow import FlowConfig, flow_loss  # noqa: E402
 from training.model import DIT_MODELS, dit_config  # noqa: E402

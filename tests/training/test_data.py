@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.shards import ShardError, read_shard, tensor
 from tests import datasets
 from tests.pipeline.test_shards import make_columns
@@ -19,11 +20,11 @@ from training.data import (
     Loader,
     LoaderState,
     Prefetcher,
-    ShardIndex,
     check_fingerprint,
     epoch_order,
     plan_steps,
 )
+from training.index import ShardIndex
 from training.packing import plan_packs, unpack
 
 PATCH = (1, 2, 2)
@@ -109,6 +110,40 @@ def test_index_lists_clips_sorted_with_token_counts(data_dir: Path, index: Shard
     val = ShardIndex.open(str(data_dir), PATCH, split="val")
     assert len(everything.clips) == len(index.clips) + len(val.clips) == sum(sum(r) for _, r in BUCKETS.values())
     assert val.clips and all(c.clip_id not in train for c in val.clips)
+
+
+def test_columnar_index_matches_the_shards_and_eval_lists_clips_without_opening_one(data_dir: Path) -> None:
+    """Every ClipRef made from the columns points at its own row; eval's real clips come from the index alone."""
+    from eval.plan import list_clips
+
+    idx = ShardIndex.open(str(data_dir), PATCH, split=None, scalars=True)
+    clips = list_clips(idx)
+    assert idx.opened == 0  # the index said it all
+    assert len(clips) == len(idx.clips) == len(idx.clip_ids)
+    for ref, real in zip(idx.clips, clips):
+        table = read_shard(str(data_dir / idx.files[ref.file]))
+        row = table.slice(ref.row, 1).to_pylist()[0]
+        assert (row["clip_id"], row["bucket"]) == (ref.clip_id, ref.bucket) == (real.clip_id, real.bucket)
+        assert (row["split"], row["caption"], row["width_px"], row["height_px"], row["num_frames"]) == \
+            (real.split, real.caption, real.width_px, real.height_px, real.num_frames)
+    assert idx.clips[-1] == idx.clips[len(idx.clips) - 1] and list(idx.clips)[0] == idx.clips[0]
+    with pytest.raises(IndexError):
+        idx.clips[len(idx.clips)]
+    small = idx.smallest_clip()
+    assert small == min(idx.clips, key=lambda c: (c.num_tokens, c.clip_id))
+    with pytest.raises(ValueError, match="scalars=True"):
+        list_clips(ShardIndex.open(str(data_dir), PATCH, split=None))
+
+
+def test_index_naming_an_unknown_bucket_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    del manifest["buckets"]["b"]
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="names bucket\\(s\\) the manifest does not, e.g. 'b'"):
+        ShardIndex.open(str(tmp_path / "d"), PATCH, split=None)
 
 
 def test_order_depends_on_seed_and_epoch_only() -> None:
@@ -277,7 +312,7 @@ def test_open_shards_stay_within_the_lru_bounds_and_maps_are_released(tmp_path: 
     assert maps() == 0
 
 
-def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path) -> None:
+def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each shard is checked when first opened; bad latents are refused with file and row."""
     import shutil
 
@@ -295,6 +330,13 @@ def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path) -> None
     path = {p: tmp_path / idx.files[c.file] for p, c in by_part.items()}
     for p in (0, 1, 2, 3):
         idx.load(by_part[p])  # all good first
+    once = ShardIndex.open(str(tmp_path), PATCH, split=None, max_open_shards=1, verify=True)
+    hashed: list[str] = []
+    real_sha256 = storage.sha256
+    monkeypatch.setattr(storage, "sha256", lambda uri: hashed.append(uri) or real_sha256(uri))
+    for p in (0, 3, 0, 3):  # reopened after eviction: a verified shard is not hashed again
+        once.load(by_part[p])
+    assert len(hashed) == 2 and once.opened == 4
     data = path[0].read_bytes()
     path[0].write_bytes(data[: len(data) // 2])  # truncated
     path[1].unlink()  # missing
@@ -310,8 +352,10 @@ def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path) -> None
     with pytest.raises(ShardError, match=rf"{path[1].name}: shard missing"):
         fresh.load(by_part[1])
     fresh.load(by_part[2])  # sizes only: not seen ...
+    checked = ShardIndex.open(str(tmp_path), PATCH, split=None, verify=True)
     with pytest.raises(ShardError, match=rf"{path[2].name}: content differs from its committed sha256"):
-        ShardIndex.open(str(tmp_path), PATCH, split=None, verify=True).load(by_part[2])  # ... verify sees it
+        checked.load(by_part[2])  # ... verify sees it
+
     with pytest.raises(ShardError, match=rf"{path[3].name}: not a readable Arrow shard"):
         fresh.load(by_part[3])
     with pytest.raises(ShardError, match=rf"{path[4].name} row \d+ \(clip clip-4-1\): latents hold NaN or inf"):

@@ -259,3 +259,106 @@ def test_killed_worker_restores_from_checkpoint(demo_data: Path, tmp_path: Path)
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == list(range(steps))  # each step once, none lost
     assert (run_dir / f"checkpoint-{steps:08d}" / "trainer_state.json").is_file()
+
+
+def launch(demo: Path, run_dir: Path, *overrides: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """training/train.py as a user starts it (its own local Ray), output in run_dir.parent/train.log."""
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(REPO / "training/train.py"), "--config", DEMO_CONFIG, "--set", f"data.uri={demo}",
+           "--set", f"run.dir={run_dir}", *[a for o in overrides for a in ("--set", o)], *extra]
+    log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def poison_latents(data: Path) -> list[Path]:
+    """Every shard's latents set to NaN, same byte size (the committed size still matches)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.shards import read_shard, table_bytes
+
+    shards = sorted(data.glob("shards/*/*.arrow"))
+    for path in shards:
+        table = read_shard(str(path))
+        col = table.column("latents").combine_chunks()
+        values = col.to_numpy_ndarray().copy()
+        values[...] = 0x7FC0 if values.dtype == np.uint16 else np.nan  # bfloat16 bits or a float NaN
+        poisoned = table.set_column(table.schema.get_field_index("latents"), table.schema.field("latents"),
+                                    pa.FixedShapeTensorArray.from_numpy_ndarray(values).cast(col.type))
+        data_bytes = table_bytes(poisoned)
+        assert len(data_bytes) == path.stat().st_size
+        path.write_bytes(data_bytes)
+    return shards
+
+
+def test_data_errors_in_workers_stop_the_run_once_with_one_line(demo_data: Path, tmp_path: Path) -> None:
+    """Damage only a worker can see (NaN latents at the committed size) is not retried as a worker failure."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    shards = poison_latents(data)
+    run_dir = tmp_path / "run"
+    assert finish(launch(data, run_dir, "run.max_failures=3", "run.max_steps=3"), 300) == 1
+    text = (tmp_path / "run.log").read_text()
+    last = text.strip().splitlines()[-1]
+    assert re.match(r"error: .*shards/.*\.arrow row \d+ \(clip .*\): latents hold NaN or inf", last), text[-3000:]
+    # One worker group (2 workers) ran: a restart would start new worker processes.
+    assert 1 <= len(set(re.findall(r"RayTrainWorker pid=(\d+)", text))) <= 2, text[-3000:]
+    assert not (run_dir / "metrics.jsonl").exists()
+    # With --verify the same shards fail their recorded checksum first.
+    run2 = tmp_path / "run2"
+    assert finish(launch(data, run2, "run.max_steps=3", extra=("--verify",)), 300) == 1
+    last = (tmp_path / "run2.log").read_text().strip().splitlines()[-1]
+    assert re.match(r"error: .*\.arrow: content differs from its committed sha256", last), last
+    assert any(p.name in last for p in shards)
+
+
+def test_too_many_workers_are_refused_before_training(demo_data: Path, tmp_path: Path) -> None:
+    proc = launch(demo_data, tmp_path / "run", "scaling.num_workers=100", "data.packs_per_step=100")
+    assert finish(proc, 120) == 1
+    last = (tmp_path / "run.log").read_text().strip().splitlines()[-1]
+    assert re.match(r"error: scaling.num_workers=100 needs 100 × \{'CPU': 1.0\} but the cluster \(1 node\(s\), "
+                    r"\d+ CPU\) holds \d+ such worker\(s\)", last), last
+
+
+def test_ctrl_c_stops_the_run_and_a_relaunch_resumes(demo_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = ("run.checkpoint_every=2", "optim.total_steps=40", "run.log_every=1")
+    proc = launch(demo_data, run_dir, "run.max_steps=40", *common)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
+    assert finish(proc, 60) == 1  # within a minute (it once ignored Ctrl-C and retried forever)
+    text = (tmp_path / "run.log").read_text()
+    assert text.strip().splitlines()[-1].startswith("interrupted: workers stopped"), text[-3000:]
+    assert "Traceback" not in text.split("interrupted:")[0][-2000:]
+    assert 3 <= len(rows(run_dir)) < 40
+    assert finish(launch(demo_data, run_dir, "run.max_steps=40", *common), 300) == 0
+    assert [r["step"] for r in rows(run_dir)] == list(range(40))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_the_workers_too(demo_data: Path, tmp_path: Path) -> None:
+    """One ZeRO optimizer file of the newest checkpoint lost: launcher and workers both resume the older one."""
+    run_dir = tmp_path / "run"
+    common = ("run.checkpoint_every=2", "optim.total_steps=10", "optim.warmup_steps=1")
+    assert finish(launch(demo_data, run_dir, "run.max_steps=4", *common), 300) == 0
+    first = rows(run_dir)
+    (run_dir / "checkpoint-00000004" / "deepspeed" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert finish(launch(demo_data, run_dir, "run.max_steps=6", "run.max_failures=0", *common), 300) == 0
+    text = (tmp_path / "run.log").read_text()
+    assert "checkpoint-00000004 is incomplete or damaged" in text and "resuming from" in text, text[-3000:]
+    assert "resumed from" in text and "checkpoint-00000002: step 2" in text, text[-3000:]
+    again = rows(run_dir)
+    assert [r["step"] for r in again] == list(range(6))
+    assert [r["loss"] for r in again[2:4]] == [r["loss"] for r in first[2:4]]  # 2-3 redone, exactly

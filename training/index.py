@@ -1,0 +1,301 @@
+"""Which clips a dataset holds and where: the columnar clip list, lazily opened shards, launch checks.
+
+`ShardIndex.open` reads the pipeline's clip index (Parquet, a few columns) — never a shard —
+and keeps one row per clip in numpy / Arrow columns: at 1M clips that is ~60 MB, where a
+Python object per clip was ~600 MB and several seconds to build. Shards are opened (memory-
+mapped when local, through `pipeline.shards.read_shard`, the one shard reader) the first time
+one of their clips is loaded, checked against their committed size (and sha256 with verify),
+and kept in an LRU bounded by count and bytes, so 100k+ shard files stay far from Linux's
+default `vm.max_map_count` of 65,530.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+
+from pipeline import storage
+from pipeline.manifest import ManifestError, index_dataset, read_index, read_manifest
+from pipeline.shards import ShardError, as_float32, read_shard
+from pipeline.state import check_shards
+from training.cache import ShardCache
+from training.packing import Patch, num_patches
+
+class DataError(ValueError):
+    """The data cannot be trained on as configured; retrying the workers would fail the same way."""
+
+
+# Raised by a worker, these stop the run (training/train.py) instead of restarting the workers.
+DATA_ERRORS = (ShardError, ManifestError, DataError)
+REDO = "re-run the pipeline on this output: it notices the damage and redoes those sources"
+# What ShardIndex keeps of the index besides its own columns, when asked (eval's real clips).
+SCALAR_COLUMNS = ("split", "caption", "width_px", "height_px", "num_frames", "clip_score")
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """Where one clip lives and how many tokens it packs into."""
+
+    clip_id: str
+    bucket: str
+    file: int  # index into ShardIndex.files
+    row: int
+    num_tokens: int
+
+
+class ClipList(Sequence):
+    """`index.clips[i]` → ClipRef, made on demand from the columns (no object per clip is kept)."""
+
+    def __init__(self, index: ShardIndex) -> None:
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index.num_tokens)
+
+    def __getitem__(self, i: int | slice) -> ClipRef | list[ClipRef]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        x = self._index
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"clip {i} of {len(self)}")
+        return ClipRef(x.clip_ids[i].as_py(), x.bucket_names[x.bucket_code[i]], int(x.file_of[i]), int(x.row_of[i]),
+                       int(x.num_tokens[i]))
+
+    def __iter__(self) -> Iterator[ClipRef]:
+        return (self[i] for i in range(len(self)))
+
+
+class ShardIndex:
+    """Every clip of a dataset (optionally one split), sorted by clip_id; shards opened lazily, LRU-bounded."""
+
+    def __init__(self, data_uri: str, manifest: dict[str, Any], patch: Patch, max_open_shards: int = 512,
+                 max_open_bytes: int = 16 << 30, verify: bool = False) -> None:
+        self.data_uri = data_uri
+        self.manifest = manifest
+        self.patch = tuple(patch)
+        self.max_open_shards, self.max_open_bytes = max_open_shards, max_open_bytes
+        self.verify = verify  # also check each shard's sha256 when it is first opened (reads it whole)
+        # One entry per clip, sorted by clip_id:
+        self.clip_ids: pa.Array = pa.array([], pa.string())
+        self.bucket_code = np.zeros(0, np.int32)  # → bucket_names
+        self.file_of = np.zeros(0, np.int32)  # → files
+        self.row_of = np.zeros(0, np.int64)
+        self.num_tokens = np.zeros(0, np.int64)
+        self.scalars: pa.Table | None = None  # SCALAR_COLUMNS asked for at open, same row order
+        self.bucket_names: list[str] = []
+        # One entry per shard file, sorted by path (relative to data_uri):
+        self.files: list[str] = []
+        self.file_bytes: list[int] = []  # committed size
+        self.file_sha256: list[str] = []
+        # file → (table, {column: (chunk starts, chunk arrays)}); views die with their table
+        self._open: OrderedDict[int, tuple[pa.Table, dict[str, tuple[np.ndarray, list[np.ndarray]]]]] = OrderedDict()
+        self._open_bytes = 0
+        self._verified: set[int] = set()  # files whose sha256 matched (a re-open after eviction skips it)
+        self.opened = 0  # shard opens so far (re-opens after eviction count again)
+        self.cache: ShardCache | None = None  # remote shards through a node-local cache (use_cache)
+        self._lock = threading.Lock()  # the prefetch thread and the main thread may both open files
+
+    @classmethod
+    def open(cls, data_uri: str, patch: Patch, split: str | None = "train", max_open_shards: int = 512,
+             max_open_bytes: int = 16 << 30, verify: bool = False, scalars: bool = False) -> ShardIndex:
+        """Read the manifest and list its clips from the clip index; `split=None` keeps every clip.
+
+        No shard is opened here. `scalars=True` also keeps SCALAR_COLUMNS (eval's real clips).
+        """
+        manifest = read_manifest(data_uri)
+        index = cls(data_uri, manifest, patch, max_open_shards, max_open_bytes, verify)
+        index.bucket_names = sorted(manifest["buckets"])
+        tokens = np.zeros(len(index.bucket_names), np.int64)
+        for i, bucket in enumerate(index.bucket_names):
+            try:
+                tokens[i] = math.prod(num_patches(tuple(manifest["buckets"][bucket]["latent_shape"]), index.patch))
+            except ValueError as e:
+                raise ValueError(f"bucket {bucket!r}: {e}") from None
+        columns = ["clip_id", "bucket", "shard", "row"] + (list(SCALAR_COLUMNS) if scalars else [])
+        table = read_index(data_uri, manifest, columns, split=split).sort_by([("clip_id", "ascending")])
+        ids = table["clip_id"].combine_chunks()
+        same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
+        if pc.any(same).as_py():
+            first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
+            raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
+        index.clip_ids = ids
+        codes = pc.index_in(table["bucket"], value_set=pa.array(index.bucket_names, pa.string()))
+        if codes.null_count:
+            raise ShardError(f"{data_uri}: the clip index names bucket(s) the manifest does not, e.g. "
+                             f"{table['bucket'].filter(pc.is_null(codes))[0].as_py()!r}")
+        index.bucket_code = codes.to_numpy().astype(np.int32)
+        index.num_tokens = tokens[index.bucket_code]
+        index.row_of = table["row"].to_numpy().astype(np.int64)
+        index._files_from(table["shard"], split)
+        if scalars:
+            index.scalars = table.select(list(SCALAR_COLUMNS))
+        return index
+
+    def _files_from(self, shard: pa.ChunkedArray, split: str | None) -> None:
+        """files (sorted), file_of per clip, and each file's committed size and sha256."""
+        names = pc.unique(shard).sort()
+        self.files = names.to_pylist()
+        self.file_of = pc.index_in(shard, value_set=names).to_numpy(zero_copy_only=False).astype(np.int32)
+        committed = per_file(self.data_uri, self.manifest, split, ["shard_bytes", "shard_sha256"])
+        self.file_bytes = [committed[f][0] for f in self.files]
+        self.file_sha256 = [committed[f][1] for f in self.files]
+
+    @property
+    def clips(self) -> ClipList:
+        return ClipList(self)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]["data_sha256"]
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
+    def smallest_clip(self) -> ClipRef:
+        """The clip with the fewest tokens (ties: the smallest clip_id, i.e. the first)."""
+        return self.clips[int(np.argmin(self.num_tokens))]
+
+    def _entry(self, file: int) -> tuple[pa.Table, dict]:
+        """The open shard (`pipeline.shards.read_shard`: mapped when local), opening it and closing the LRU ones."""
+        with self._lock:
+            if file in self._open:
+                self._open.move_to_end(file)
+                return self._open[file]
+        table = self._open_checked(file)  # outside the lock: may be slow
+        with self._lock:
+            if file not in self._open:
+                self._open[file] = (table, {})
+                self._open_bytes += table.nbytes
+                self.opened += 1
+                while len(self._open) > 1 and (len(self._open) > self.max_open_shards
+                                               or self._open_bytes > self.max_open_bytes):
+                    _, (old, _) = self._open.popitem(last=False)  # its map closes with its last reference
+                    self._open_bytes -= old.nbytes
+            return self._open[file]
+
+    def use_cache(self, cache: ShardCache | None) -> None:
+        """Read remote shards through a node-local cache (local data never goes through one)."""
+        self.cache = cache if not storage.is_local(self.data_uri) else None
+
+    def prefetch(self, files: list[int]) -> None:
+        """Start fetching these shards into the cache (no-op without one, or when open/cached)."""
+        if self.cache is None:
+            return
+        for f in files:
+            if f not in self._open:
+                self.cache.prefetch(storage.join(self.data_uri, self.files[f]), self.file_bytes[f],
+                                    self.file_sha256[f])
+
+    def _open_checked(self, file: int) -> pa.Table:
+        """Open one shard after checking it is the file that was committed (size; sha256 with verify)."""
+        uri = storage.join(self.data_uri, self.files[file])
+        if self.cache is not None:
+            return self._open_cached(file, uri)
+        size = storage.file_size(uri)
+        if size is None:
+            raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}")
+        if size != self.file_bytes[file]:
+            raise ShardError(f"{uri}: {size} bytes, committed with {self.file_bytes[file]} (truncated or "
+                             f"overwritten); {REDO}")
+        if self.verify and file not in self._verified:
+            if storage.sha256(uri) != self.file_sha256[file]:
+                raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} (found by data.verify)")
+            self._verified.add(file)
+        try:
+            return read_shard(uri)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {REDO}") from None
+
+    def _open_cached(self, file: int, uri: str) -> pa.Table:
+        """A remote shard from the node cache (downloaded whole, size-checked), memory-mapped from there."""
+        for attempt in range(2):
+            local = self.cache.get(uri, self.file_bytes[file], self.file_sha256[file])
+            try:
+                if self.verify and file not in self._verified:
+                    if storage.sha256(str(local)) != self.file_sha256[file]:
+                        local.unlink(missing_ok=True)
+                        raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} "
+                                         "(found by data.verify)")
+                    self._verified.add(file)
+                return read_shard(str(local))
+            except FileNotFoundError:  # evicted by another worker between get and open: fetch again
+                if attempt:
+                    raise
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {REDO}") from None
+        raise AssertionError("unreachable")
+
+    def table(self, file: int) -> pa.Table:
+        return self._entry(file)[0]
+
+    def _row(self, file: int, name: str, row: int) -> np.ndarray:
+        """One row of a tensor column: a view into the open shard (copy it before the shard may close)."""
+        table, columns = self._entry(file)
+        if name not in columns:
+            chunks = table.column(name).chunks
+            columns[name] = (np.cumsum([0] + [len(c) for c in chunks]), [c.to_numpy_ndarray() for c in chunks])
+        starts, arrays = columns[name]
+        c = int(np.searchsorted(starts, row, side="right")) - 1
+        return arrays[c][row - starts[c]]
+
+    def latents(self, clip: ClipRef) -> torch.Tensor:
+        """A clip's latents (C, T', H', W') float32 (a copy); non-finite values are refused naming file and row."""
+        latents = torch.from_numpy(as_float32(self._row(clip.file, "latents", clip.row)))
+        if not torch.isfinite(latents).all():
+            raise ShardError(f"{storage.join(self.data_uri, self.files[clip.file])} row {clip.row} "
+                             f"(clip {clip.clip_id}): latents hold NaN or inf; refusing to use them")
+        return latents
+
+    def load(self, clip: ClipRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents (C, T', H', W') float32, text (77, D) float32, text_mask (77,) bool) of one clip (copies)."""
+        latents = self.latents(clip)
+        text = torch.from_numpy(as_float32(self._row(clip.file, "text_embedding", clip.row)))
+        mask = torch.from_numpy(self._row(clip.file, "text_mask", clip.row).astype(bool))
+        return latents, text, mask
+
+
+def per_file(data_uri: str, manifest: dict[str, Any], split: str | None, columns: list[str]) -> dict[str, tuple]:
+    """shard path → (the given per-file columns) from the clip index, streamed in record batches:
+    memory is one entry per shard file (~100k at 100M clips), never one per clip."""
+    out: dict[str, tuple] = {}
+    flt = (pads.field("split") == split) if split is not None else None
+    for batch in index_dataset(data_uri, manifest).to_batches(columns=["shard", *columns], filter=flt):
+        if not batch.num_rows:
+            continue
+        paths, first = np.unique(batch.column(0).to_numpy(zero_copy_only=False), return_index=True)
+        values = [batch.column(i + 1).take(pa.array(first)).to_pylist() for i in range(len(columns))]
+        out.update(zip(paths.tolist(), zip(*values)))
+    return out
+
+
+def check_data(data_uri: str, split: str | None = None) -> dict[str, Any]:
+    """Before any worker starts: the manifest reads, the index reads, every shard it names is there
+    at its committed size. Returns the manifest; raises ShardError / ManifestError naming what is wrong.
+
+    The index is streamed in record batches (two columns), so the launcher holds one entry per
+    shard file (~100k at 100M clips), never one per clip; the shards folder is listed once
+    (one LIST per 1,000 objects on object stores).
+    """
+    manifest = read_manifest(data_uri)
+    committed = {p: v[0] for p, v in per_file(data_uri, manifest, split, ["shard_bytes"]).items()}
+    found = storage.list_relative(data_uri, "shards")
+    # the pipeline's own check of records against the listing (files no clip names are not ours to judge)
+    damaged = check_shards({p: {"path": p, "bytes": b} for p, b in committed.items()}, found).damaged
+    missing = [why for p, why in damaged.items() if p not in found]
+    wrong = [why for p, why in damaged.items() if p in found]
+    if damaged:
+        raise ShardError(f"{data_uri}: {len(missing)} shard file(s) missing and {len(wrong)} of the wrong size "
+                         f"(of {len(committed)}): {'; '.join(missing[:3] + wrong[:3])}; {REDO}")
+    return manifest
