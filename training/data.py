@@ -7,7 +7,8 @@ count:
   * `training.index.ShardIndex` lists every clip as (bucket, file, row) with its token count,
     taken from the bucket's latent shape and the patch, sorted by `clip_id` (so the shard
     layout does not matter either).
-  * `epoch_order(n, seed, epoch)` is a permutation of that list.
+  * `epoch_order(n, seed, epoch, ...)` is a permutation of that list (uniform, or shuffled
+    within windows of shard files for remote data: see there).
   * A global step takes the next clips of the order while first-fit-decreasing
     (`plan_packs`) still fits them into `packs_per_step` packs of `token_budget` tokens.
     Clips larger than the budget are skipped and counted.
@@ -48,9 +49,27 @@ log = logging.getLogger("ditharos.data")
 # ---------------------------------------------------------------------------
 
 
-def epoch_order(num_clips: int, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's permutation of clip indices: a function of (seed, epoch) only."""
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_clips)
+def epoch_order(num_clips: int, seed: int, epoch: int, file_of: np.ndarray | None = None,
+                window_shards: int = 0) -> np.ndarray:
+    """The epoch's permutation of clip indices: a function of (seed, epoch) and the index only.
+
+    window_shards = 0: one uniform permutation of all clips. Every step then reads from all
+    over the dataset — right for memory-mapped local shards (only the pages read are read),
+    wrong for remote ones, which a node downloads whole: with a cache smaller than the dataset
+    each shard would be downloaded again for nearly every clip it holds (measured: 17× the
+    dataset's bytes over 2 epochs with a cache of half of it, tests/bench/loader_scale.py).
+    window_shards = W > 0 (the shuffle of WebDataset / MosaicML Streaming, made exact and
+    resumable): the shard files are permuted, cut into windows of W files, and the clips of
+    each window are permuted among themselves; windows follow each other. A step then reads
+    from one or two windows, so a node cache holding ~2 windows downloads each shard once per
+    epoch. Larger W mixes more (W · clips per shard candidates for each position).
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    if window_shards <= 0 or file_of is None:
+        return rng.permutation(num_clips)
+    rank = rng.permutation(int(file_of.max()) + 1 if len(file_of) else 0)  # file → its place this epoch
+    window = rank[file_of] // window_shards
+    return np.lexsort((rng.random(num_clips), window))  # by window, then randomly within it
 
 
 @dataclass(frozen=True)
@@ -110,13 +129,13 @@ def plan_step(token_counts: list[int], order: np.ndarray, state: LoaderState, pa
 
 
 def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step: int,
-               token_budget: int) -> Iterator[StepPlan]:
+               token_budget: int, window_shards: int = 0) -> Iterator[StepPlan]:
     """Global step plans from `state` on, endlessly over epochs."""
     counts = index.num_tokens.tolist()  # plan_step indexes it per clip: list items are the fastest
     if not any(n <= token_budget for n in counts):
         raise DataError(f"no clip of {index.data_uri} fits a pack of {token_budget} tokens "
                          f"(smallest has {min(counts, default=0)})")
-    epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch)
+    epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch, index.file_of, window_shards)
     while True:
         skipped: list[int] = []
         packs: list[list[int]] = []
@@ -124,7 +143,7 @@ def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step:
             if state.position >= len(order):
                 state = LoaderState(state.epoch + 1, 0, state.step)
             if state.epoch != epoch:
-                epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch)
+                epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch, index.file_of, window_shards)
             packs, more, pos = plan_step(counts, order, state, packs_per_step, token_budget)
             skipped += more
             state = LoaderState(state.epoch, pos, state.step)
@@ -168,9 +187,11 @@ class Loader:
     """This worker's steps of the global plan, built from (seed, state) and the worker's rank."""
 
     def __init__(self, index: ShardIndex, *, seed: int, packs_per_step: int, token_budget: int,
-                 rank: int = 0, world_size: int = 1, state: LoaderState | None = None, fetch_ahead: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, state: LoaderState | None = None, fetch_ahead: int = 0,
+                 window_shards: int = 0) -> None:
         self.index = index
         self.fetch_ahead = fetch_ahead  # steps whose shards are asked for ahead (index.prefetch) before built
+        self.window_shards = window_shards  # epoch_order's shuffle window (0: all clips)
         self.seed = seed
         self.packs_per_step = packs_per_step
         self.token_budget = token_budget
@@ -179,7 +200,8 @@ class Loader:
         self.num_skipped = 0  # oversized clips passed over so far (this loader's steps only)
 
     def plans(self) -> Iterator[StepPlan]:
-        return plan_steps(self.index, self.state, self.seed, self.packs_per_step, self.token_budget)
+        return plan_steps(self.index, self.state, self.seed, self.packs_per_step, self.token_budget,
+                          self.window_shards)
 
     def build(self, plan: StepPlan) -> Step:
         """Read this worker's clips of a step from the shards and pack them."""

@@ -222,7 +222,7 @@ def _train(config: dict[str, Any]) -> None:
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
                     token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
-                    fetch_ahead=cfg.data.fetch_ahead_steps)
+                    fetch_ahead=cfg.data.fetch_ahead_steps, window_shards=cfg.data.shuffle_window_shards)
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)
     filler = filler_pack(index, cfg.data.token_budget)
     share = cfg.micro_batches

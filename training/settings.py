@@ -33,8 +33,15 @@ class DataConfig:
     verify: bool = False
     # Remote shards (s3://, gs://) are downloaded whole into a node-local cache shared by the
     # node's workers (training/cache.py), `fetch_ahead_steps` steps before a step reads them.
-    # Size the cache to hold several steps' shards of all the node's workers; "" = the system
-    # temp folder. Local data is memory-mapped in place and never cached.
+    # Size it for (fetch_ahead_steps + 1) steps' shards of the node's workers plus two shuffle
+    # windows (smaller: fetched shards are evicted before use and fetched again); disk in use
+    # can exceed cache_mb by the evicted shards workers still hold open (≤ max_open_mb each).
+    # "" = the system temp folder. Local data is memory-mapped in place and never cached.
+    # 0: each epoch is one uniform permutation of all clips (best for local, memory-mapped data).
+    # W > 0: shard files permuted and cut into windows of W, clips permuted within a window —
+    # for remote data, so that a node cache of ~2 windows downloads each shard once per epoch
+    # (training/data.py epoch_order). Part of the data order: fixed for a run.
+    shuffle_window_shards: int = 0
     cache_dir: str = ""
     cache_mb: float = 65536.0
     fetch_ahead_steps: int = 4
@@ -50,6 +57,8 @@ class DataConfig:
         if self.max_open_shards < 1 or self.max_open_mb <= 0:
             raise ValueError(f"data: max_open_shards must be >= 1 and max_open_mb > 0, got "
                              f"{self.max_open_shards}, {self.max_open_mb}")
+        if self.shuffle_window_shards < 0:
+            raise ValueError(f"data.shuffle_window_shards must be >= 0, got {self.shuffle_window_shards}")
         if self.cache_mb <= 0 or self.fetch_ahead_steps < 0 or self.fetch_threads < 1:
             raise ValueError(f"data: cache_mb must be > 0, fetch_ahead_steps >= 0 and fetch_threads >= 1, got "
                              f"{self.cache_mb}, {self.fetch_ahead_steps}, {self.fetch_threads}")

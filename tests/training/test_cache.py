@@ -150,3 +150,26 @@ def test_missing_and_resized_remote_shards_are_named(remote: tuple, tmp_path: Pa
         index.load(by_file[1])
     index.load(by_file[2])  # the others still load
     assert not list((tmp_path / "cache").glob("*.part-*"))
+
+
+@pytest.mark.parametrize("window", [2, 0])
+def test_shuffle_windows_download_each_shard_once_per_epoch_with_a_small_cache(remote: tuple, tmp_path: Path,
+                                                                             window: int) -> None:
+    """A cache of 8 of 12 shards: windows of 2 shards → 12 downloads an epoch; a uniform order → many more."""
+    uri, _, local = remote
+    cache = ShardCache(str(tmp_path / "cache"), 8 * max(shard_bytes(local)))
+    index = ShardIndex.open(uri, PATCH, split=None, max_open_shards=2)  # re-reads must go through the cache
+    index.use_cache(cache)
+    # fetch_ahead=0: nothing of the next epoch is fetched before the count below
+    loader = Loader(index, seed=3, packs_per_step=2, token_budget=24, fetch_ahead=0, window_shards=window)
+    clips = 0
+    for step in loader:
+        clips += sum(map(len, step.clip_ids))
+        if step.state.epoch > 0:  # the epoch's last step
+            break
+    assert clips == 36
+    if window:
+        assert cache.downloads == 12
+    else:
+        assert cache.downloads > 12
+    cache.close()

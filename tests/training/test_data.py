@@ -87,7 +87,7 @@ def step_ids(step: Any) -> list[str]:
 
 def epoch_steps(index: ShardIndex, epoch: int = 0, **kw: Any) -> list[Any]:
     """The global plans of one epoch."""
-    plans = plan_steps(index, LoaderState(epoch, 0, 0), kw.get("seed", 7), PACKS, BUDGET)
+    plans = plan_steps(index, LoaderState(epoch, 0, 0), kw.get("seed", 7), PACKS, BUDGET, kw.get("window_shards", 0))
     out = []
     for p in plans:
         out.append(p)
@@ -153,6 +153,21 @@ def test_order_depends_on_seed_and_epoch_only() -> None:
     assert sorted(epoch_order(50, 3, 1)) == list(range(50))
 
 
+def test_shuffle_windows_keep_each_windows_shards_together() -> None:
+    """window_shards=W: an epoch is windows of W whole shard files, clips shuffled inside each; W=0 is unchanged."""
+    file_of = np.repeat(np.arange(10), 7)  # 10 files of 7 clips
+    order = epoch_order(len(file_of), 3, 1, file_of, window_shards=3)
+    assert sorted(order) == list(range(70))
+    assert np.array_equal(order, epoch_order(70, 3, 1, file_of, 3))
+    assert not np.array_equal(order, epoch_order(70, 3, 2, file_of, 3))
+    windows = [order[i:i + 21] for i in (0, 21, 42)] + [order[63:]]  # 3, 3, 3 and 1 files
+    files = [set(file_of[w].tolist()) for w in windows]
+    assert [len(f) for f in files] == [3, 3, 3, 1] and set().union(*files) == set(range(10))
+    assert files[0] != {0, 1, 2}  # the files themselves were permuted
+    assert not np.array_equal(windows[0], np.sort(windows[0]))  # and the clips inside a window
+    assert np.array_equal(epoch_order(70, 3, 1, file_of, 0), epoch_order(70, 3, 1))  # uniform as before
+
+
 def test_same_seed_same_steps_other_epoch_other_steps(index: ShardIndex) -> None:
     run1 = [step_ids(s) for s in islice(loader(index), 3)]
     run2 = [step_ids(s) for s in islice(loader(index), 3)]
@@ -201,11 +216,12 @@ def test_packs_fit_budget_and_step_size(index: ShardIndex) -> None:
                    for b in step.packs)
 
 
-def test_worker_count_does_not_change_the_global_step(index: ShardIndex) -> None:
-    n = len(epoch_steps(index)) + 2  # across an epoch boundary
-    one = [step_ids(s) for s in islice(loader(index), n)]
+@pytest.mark.parametrize("window", [0, 2])
+def test_worker_count_does_not_change_the_global_step(index: ShardIndex, window: int) -> None:
+    n = len(epoch_steps(index, window_shards=window)) + 2  # across an epoch boundary
+    one = [step_ids(s) for s in islice(loader(index, window_shards=window), n)]
     for world in (2, 4):
-        shards = [list(islice(loader(index, rank=r, world_size=world), n)) for r in range(world)]
+        shards = [list(islice(loader(index, rank=r, world_size=world, window_shards=window), n)) for r in range(world)]
         for k in range(n):
             assert sorted(c for w in shards for c in step_ids(w[k])) == one[k]
             assert sum(len(w[k].packs) for w in shards) == shards[0][k].num_packs
@@ -216,17 +232,19 @@ def test_worker_count_does_not_change_the_global_step(index: ShardIndex) -> None
         loader(index, rank=2, world_size=2)
 
 
-def test_resume_with_other_worker_count_neither_skips_nor_repeats(index: ShardIndex) -> None:
-    n, k = len(epoch_steps(index)) + 3, 2
-    straight = [[step_ids(s) for s in islice(loader(index, rank=r, world_size=2), n)] for r in range(2)]
+@pytest.mark.parametrize("window", [0, 2])
+def test_resume_with_other_worker_count_neither_skips_nor_repeats(index: ShardIndex, window: int) -> None:
+    n, k = len(epoch_steps(index, window_shards=window)) + 3, 2
+    straight = [[step_ids(s) for s in islice(loader(index, rank=r, world_size=2, window_shards=window), n)]
+                for r in range(2)]
     straight_global = [sorted(a + b) for a, b in zip(*straight)]
-    first = list(islice(loader(index, rank=0, world_size=2), k + 1))
+    first = list(islice(loader(index, rank=0, world_size=2, window_shards=window), k + 1))
     saved = json.loads(json.dumps(first[k].state.to_dict()))  # through a checkpoint file
     state = LoaderState.from_dict(saved)
     assert state == first[k].state and state.step == k + 1
-    resumed = [step_ids(s) for s in islice(loader(index, state=state), n - k - 1)]
+    resumed = [step_ids(s) for s in islice(loader(index, state=state, window_shards=window), n - k - 1)]
     assert resumed == straight_global[k + 1:]
-    epoch0 = [c for ids in straight_global[:len(epoch_steps(index))] for c in ids]
+    epoch0 = [c for ids in straight_global[:len(epoch_steps(index, window_shards=window))] for c in ids]
     assert len(epoch0) == len(set(epoch0))
 
 
