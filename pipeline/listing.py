@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import storage
@@ -156,6 +157,14 @@ def classify(cfg: InputConfig, files: list[tuple[str, int, int]]) -> Iterator[Ro
         if uri not in used:
             yield listing_row(uri, size, mtime, candidate=False,
                               reason=f"not a video: {sniff_other(head) if size else 'empty file'}")
+
+
+# The columns of listing_row, typed: every block of the listing is cast to it, so an empty block
+# (a folder with no files, an empty shuffle partition) cannot carry null-typed columns into a
+# shuffle, whose reduce step concatenates blocks and needs one schema.
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
+                            ("sniffed", pa.string()), ("sidecars", pa.string()), ("source_meta", pa.string()),
+                            ("candidate", pa.bool_()), ("reason", pa.string())])
 
 
 def listing_row(uri: str, size_bytes: int, mtime_ns: int, *, sniffed: str = "", sidecars: list[str] = (),

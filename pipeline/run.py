@@ -44,7 +44,7 @@ from pipeline.config import ConfigError, config_hash, dump_yaml, load_config, to
 from pipeline.dedupe import dedupe_block
 from pipeline.faults import fault_point
 from pipeline.lease import LeaseHeld, acquire
-from pipeline.listing import InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
+from pipeline.listing import LISTING_SCHEMA, InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
 from pipeline.logs import get_logger
 from pipeline.manifest import build_manifest, read_manifest, records_digest, write_manifest
 from pipeline.preflight import OutputError, Plan, preflight, record_settings
@@ -194,15 +194,41 @@ def listing_dataset(ray, cfg: PipelineConfig, plan: Plan):
     return reader[plan.input_kind](path, filesystem=fs).map(make_listing_row_fn(plan.input_uri))
 
 
+DEDUPE_INPUT_SCHEMA = LISTING_SCHEMA.append(pa.field("committed_id", pa.string()))
+
+
+def with_committed_id(t: pa.Table) -> pa.Table:
+    """A listing block, typed (see LISTING_SCHEMA), with an empty committed_id: not committed yet."""
+    if t.num_rows == 0:
+        return DEDUPE_INPUT_SCHEMA.empty_table()
+    t = t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
+    return t.append_column("committed_id", pa.array([""] * t.num_rows, pa.string()))
+
+
+def non_empty_blocks(ray, ds):
+    """The materialized `ds` without its blocks of no rows.
+
+    Ray Data hands a block with no rows (a folder task that listed nothing, an empty partition)
+    to no map stage, so it keeps no columns, or its reader's; a hash shuffle's reduce then fails
+    to concatenate it with typed blocks (`ArrowInvalid: Schema at index 1 was different`, seen
+    at 2,000 sources with compute.small_state_mb=0). The driver holds one ref per block.
+    """
+    refs = [e.ref for bundle in ds.iter_internal_ref_bundles() for e in bundle.blocks
+            if e.metadata.num_rows is None or e.metadata.num_rows > 0]
+    return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(DEDUPE_INPUT_SCHEMA.empty_table())
+
+
 def committed_rows(status_table: pa.Table) -> pa.Table:
-    """Complete committed sources as listing-shaped rows for the dedupe shuffle."""
+    """Complete committed sources as listing-shaped rows for the dedupe shuffle (typed even when empty)."""
+    if status_table.num_rows == 0:
+        return DEDUPE_INPUT_SCHEMA.empty_table()
     done = status_table.filter(status_table["complete"])
     n = done.num_rows
     return pa.table({
         "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": done["mtime_ns"],
         "sniffed": [""] * n, "sidecars": ["[]"] * n, "source_meta": ["{}"] * n, "candidate": [True] * n,
         "reason": [""] * n, "committed_id": done["source_id"],
-    })
+    }, schema=DEDUPE_INPUT_SCHEMA)
 
 
 class Router:
@@ -233,13 +259,11 @@ def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
     model when there is nothing to do, and a long listing is not mistaken for a stall by the
     watchdog of the streaming stages.
     """
-    listing = listing_dataset(ray, cfg, plan).map_batches(
-        lambda t: t.append_column("committed_id", pa.array([""] * t.num_rows, pa.string())),
-        batch_format="pyarrow")
+    listing = listing_dataset(ray, cfg, plan).map_batches(with_committed_id, batch_format="pyarrow")
     if resume.status is not None:  # what earlier runs committed takes part in dedupe (and is skipped)
         status = ray.data.from_arrow(resume.status) if isinstance(resume.status, pa.Table) else resume.status
         listing = listing.union(status.map_batches(committed_rows, batch_format="pyarrow"))
-    listing = listing.materialize()
+    listing = non_empty_blocks(ray, listing.materialize())
     if listing.size_bytes() <= cfg.compute.small_state_mb * 2**20:
         grouped = listing.repartition(1)  # every size group in one block: no shuffle
     else:  # rows of one size meet in one block: duplicates are found without the driver

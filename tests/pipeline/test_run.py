@@ -161,6 +161,8 @@ def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
     shutil.copy(sample_clips["carphone_pristine"], src / "b" / "copy.mp4")
     shutil.copy(sample_clips["carphone_pristine"], src / "a copy.mp4")
     (src / "notes.md").write_text("not a video")
+    (src / "empty" / "deeper").mkdir(parents=True)  # folder tasks that list nothing: empty blocks in the shuffle
+    (src / "nothing").mkdir()
     found = []
     for mb in (64.0, 0.0):
         cfg = PipelineConfig()
@@ -171,6 +173,44 @@ def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
     dups = [r for r in found[0] if r[2]]
     carphone = sorted(str(p) for p in src.rglob("*.mp4") if p.read_bytes() == sample_clips["carphone_pristine"].read_bytes())
     assert [r[0] for r in dups] == carphone[1:] and {r[2] for r in dups} == {carphone[0]}
+
+
+def test_dedupe_inputs_are_typed_even_when_empty() -> None:
+    """An empty folder task or an empty status partition once fed null-typed columns into the
+    dedupe shuffle (2,000-source re-run with compute.small_state_mb=0: ArrowInvalid in its reduce)."""
+    import pyarrow as pa
+
+    from pipeline.listing import listing_row
+    from pipeline.run import DEDUPE_INPUT_SCHEMA, committed_rows, with_committed_id
+    from pipeline.state import STATUS_SCHEMA
+
+    assert committed_rows(STATUS_SCHEMA.empty_table()).schema == DEDUPE_INPUT_SCHEMA
+    assert with_committed_id(pa.table({})).schema == DEDUPE_INPUT_SCHEMA
+    rows = with_committed_id(pa.Table.from_pylist([listing_row("/v/a.mp4", 10, -1)]))
+    assert rows.schema == DEDUPE_INPUT_SCHEMA and rows["committed_id"].to_pylist() == [""]
+    status = pa.Table.from_pylist([], schema=STATUS_SCHEMA)
+    assert committed_rows(status).num_rows == 0
+
+
+def test_empty_listing_blocks_stay_out_of_the_dedupe_shuffle(ray_local: None) -> None:
+    """Ray Data skips map stages on a block with no rows, which then has no columns at all."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.listing import listing_row
+    from pipeline.run import non_empty_blocks, with_committed_id
+
+    def list_task(task: dict) -> list[dict]:
+        return [listing_row(f"/v/{task['n']}-{i}.mp4", 100 + i % 3, -1) for i in range(task["n"])]
+
+    ds = (ray.data.from_items([{"n": 0}, {"n": 30}, {"n": 20}], override_num_blocks=3).flat_map(list_task)
+          .map_batches(with_committed_id, batch_format="pyarrow").materialize())
+    schemas = [ray.get(r).schema.names for r in ds.to_arrow_refs()]
+    assert [] in schemas  # the empty block: no columns, so a shuffle could not concatenate it
+    kept = non_empty_blocks(ray, ds)
+    assert all(ray.get(r).schema.names for r in kept.to_arrow_refs())
+    assert kept.repartition(num_blocks=4, keys=["size_bytes"]).count() == 50
+    assert non_empty_blocks(ray, ray.data.from_arrow(pa.table({"a": pa.array([], pa.int64())}))).count() == 0
 
 
 @pytest.mark.parametrize("point", POINTS)
