@@ -130,6 +130,8 @@ def attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh)."""
+    if not q.dtype == k.dtype == v.dtype:  # a kernel would reject it, or auto would silently pick flex
+        raise TypeError(f"attention needs one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     if backend == "auto":
         backend = pick_backend(q)
     if backend not in _IMPLS:

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from training.model import DiTConfig
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+# Dense (no sparsity) bf16 peak TFLOP/s per device, from NVIDIA's data sheets; the MFU denominator.
+# Matched as substrings of torch.cuda.get_device_name, first match wins: the PCIe / NVL parts
+# (lower clocks and power) come before the SXM names they contain.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+    ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its CUDA name (e.g. "NVIDIA H100 80GB HBM3"), None when unknown."""
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return value
+    return None
 
 
 def forward_flops(cfg: DiTConfig, lengths: list[int], text_lengths: list[int]) -> float:

@@ -21,12 +21,11 @@ import torch
 
 from pipeline import storage
 from training.checkpoint import keep_rows_before
+from training.flops import peak_bf16_tflops
 
 METRICS_FILE = "metrics.jsonl"
 CLIPS_FILE = "clips.jsonl"
 TB_DIR = "tensorboard"
-# Dense bf16 peak per device, for MFU; other GPUs need run.peak_tflops.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 TB_SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "clips_per_s", "mfu", "data_wait_fraction",
               "peak_memory_gb")
 
@@ -35,11 +34,8 @@ def peak_tflops(device: torch.device, configured: float) -> float | None:
     """Peak TFLOP/s of one device for MFU: the configured value, else a known GPU by name, else None."""
     if configured > 0:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value
+    if device.type == "cuda":  # other GPUs need run.peak_tflops
+        return peak_bf16_tflops(torch.cuda.get_device_name(device))
     return None  # CPU: MFU is not meaningful
 
 

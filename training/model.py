@@ -162,8 +162,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seg: Segments) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.heads)  # (N, H, Dh) each
-        q = apply_rope(self.q_norm(q), *rope)  # (N, H, Dh)
-        k = apply_rope(self.k_norm(k), *rope)  # (N, H, Dh)
+        # Under autocast RMSNorm runs in fp32 while v stays bf16: attention kernels need one dtype.
+        q = apply_rope(self.q_norm(q), *rope).to(v.dtype)  # (N, H, Dh)
+        k = apply_rope(self.k_norm(k), *rope).to(v.dtype)  # (N, H, Dh)
         out = attention(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, seg.backend)  # (N, H, Dh)
         return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
 
@@ -181,9 +182,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, seg: Segments) -> torch.Tensor:
-        q = self.q_norm(rearrange(self.q(x), "n (h d) -> n h d", h=self.heads))  # (N, H, Dh)
         k, v = rearrange(self.kv(context), "m (two h d) -> two m h d", two=2, h=self.heads)  # (M, H, Dh) each
-        out = attention(q, self.k_norm(k), v, seg.cu, seg.cu_text, seg.max_len, seg.max_text, seg.backend)  # (N, H, Dh)
+        q = self.q_norm(rearrange(self.q(x), "n (h d) -> n h d", h=self.heads)).to(v.dtype)  # (N, H, Dh)
+        k = self.k_norm(k).to(v.dtype)  # (M, H, Dh)
+        out = attention(q, k, v, seg.cu, seg.cu_text, seg.max_len, seg.max_text, seg.backend)  # (N, H, Dh)
         return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
 
 

@@ -40,7 +40,7 @@ from tests.datasets import write_dataset  # noqa: E402
 from tests.pipeline.test_shards import make_columns  # noqa: E402
 from training.data import Loader  # noqa: E402
 from training.index import ShardIndex  # noqa: E402
-from training.flops import PEAK_BF16_FLOPS, train_step_flops  # noqa: E402
+from training.flops import peak_bf16_tflops, train_step_flops  # noqa: E402
 from training.flow import FlowConfig, flow_loss  # noqa: E402
 from training.model import DIT_MODELS, dit_config  # noqa: E402
 
@@ -126,7 +126,7 @@ def gpu_estimate(data: Path, budget: int, seed: int, mfu: float = 0.5) -> dict:
         p = step.packs[0]
         flops += train_step_flops(cfg, p.lengths, p.text_lengths)
         tokens += sum(p.lengths)
-    per_s = PEAK_BF16_FLOPS["H100"] * mfu / (flops / tokens)
+    per_s = peak_bf16_tflops("H100 SXM") * 1e12 * mfu / (flops / tokens)
     return {"model": "DiT-XL/2", "device": f"H100 bf16 at {mfu:.0%} MFU (estimate, not measured)",
             "tokens_per_s": per_s}
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from pipeline.buckets import bucket_size, parse_aspect  # noqa: E402
 from training.attention import pick_backend  # noqa: E402
-from training.flops import PEAK_BF16_FLOPS, train_step_flops  # noqa: E402
+from training.flops import peak_bf16_tflops, train_step_flops  # noqa: E402
 from training.flow import FlowConfig, flow_loss  # noqa: E402
 from training.model import DIT_MODELS, VideoDiT  # noqa: E402
 from training.packing import PackedBatch, pack, plan_packs  # noqa: E402
@@ -196,7 +196,7 @@ def gpu_throughput(budget: int, steps: int, seed: int, checkpoint: bool, model_n
         "gpu_step_s": round(elapsed / len(measured), 4),
         "gpu_real_tokens_per_s": round(real / elapsed, 1),
         "gpu_tflops_per_s": round(flops / elapsed / 1e12, 1),
-        "gpu_mfu": round(flops / elapsed / PEAK_BF16_FLOPS["H100"], 4),  # H200: same peak, more bandwidth
+        "gpu_mfu": round(flops / elapsed / (peak_bf16_tflops("H100 SXM") * 1e12), 4),  # H200: same peak, more bandwidth
         "gpu_peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
         "gpu_attention_backend": pick_backend(batches[0].tokens),
     }

@@ -99,6 +99,12 @@ def test_mfu_and_peaks() -> None:
     assert mfu(1e12, 1.0, 2, None) is None
     assert peak_tflops(torch.device("cpu"), 0.0) is None and peak_tflops(torch.device("cpu"), 50.0) == 50.0
     assert peak_memory_gb(torch.device("cpu")) > 0.05  # this process' RSS peak
+    from training.flops import peak_bf16_tflops
+
+    # CUDA device names: the PCIe / NVL parts are slower than the SXM part whose name they contain.
+    assert [peak_bf16_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                                          "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB",
+                                          "NVIDIA GeForce RTX 4090")] == [989.0, 756.0, 835.0, 989.0, 835.0, 312.0, None]
 
 
 def test_runlog_resume_drops_redone_rows(tmp_path: Path) -> None:

@@ -252,3 +252,29 @@ def test_flop_count_matches_torch_flop_counter():
     attention = depth * sum(4 * n * n * d + 4 * n * m * d for n, m in zip(batch.lengths, batch.text_lengths))
     assert by_op.get("aten.bmm") == attention  # self + cross attention, every block, seen by the counter
     assert forward_flops(model.cfg, batch.lengths, batch.text_lengths) == counter.get_total_flops()
+
+
+def test_attention_gets_one_dtype_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RMSNorm is on autocast's fp32 list: q/k once reached attention as fp32 with bf16 v (flash/varlen crash,
+    auto silently picked flex). Every call now gets equal dtypes, and mixed ones are refused."""
+    import training.attention as attn
+    import training.model as model_mod
+
+    seen = []
+    real = attn.attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(model_mod, "attention", spy)
+    model = make_model()
+    latents, text, t, drop = make_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_outputs(model, latents, text, t, drop, budget=64)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)  # self- and cross-attention, every block
+    assert all(torch.isfinite(o).all() for o in out)
+    q = torch.randn(4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="one dtype for q, k, v; got torch.float32, torch.float32, torch.bfloat16"):
+        real(q, q, q.bfloat16(), cu, cu, 4, 4)

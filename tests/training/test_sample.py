@@ -227,3 +227,38 @@ def test_encode_mp4_pads_odd_sizes_for_yuv420p() -> None:
     assert out.shape == (4, 6, 8, 3)
     with pytest.raises(ValueError, match="uint8"):
         encode_mp4(frames.astype(np.float32), 8.0)
+
+
+def test_sizes_beyond_free_memory_and_zero_sizes_are_refused(sampler, image_run: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--frames 10000 was OOM-killed with no message; 0 silently meant "default"."""
+    import training.sample as sample_mod
+
+    per_100 = sampler.memory_bytes(64, 32, 100)
+    m = [sampler.memory_bytes(64, 32, f) for f in (100, 200, 300)]
+    assert m[2] - m[1] == m[1] - m[0] > 0  # linear in frames
+    monkeypatch.setattr(sample_mod, "free_memory_bytes", lambda device: per_100 + 1000)
+    sampler.check_fits(64, 32, 100)  # fits exactly
+    with pytest.raises(SamplerError, match=r"10000 frames at 64x32 px need ~\d+\.\d GB on cpu, \d+\.\d GB is free: "
+                                           r"at most 100 frames fit at 64x32 px"):
+        sampler.generate(["x"], 64, 32, 10000)
+    with pytest.raises(SystemExit, match="10000 frames at 64x32 px need"):
+        main(["--checkpoint", str(image_run), "--prompt", "x", "--width", "64", "--height", "32", "--frames", "10000",
+              "--out", str(tmp_path)])
+    monkeypatch.setattr(sample_mod, "free_memory_bytes", lambda device: 1)
+    with pytest.raises(SamplerError, match="not even one frame fits"):
+        sampler.check_fits(64, 32, 3)
+    for flag in ("--frames", "--width", "--height"):
+        with pytest.raises(SystemExit, match=rf"{flag} 0: must be >= 1"):
+            main(["--checkpoint", str(image_run), "--prompt", "x", flag, "0", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+    assert sample_mod.free_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(sampler, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    assert sampler.truncated_prompts(["a dog", "word " * 1000]) == [1]
+    with caplog.at_level(logging.WARNING, logger="training.sample"):
+        sampler.generate(["a dog", "word " * 1000], 32, 32, 1, steps=1)
+    assert "prompt 1 (5000 characters) is longer than the text encoder's 77 tokens" in caplog.text
