@@ -60,12 +60,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def segment_mean(x: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Mean of the rows of x (M, D) per id in [0, num_segments); rows with other ids are ignored."""
+    """Mean of the rows of x (M, D) per id in [0, num_segments); rows with other ids are ignored.
+
+    Sums in fp32 at least: in bf16 (8 mantissa bits) a sum of hundreds of rows loses the small
+    ones, and on CUDA index_add_ accumulates with atomics in the tensor's own dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     keep = ids < num_segments
     ids = torch.where(keep, ids, num_segments)
-    sums = x.new_zeros(num_segments + 1, x.shape[1]).index_add_(0, ids, x)  # (B+1, D)
-    counts = x.new_zeros(num_segments + 1).index_add_(0, ids, torch.ones_like(ids, dtype=x.dtype))  # (B+1,)
-    return sums[:num_segments] / counts[:num_segments, None].clamp(min=1)  # (B, D)
+    sums = torch.zeros(num_segments + 1, x.shape[1], dtype=acc, device=x.device).index_add_(0, ids, x.to(acc))  # (B+1, D)
+    counts = torch.zeros(num_segments + 1, dtype=acc, device=x.device).index_add_(
+        0, ids, torch.ones_like(ids, dtype=acc))  # (B+1,)
+    return (sums[:num_segments] / counts[:num_segments, None].clamp(min=1)).to(x.dtype)  # (B, D)
 
 
 #################################################################################

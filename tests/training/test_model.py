@@ -278,3 +278,13 @@ def test_attention_gets_one_dtype_under_bf16_autocast(monkeypatch: pytest.Monkey
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(TypeError, match="one dtype for q, k, v; got torch.float32, torch.float32, torch.bfloat16"):
         real(q, q, q.bfloat16(), cu, cu, 4, 4)
+
+
+def test_segment_mean_sums_in_fp32_for_bf16_rows() -> None:
+    """The mean of 257 bf16 rows of 1.5 is 1.5; sums and counts held in bf16 (8 mantissa bits) round to
+    386 and 256 and gave 1.5078 — and on CUDA index_add_ accumulates bf16 with atomics, losing more."""
+    from training.model import segment_mean
+
+    x = torch.full((257, 4), 1.5).bfloat16()  # (257, 4)
+    out = segment_mean(x, torch.zeros(257, dtype=torch.long), 1)
+    assert out.dtype == torch.bfloat16 and out.float().eq(1.5).all()
