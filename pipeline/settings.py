@@ -66,10 +66,12 @@ class ComputeConfig:
     shuffle_blocks: int = 0  # partitions of the dedupe / resume shuffles; 0 = 2 per cluster CPU
     # Small state skips Ray Data's hash shuffles (seconds of fixed cost each): commit records up
     # to this many MB in all are read by the driver in one go, and a listing up to this size is
-    # deduplicated in one block; larger ones are grouped with shuffles. Records take 0.2–0.4 KB
-    # per source on storage (Parquet; measured, 2 clips per source) and several times that in
-    # memory, so 64 MB is ~200k sources and at most a few hundred MB on the driver.
-    small_state_mb: float = 64.0
+    # deduplicated in one block; larger ones are grouped with shuffles. Records take ~0.17 KB per
+    # source on storage (Parquet, 2 clips per source) but the driver grows ~19 KB per source
+    # reading them (tests/bench/scale.py: +35 MB at 2,000 sources), so 0.25 MB (~1,500 sources)
+    # bounds that at ~30 MB; past it the driver holds no per-source state (+2.8 MB per 1k
+    # sources measured, 200 → 2,000 sources). An earlier 64 MB meant ~7 GB on the driver.
+    small_state_mb: float = 0.25
     # A run holds its output through a lease that expires this long after its last heartbeat
     # (at once when its process is gone from this host).
     lease_ttl_s: float = 120.0
