@@ -326,7 +326,13 @@ def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
     poll_s = min(5.0, stall_timeout_s / 4)
     while thread.is_alive():
         thread.join(poll_s)
-        stats = ray.get([w.progress.remote() for w in writers])
+        try:
+            stats = ray.get([w.progress.remote() for w in writers])
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError) as e:
+            # A writer on a lost node restarts (or is gone: the flush after the pass sees it and a
+            # repair pass redoes its sources). Not progress, not a crash: the stall clock runs on.
+            log.warning("a shard writer did not answer the progress check (%s); still waiting", type(e).__name__)
+            stats = seen
         if stats != seen:
             seen, last_change = stats, time.monotonic()
         elif time.monotonic() - last_change > stall_timeout_s:

@@ -13,7 +13,8 @@ Sharing between the processes of a node is done with files only, no daemon:
     process asking for it blocks there, then finds the finished file;
   * eviction (least recently used by mtime, touched on every use) runs under one
     cache-wide `flock` when a download needs room. A shard another process has mapped stays
-    readable after its file is removed (Linux keeps unlinked mapped files).
+    readable after its file is removed (Linux keeps unlinked mapped files), so disk in use can
+    pass the bound by the evicted shards still open and the downloads in flight.
 
 Why not fsspec's `filecache` / `simplecache`: they are per-process (no cross-process download
 dedupe), have no byte bound with LRU eviction, and know nothing about what is needed next.
@@ -84,7 +85,8 @@ class ShardCache:
         try:
             return pending.result() if pending is not None else self._fetch(uri, size, sha256)
         finally:
-            self.wait_s += time.perf_counter() - start
+            with self._lock:
+                self.wait_s += time.perf_counter() - start
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -92,13 +94,13 @@ class ShardCache:
     def _fetch(self, uri: str, size: int, sha256: str) -> Path:
         path = self.path(uri, sha256)
         try:
-            if not _complete(path, size):
+            if not _touch_complete(path, size):
                 with _flock(path.with_suffix(".lock")):  # another process downloading it: wait here
-                    if not _complete(path, size):
+                    if not _touch_complete(path, size):  # (evicted between the checks: download again)
                         self._download(uri, path, size)
                         return path
-            self.hits += 1
-            os.utime(path)  # most recently used
+            with self._lock:  # counters are bumped from the fetch threads too
+                self.hits += 1
             return path
         finally:
             with self._lock:
@@ -124,26 +126,55 @@ class ShardCache:
             raise
         finally:
             tmp.unlink(missing_ok=True)
-        self.downloaded_bytes += written
-        self.downloads += 1
+        with self._lock:
+            self.downloaded_bytes += written
+            self.downloads += 1
 
     def _make_room(self, size: int) -> None:
         """Remove least recently used complete shards until `size` more bytes fit under max_bytes."""
         with _flock(self.dir / ".evict.lock"):
-            entries = []
+            entries, in_flight = [], 0
             for e in os.scandir(self.dir):
+                try:
+                    st = e.stat()
+                except FileNotFoundError:
+                    continue
                 if e.name.endswith(".arrow"):
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:
-                        continue
                     entries.append((st.st_mtime, st.st_size, e.path))
-            total = sum(s for _, s, _ in entries)
+                elif ".part-" in e.name:
+                    if _writer_alive(e.name):
+                        in_flight += st.st_size
+                    else:  # left by a killed process (Ctrl-C, a restarted worker group)
+                        Path(e.path).unlink(missing_ok=True)
+            total = in_flight + sum(s for _, s, _ in entries)
             for _, s, p in sorted(entries):
                 if total + size <= self.max_bytes:
                     break
                 Path(p).unlink(missing_ok=True)
                 total -= s
+
+
+def _touch_complete(path: Path, size: int) -> bool:
+    """Complete, and marked most recently used (False when another process just evicted it)."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _writer_alive(part_name: str) -> bool:
+    """Whether the process named in `<key>.arrow.part-<pid>-<thread>` still runs on this node."""
+    try:
+        pid = int(part_name.rsplit(".part-", 1)[1].split("-")[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _complete(path: Path, size: int) -> bool:

@@ -124,7 +124,7 @@ class ShardIndex:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
         columns = ["clip_id", "bucket", "shard", "row"] + (list(SCALAR_COLUMNS) if scalars else [])
         table = read_index(data_uri, manifest, columns, split=split).sort_by([("clip_id", "ascending")])
-        ids = table["clip_id"].combine_chunks()
+        ids = table["clip_id"].cast(pa.large_string()).combine_chunks()  # > 2 GiB of ids past ~48M clips
         same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
         if pc.any(same).as_py():
             first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
@@ -221,8 +221,8 @@ class ShardIndex:
     def _open_cached(self, file: int, uri: str) -> pa.Table:
         """A remote shard from the node cache (downloaded whole, size-checked), memory-mapped from there."""
         for attempt in range(2):
-            local = self.cache.get(uri, self.file_bytes[file], self.file_sha256[file])
             try:
+                local = self.cache.get(uri, self.file_bytes[file], self.file_sha256[file])
                 if self.verify and file not in self._verified:
                     if storage.sha256(str(local)) != self.file_sha256[file]:
                         local.unlink(missing_ok=True)
@@ -292,6 +292,10 @@ def check_data(data_uri: str, split: str | None = None) -> dict[str, Any]:
     committed = {p: v[0] for p, v in per_file(data_uri, manifest, split, ["shard_bytes"]).items()}
     found = storage.list_relative(data_uri, "shards")
     # the pipeline's own check of records against the listing (files no clip names are not ours to judge)
+    if not committed:
+        raise DataError(f"{data_uri}: the clip index holds no clips"
+                        + (f" of split {split!r} (splits are set by the pipeline's output.val_fraction: "
+                           "train, val)" if split is not None else ""))
     damaged = check_shards({p: {"path": p, "bytes": b} for p, b in committed.items()}, found).damaged
     missing = [why for p, why in damaged.items() if p not in found]
     wrong = [why for p, why in damaged.items() if p in found]

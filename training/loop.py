@@ -40,7 +40,7 @@ from pipeline.version import code_version
 from training import checkpoint as ckpt
 from training.cache import ShardCache
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
-from training.index import DATA_ERRORS, ShardIndex
+from training.index import DATA_ERRORS, DataError, ShardIndex
 from training.flops import train_step_flops
 from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
 from training.model import DiTConfig, dit_config
@@ -77,6 +77,15 @@ def step_generator(seed: int, step: int, pack_index: int) -> torch.Generator:
 def pack_loss_weight(step_tokens: int, world_size: int, grad_accumulation: int) -> float:
     """Factor turning a pack's summed token error into its share of the step's token mean (see module doc)."""
     return world_size * grad_accumulation / max(1, step_tokens)
+
+
+def usable(index: ShardIndex, token_budget: int) -> None:
+    """DataError unless some clip of the index fits a pack (a data error: not retried)."""
+    if not len(index.clips):
+        raise DataError(f"{index.data_uri}: no clips to train on in this split")
+    if int(index.num_tokens.min()) > token_budget:
+        raise DataError(f"no clip of {index.data_uri} fits a pack of {token_budget} tokens (smallest has "
+                        f"{int(index.num_tokens.min())}); raise data.token_budget")
 
 
 def filler_pack(index: ShardIndex, token_budget: int) -> PackedBatch:
@@ -223,6 +232,7 @@ def _train(config: dict[str, Any]) -> None:
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
                     token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
                     fetch_ahead=cfg.data.fetch_ahead_steps, window_shards=cfg.data.shuffle_window_shards)
+    usable(index, cfg.data.token_budget)  # before the prefetch thread: its error would surface later
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)
     filler = filler_pack(index, cfg.data.token_budget)
     share = cfg.micro_batches

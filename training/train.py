@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -45,7 +46,7 @@ from pipeline.manifest import ManifestError, read_manifest
 from pipeline.shards import ShardError
 from training import checkpoint as ckpt
 from training.data import FingerprintMismatch, check_fingerprint
-from training.index import check_data
+from training.index import DataError, check_data
 from training.preflight import check_resources
 from training.loop import data_error_uri, train_loop_per_worker
 from training.metrics import read_metrics
@@ -83,13 +84,24 @@ def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float = 0.
     try:
         while thread.is_alive():
             thread.join(poll_s)
-            if storage.exists(marker_uri):
+            try:
+                found = storage.exists(marker_uri)
+            except OSError as e:  # a storage hiccup must not end a healthy run: look again next poll
+                log.warning("could not check %s for worker data errors: %s", marker_uri, e)
+                continue
+            if found:
                 message = storage.read_bytes(marker_uri).decode()
                 ray.shutdown()  # stops the workers and Ray Train's retries
                 sys.exit(f"error: {message}")
     except KeyboardInterrupt:  # Ctrl-C / SIGINT: fit() in its thread would not see it
-        ray.shutdown()
-        sys.exit("interrupted: workers stopped; launch the same command again to resume from the latest checkpoint")
+        # Shutting Ray down can hang on a loaded machine while Train tears its workers down:
+        # give it 20 s, then leave anyway (a local Ray's processes go with this one).
+        stopper = threading.Thread(target=ray.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(20)
+        print("interrupted: workers stopped; launch the same command again to resume from the latest checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     if "error" in done:
         raise done["error"]
     return done["result"]
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_uri = cfg.run.dir = storage.canonical(cfg.run.dir)
     try:  # a data problem is one line here, not a traceback in every worker after retries
         check_data(cfg.data.uri, cfg.data.split)
-    except (ShardError, ManifestError, FileNotFoundError) as e:
+    except (ShardError, ManifestError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     latest = check_resume(cfg, run_uri)
     storage.makedirs(run_uri)

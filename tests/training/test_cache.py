@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -172,4 +173,19 @@ def test_shuffle_windows_download_each_shard_once_per_epoch_with_a_small_cache(r
         assert cache.downloads == 12
     else:
         assert cache.downloads > 12
+    cache.close()
+
+
+def test_half_downloads_of_dead_processes_are_removed_and_live_ones_counted(tmp_path: Path) -> None:
+    """A killed worker leaves `<key>.arrow.part-<pid>-<thread>`; eviction removes it, and counts a live one."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache = ShardCache(str(tmp_path), 1000)
+    (tmp_path / f"a.arrow.part-{int(dead.stdout)}-1").write_bytes(b"x" * 600)  # its writer is gone
+    (tmp_path / f"b.arrow.part-{os.getpid()}-1").write_bytes(b"x" * 300)  # ours: in flight
+    (tmp_path / "c.arrow").write_bytes(b"x" * 500)
+    cache._make_room(300)  # 300 in flight + 500 cached + 300 new > 1000: the cached shard goes
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [f"b.arrow.part-{os.getpid()}-1"]
     cache.close()

@@ -248,9 +248,17 @@ def test_resume_with_other_worker_count_neither_skips_nor_repeats(index: ShardIn
     assert len(epoch0) == len(set(epoch0))
 
 
-def test_small_budget_without_fitting_clips_fails_clearly(index: ShardIndex) -> None:
-    with pytest.raises(ValueError, match="no clip .* fits a pack of 4 tokens"):
+def test_small_budget_without_fitting_clips_fails_clearly(index: ShardIndex, data_dir: Path) -> None:
+    from training.index import DataError, check_data
+    from training.loop import usable
+
+    with pytest.raises(DataError, match="no clip .* fits a pack of 4 tokens"):
         next(iter(loader(index, token_budget=4)))
+    with pytest.raises(DataError, match=r"no clip .* fits a pack of 4 tokens \(smallest has 8\); raise data.token_budget"):
+        usable(index, 4)  # what a worker checks before its prefetch thread starts
+    usable(index, 8)
+    with pytest.raises(DataError, match="holds no clips of split 'Train'"):
+        check_data(str(data_dir), "Train")
 
 
 # ---------------------------------------------------------------------------

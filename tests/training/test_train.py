@@ -339,7 +339,7 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_resumes(demo_data: Path, tmp_path: 
         time.sleep(0.1)
     assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
-    assert finish(proc, 60) == 1  # within a minute (it once ignored Ctrl-C and retried forever)
+    assert finish(proc, 120) == 1  # it once ignored Ctrl-C and retried forever; Ray gets 20 s to stop
     text = (tmp_path / "run.log").read_text()
     assert text.strip().splitlines()[-1].startswith("interrupted: workers stopped"), text[-3000:]
     assert "Traceback" not in text.split("interrupted:")[0][-2000:]
