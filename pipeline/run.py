@@ -343,6 +343,28 @@ def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
         raise done["error"]
 
 
+def flush_writers(ray, writers: list, wait_s: float = 60.0) -> list[dict]:
+    """Each writer's flush stats; a writer restarting after its node was lost is waited for, one that
+    is gone counts as nothing committed (its sources stay incomplete and a repair pass redoes them)."""
+    out = []
+    for w in writers:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                out.append(ray.get(w.flush.remote()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    out.append({})
+                    break
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError as e:
+                log.warning("a shard writer was lost (%s): its uncommitted sources are redone", type(e).__name__)
+                out.append({})
+                break
+    return out
+
+
 class WriterActor:
     """Ray actor around `pipeline.writer.ShardWriter` (made with ray.remote in `start_writers`)."""
 
@@ -564,7 +586,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         except Stalled as e:
             sys.exit(f"error: {e}")
         committed = 0
-        for s in ray.get([w.flush.remote() for w in writers]):
+        for s in flush_writers(ray, writers):
             committed += s.get("records", 0)
             for k, v in s.items():
                 stats[k] = stats.get(k, 0) + v
