@@ -66,3 +66,22 @@ def write_dataset(out: Path, parts: list[dict[str, Any]], fingerprint: dict[str,
     pq.write_table(of_kind(table, "clip").select(INDEX_COLUMNS), index_dir / "part-00000.parquet")
     write_manifest(str(out), manifest, "fixture: true\n")
     return manifest
+
+
+def one_bucket_parts(num_files: int, rows: int, shape: tuple[int, ...], bucket: str = "a",
+                         id_format: str = "clip-{part:02d}-{i}") -> list[dict[str, Any]]:
+    """Shard columns for `num_files` files of `rows` clips of one bucket, seeded float16 latents of `shape`
+    and readable clip ids (for tests of many shard files)."""
+    from tests.pipeline.test_shards import make_columns
+
+    parts = []
+    for part in range(num_files):
+        cols = make_columns(rows, bucket=bucket, seed=part)
+        cols["latents"] = np.random.default_rng(part).standard_normal((rows, *shape)).astype(np.float16)
+        cols["clip_id"] = [id_format.format(part=part, i=i) for i in range(rows)]
+        parts.append(cols)
+    return parts
+
+
+def latents_by_clip(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {c: lat for cols in parts for c, lat in zip(cols["clip_id"], cols["latents"])}

@@ -13,7 +13,6 @@ import torch
 
 from pipeline.shards import ShardError
 from tests import datasets
-from tests.pipeline.test_shards import make_columns
 from training.cache import ShardCache
 from training.data import Loader
 from training.index import ShardIndex
@@ -36,15 +35,9 @@ def upload(local: Path, bucket: str) -> str:
 def remote(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, np.ndarray], Path]:
     """12 shard files of 3 clips on S3; clip_id → latents; the local copy."""
     local = tmp_path_factory.mktemp("cache-data")
-    parts = []
-    for part in range(12):
-        cols = make_columns(3, bucket="a", seed=part)
-        cols["latents"] = np.random.default_rng(part).standard_normal((3, *SHAPE)).astype(np.float16)
-        cols["clip_id"] = [f"clip-{part:02d}-{i}" for i in range(3)]
-        parts.append(cols)
+    parts = datasets.one_bucket_parts(12, 3, SHAPE)
     datasets.write_dataset(local, parts, FINGERPRINT)
-    want = {c: lat for cols in parts for c, lat in zip(cols["clip_id"], cols["latents"])}
-    return upload(local, "cache-test"), want, local
+    return upload(local, "cache-test"), datasets.latents_by_clip(parts), local
 
 
 def shard_bytes(local: Path) -> list[int]:

@@ -309,14 +309,9 @@ def test_open_shards_stay_within_the_lru_bounds_and_maps_are_released(tmp_path: 
     """Many shard files, few allowed open: every clip still loads right, and the process's maps stay bounded."""
     import gc
 
-    shape, parts = BUCKETS["a"][0], []
-    for part in range(24):
-        cols = make_columns(2, bucket="a", seed=part)
-        cols["latents"] = np.random.default_rng(part).standard_normal((2, *shape)).astype(np.float16)
-        cols["clip_id"] = [f"clip-{part:02d}-{i}" for i in range(2)]
-        parts.append(cols)
+    parts = datasets.one_bucket_parts(24, 2, BUCKETS["a"][0])
     datasets.write_dataset(tmp_path, parts, FINGERPRINT)
-    want = {c: lat for cols in parts for c, lat in zip(cols["clip_id"], cols["latents"])}
+    want = datasets.latents_by_clip(parts)
     shard_dir = str(tmp_path / "shards")
 
     def maps() -> int:
@@ -342,14 +337,8 @@ def test_damaged_missing_and_non_finite_shards_are_named(tmp_path: Path, monkeyp
     """Each shard is checked when first opened; bad latents are refused with file and row."""
     import shutil
 
-    shape, parts = BUCKETS["a"][0], []
-    for part in range(5):
-        cols = make_columns(3, bucket="a", seed=part)
-        cols["latents"] = np.random.default_rng(part).standard_normal((3, *shape)).astype(np.float16)
-        if part == 4:
-            cols["latents"][1, 0, 0, 0, 0] = np.nan
-        cols["clip_id"] = [f"clip-{part}-{i}" for i in range(3)]
-        parts.append(cols)
+    parts = datasets.one_bucket_parts(5, 3, BUCKETS["a"][0], id_format="clip-{part}-{i}")
+    parts[4]["latents"][1, 0, 0, 0, 0] = np.nan
     datasets.write_dataset(tmp_path, parts, FINGERPRINT)
     idx = ShardIndex.open(str(tmp_path), PATCH, split=None)
     by_part = {int(c.clip_id.split("-")[1]): c for c in idx.clips if c.clip_id.endswith("-1")}
