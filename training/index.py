@@ -209,26 +209,30 @@ class ShardIndex:
         if size != self.file_bytes[file]:
             raise ShardError(f"{uri}: {size} bytes, committed with {self.file_bytes[file]} (truncated or "
                              f"overwritten); {REDO}")
-        if self.verify and file not in self._verified:
-            if storage.sha256(uri) != self.file_sha256[file]:
-                raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} (found by data.verify)")
-            self._verified.add(file)
+        self._verify(file, uri, uri)
         try:
             return read_shard(uri)
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {REDO}") from None
+
+    def _verify(self, file: int, path: str, uri: str) -> None:
+        """With verify: the bytes at `path` (the shard or its cached copy) hash to the committed sha256;
+        checked once per file per process."""
+        if self.verify and file not in self._verified:
+            if storage.sha256(path) != self.file_sha256[file]:
+                raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} (found by data.verify)")
+            self._verified.add(file)
 
     def _open_cached(self, file: int, uri: str) -> pa.Table:
         """A remote shard from the node cache (downloaded whole, size-checked), memory-mapped from there."""
         for attempt in range(2):
             try:
                 local = self.cache.get(uri, self.file_bytes[file], self.file_sha256[file])
-                if self.verify and file not in self._verified:
-                    if storage.sha256(str(local)) != self.file_sha256[file]:
-                        local.unlink(missing_ok=True)
-                        raise ShardError(f"{uri}: content differs from its committed sha256; {REDO} "
-                                         "(found by data.verify)")
-                    self._verified.add(file)
+                try:
+                    self._verify(file, str(local), uri)
+                except ShardError:
+                    local.unlink(missing_ok=True)  # not this shard: never served from the cache again
+                    raise
                 return read_shard(str(local))
             except FileNotFoundError:  # evicted by another worker between get and open: fetch again
                 if attempt:
