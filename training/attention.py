@@ -6,9 +6,11 @@ of the keys. Self-attention passes the same boundaries twice; cross-attention pa
 the text boundaries as `cu_k`. Every key segment must be non-empty.
 
 Backends (all compute the same function):
-- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16).
-- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16).
-- `flex`: FlexAttention with a document block mask (CUDA; runs unfused on CPU).
+- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16): cuDNN's fused
+  kernel, FlashAttention-3 class on Hopper with cuDNN ≥ 9.18 — preferred where torch has it.
+- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; FlashAttention-2 on Hopper).
+- `flex`: FlexAttention with a document block mask (CUDA; runs unfused on CPU). The mask is
+  built once per forward and segment layout (`mask_cache`), not once per layer.
 - `sdpa_masked`: SDPA with a dense block-diagonal mask over all tokens (the CPU reference).
 - `sdpa_segments`: SDPA per segment in a loop: exact and O(Σ n²), the CPU default.
 """
@@ -43,15 +45,19 @@ def has_torch_varlen() -> bool:
 
 
 def pick_backend(q: torch.Tensor) -> str:
-    """flash → varlen → flex on CUDA (fused kernels want fp16/bf16), sdpa_segments on CPU."""
-    if q.is_cuda:
-        if q.dtype in (torch.float16, torch.bfloat16):
-            if has_flash_attn():
-                return "flash"
-            if has_torch_varlen():
-                return "varlen"
-        return "flex"
-    return "sdpa_segments"
+    """varlen → flash → flex on CUDA (fused kernels want fp16/bf16), sdpa_segments on CPU."""
+    return choose_backend(q.is_cuda, q.dtype, has_torch_varlen(), has_flash_attn())
+
+
+def choose_backend(cuda: bool, dtype: torch.dtype, torch_varlen: bool, flash_attn: bool) -> str:
+    if not cuda:
+        return "sdpa_segments"
+    if dtype in (torch.float16, torch.bfloat16):
+        if torch_varlen:
+            return "varlen"
+        if flash_attn:
+            return "flash"
+    return "flex"
 
 
 def segment_ids(cu: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,16 +89,31 @@ def _compiled_flex() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(cu_q: Tensor, cu_k: Tensor, nq: int, nk: int, device: torch.device) -> object:
+    """FlexAttention's block mask letting query segment i see key segment i only."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    seg_q = segment_ids(cu_q, q.shape[0])  # (Nq,)
-    seg_k = segment_ids(cu_k, k.shape[0])  # (Nk,)
+    seg_q = segment_ids(cu_q, nq)  # (Nq,)
+    seg_k = segment_ids(cu_k, nk)  # (Nk,)
 
     def same_segment(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         return seg_q[qi] == seg_k[ki]
 
-    mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+    return create_block_mask(same_segment, None, None, nq, nk, device=device)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+          mask_cache: dict | None = None) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Every layer of one forward (and its recomputation under activation checkpointing) shares
+    # the segment tensors: one mask each for self- and cross-attention instead of one per call.
+    key = (cu_q.data_ptr(), cu_k.data_ptr(), q.shape[0], k.shape[0])
+    mask = None if mask_cache is None else mask_cache.get(key)
+    if mask is None:
+        mask = flex_block_mask(cu_q, cu_k, q.shape[0], k.shape[0], q.device)
+        if mask_cache is not None:
+            mask_cache[key] = mask
     fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex is an unfused reference on CPU
     q, k, v = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
     out = fn(q, k, v, block_mask=mask)  # (1, H, Nq, Dh)
@@ -128,8 +149,12 @@ def attention(
     max_q: int,
     max_k: int,
     backend: str = "auto",
+    mask_cache: dict | None = None,
 ) -> torch.Tensor:
-    """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh)."""
+    """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh).
+
+    `mask_cache`: a dict living as long as the segment tensors (one forward), where backends that
+    precompute masks keep them."""
     if not q.dtype == k.dtype == v.dtype:  # a kernel would reject it, or auto would silently pick flex
         raise TypeError(f"attention needs one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     if backend == "auto":
@@ -138,4 +163,6 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"query and key segment counts differ: cu_q {tuple(cu_q.shape)} vs cu_k {tuple(cu_k.shape)}")
+    if backend == "flex":
+        return _flex(q, k, v, cu_q, cu_k, max_q, max_k, mask_cache)
     return _IMPLS[backend](q, k, v, cu_q, cu_k, max_q, max_k)

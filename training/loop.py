@@ -44,7 +44,7 @@ from training.index import DATA_ERRORS, DataError, ShardIndex
 from training.flops import train_step_flops
 from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
 from training.model import DiTConfig, dit_config
-from training.optim import EMA, param_items
+from training.ema import EMA, gather
 from training.packing import PackedBatch, pack
 from training.settings import TrainConfig
 
@@ -150,6 +150,7 @@ def _train(config: dict[str, Any]) -> None:
     from training.model import VideoDiT
     from training.optim import deepspeed_config, lr_at
     from training.parallel import apply_activation_checkpointing
+    from training.zero import master_fragments
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -168,8 +169,6 @@ def _train(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VideoDiT(model_cfg)
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
-    # Rank 0 keeps the fp32 EMA; made before deepspeed.initialize, which partitions ZeRO-3 weights.
-    ema = EMA(model, cfg.optim.ema_decay) if rank == 0 and cfg.optim.ema_decay > 0 else None
     # ---- resume (a relaunch, or Ray Train restarting the group after a failure) ----
     # Always the newest *intact* checkpoint on storage (what the launcher announced): Ray Train's
     # registered one may be older (a worker died after reporting, before Ray Train polled it)
@@ -182,7 +181,7 @@ def _train(config: dict[str, Any]) -> None:
         log.warning("Ray Train's checkpoint %s is not the newest intact one; resuming from %s", registered,
                     source or "step 0 (no intact checkpoint)")
     ds_dir, ds_tag, universal = None, ckpt.DEEPSPEED_TAG, False
-    restored, saved = None, None
+    restored, saved, ema_file = None, None, None
     if source is not None:
         fs, path = storage.resolve(source)
         restored, saved = ray.train.Checkpoint(path=path, filesystem=fs), ckpt.read_state(source)
@@ -199,13 +198,9 @@ def _train(config: dict[str, Any]) -> None:
                 ckpt.to_universal(ds_dir, str(out))
             dist.barrier()
             ds_dir, ds_tag = str(out), ckpt.UNIVERSAL_TAG
-        ema_weights = None
-        if ema is not None:
-            if saved.weights != ckpt.EMA_FILE:
-                raise RuntimeError(f"{d} was saved without an EMA (optim.ema_decay was 0); keep it 0 to resume")
-            from safetensors.torch import load_file
-
-            ema_weights = load_file(str(Path(d) / ckpt.EMA_FILE))
+        if cfg.optim.ema_decay > 0 and saved.weights != ckpt.EMA_FILE:
+            raise RuntimeError(f"{d} was saved without an EMA (optim.ema_decay was 0); keep it 0 to resume")
+        ema_file = str(Path(d) / ckpt.EMA_FILE)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, cfg.optim), betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -221,13 +216,18 @@ def _train(config: dict[str, Any]) -> None:
                                          load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {ds_tag} in {ds_dir}")
-        if ema is not None:
-            ema.load_state_dict({"decay": cfg.optim.ema_decay, "shadow": ema_weights})
         state, steps_done = saved.loader, saved.steps_done
         if rank == 0:
             log.info("resumed from %s: step %d, epoch %d, position %d (saved by %d worker(s), now %d%s)",
                      source, steps_done, state.epoch, state.position, saved.world_size, world,
                      "; universal checkpoint" if universal else "")
+
+    # This rank's fp32 master fragments (views DeepSpeed's optimizer updates in place) and their
+    # EMA, on the same device; every rank keeps the EMA of its own fragments (training/ema.py).
+    fragments, masters = master_fragments(engine, stage3, rank)
+    ema = EMA(fragments, masters, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    if ema is not None and ema_file is not None:
+        ema.load(ema_file)
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
                     token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
@@ -247,9 +247,8 @@ def _train(config: dict[str, Any]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="ditharos-ckpt-", dir=os.environ.get("DITHAROS_TMP")))
         try:
             engine.save_checkpoint(str(tmp / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG)
-            weights = ema.shadow if ema is not None else None
-            if cfg.optim.ema_decay == 0:  # no EMA: plain weights of the model itself
-                weights = _full_params(engine, stage3, rank, world, dist)  # collective under ZeRO-3
+            # Whole fp32 weights on rank 0: the EMA, or without one the master weights (a collective).
+            weights = gather(fragments, ema.shadow if ema is not None else masters, device, dist)
             if rank == 0:
                 name = ckpt.EMA_FILE if ema is not None else ckpt.MODEL_FILE
                 ckpt.save_weights(str(tmp / name), weights)
@@ -291,10 +290,8 @@ def _train(config: dict[str, Any]) -> None:
                 engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
                 if real:
                     loss_sum += total.detach().double()
-            if cfg.optim.ema_decay > 0 and (ema is not None or stage3):  # ZeRO-3: every rank joins the gather
-                full = _full_params(engine, stage3, rank, world, dist)
-                if ema is not None:
-                    ema.update_from(full)
+            if ema is not None:
+                ema.update(masters)
             dist.all_reduce(loss_sum)
             memory = torch.tensor([peak_memory_gb(device)], dtype=torch.float64, device=device)
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
@@ -343,30 +340,6 @@ def _checkpoint_dir(checkpoint: Any) -> str:
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         return checkpoint.path
     return checkpoint.to_directory(tempfile.mkdtemp(prefix="ditharos-ckpt-load-", dir=os.environ.get("DITHAROS_TMP")))
-
-
-def _full_params(engine: Any, stage3: bool, rank: int, world: int, dist: Any) -> dict[str, torch.Tensor] | None:
-    """Every parameter unpartitioned, under state-dict names, on rank 0 (None on other ranks).
-
-    ZeRO-1/2 keep full weights on every rank. Under ZeRO-3 each rank holds an equal-size slice
-    of every parameter (`ds_tensor`, padded at the end); one `gather` of the concatenated slices
-    to rank 0 rebuilds them — a single collective, the same on every rank.
-    """
-    items = list(param_items(engine.module))
-    if not stage3:
-        return {n: p.detach() for n, p in items} if rank == 0 else None
-    flat = torch.cat([p.ds_tensor.detach().reshape(-1) for _, p in items])  # (sum of slice sizes,)
-    slices = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
-    dist.gather(flat, slices, dst=0)
-    if rank != 0:
-        return None
-    out, offset = {}, 0
-    for n, p in items:
-        size = p.ds_tensor.numel()
-        whole = torch.cat([s[offset:offset + size] for s in slices])  # (world·size,) ≥ numel
-        out[n] = whole[:p.ds_numel].view(p.ds_shape)
-        offset += size
-    return out
 
 
 def _gather_clip_ids(step: Step, dist: Any) -> list[str]:

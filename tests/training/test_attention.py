@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.attention import attention, pick_backend, segment_ids
+from training.attention import attention, choose_backend, pick_backend, segment_ids
 
 CPU_BACKENDS = ["sdpa_masked", "sdpa_segments"]
 
@@ -108,6 +108,44 @@ def test_flex_on_cpu_if_it_runs():
         pytest.skip(f"FlexAttention does not run on CPU here: {type(e).__name__}: {e}")
     ref = attention(q, k, v, cu_q, cu_k, mq, mk, backend="sdpa_masked")
     assert (out - ref).abs().max() < f32_tol(ref)
+
+
+def test_backend_order_prefers_torch_varlen_then_flash_attn_then_flex():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert choose_backend(True, bf16, torch_varlen=True, flash_attn=True) == "varlen"  # cuDNN: FA3 class on Hopper
+    assert choose_backend(True, bf16, torch_varlen=False, flash_attn=True) == "flash"
+    assert choose_backend(True, bf16, torch_varlen=False, flash_attn=False) == "flex"
+    assert choose_backend(True, f32, torch_varlen=True, flash_attn=True) == "flex"  # fused kernels: 16-bit only
+    assert choose_backend(False, bf16, torch_varlen=True, flash_attn=True) == "sdpa_segments"
+
+
+def test_flex_masks_are_built_once_per_forward_not_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import attention as attn
+    from training.model import DIT_MODELS
+    from training.packing import pack
+
+    built = []
+    real = attn.flex_block_mask
+    monkeypatch.setattr(attn, "flex_block_mask", lambda *a: built.append(a[2:4]) or real(*a))
+    torch.manual_seed(0)
+    model = DIT_MODELS["DiT-tiny"](in_channels=4, text_dim=8, depth=3, attn_backend="flex")
+    batch = pack([torch.randn(4, 1, 4, 6), torch.randn(4, 2, 2, 2)], [torch.randn(3, 8), torch.randn(5, 8)],
+                 (1, 2, 2), 16)
+    with torch.no_grad():
+        for p in model.parameters():  # away from adaLN-Zero's all-zero output
+            p.normal_(0.0, 0.2)
+    t = torch.tensor([0.3, 0.8])
+    try:
+        with warnings.catch_warnings(), torch.no_grad():  # flex has no CPU backward
+            warnings.simplefilter("ignore")
+            out = model(batch.tokens, t, batch)
+    except Exception as e:  # noqa: BLE001 — availability probe, as above
+        pytest.skip(f"FlexAttention does not run on CPU here: {type(e).__name__}: {e}")
+    assert len(built) == 2, built  # one self-attention and one cross-attention mask for 3 blocks
+    model.cfg.attn_backend = "sdpa_segments"
+    with torch.no_grad():
+        ref = model(batch.tokens, t, batch)
+    assert ref.abs().max() > 0.01 and (out - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
 def test_segment_ids_and_errors():

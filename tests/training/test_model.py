@@ -288,3 +288,19 @@ def test_segment_mean_sums_in_fp32_for_bf16_rows() -> None:
     x = torch.full((257, 4), 1.5).bfloat16()  # (257, 4)
     out = segment_mean(x, torch.zeros(257, dtype=torch.long), 1)
     assert out.dtype == torch.bfloat16 and out.float().eq(1.5).all()
+
+
+def test_head_dim_variants_of_xl_keep_its_parameters_and_flops() -> None:
+    from training.flops import forward_flops
+    from training.model import dit_config
+
+    base = dit_config("DiT-XL/2")
+    for name, head_dim in (("DiT-XL/2", 72), ("DiT-XL/2-hd64", 64), ("DiT-XL/2-hd128", 128)):
+        cfg = dit_config(name)
+        assert cfg.hidden // cfg.heads == head_dim and (cfg.depth, cfg.hidden) == (base.depth, base.hidden)
+        assert forward_flops(cfg, [4096], [77]) == forward_flops(base, [4096], [77])  # heads do not change FLOPs
+    small = {n: sum(p.numel() for p in DIT_MODELS[n](depth=1, text_dim=16).parameters())
+             for n in ("DiT-XL/2", "DiT-XL/2-hd64", "DiT-XL/2-hd128")}
+    # Only the per-head QK-RMSNorm scales differ (2 norms × head dim, self and cross).
+    assert small["DiT-XL/2-hd128"] - small["DiT-XL/2"] == 4 * (128 - 72)
+    assert small["DiT-XL/2-hd64"] - small["DiT-XL/2"] == 4 * (64 - 72)
