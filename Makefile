@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 STAMP := $(VENV)/.ditharos-installed
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test bench gpu-check gpu-wheels lock clean
 
 # The lock is the complete install (every package, test extras included); the repo itself goes
 # on the venv's path through a .pth file rather than a setuptools editable build (which prints
@@ -33,6 +33,29 @@ bench: $(STAMP)
 	$(PY) tests/bench/packing.py
 	$(PY) tests/bench/loader.py
 	$(PY) tests/bench/fvd.py
+
+# The prepared GPU check (issue 13; tests/bench/gpu_check.py): production sizes on a CUDA machine,
+# a dry run at tiny sizes elsewhere. It needs only torch + einops + numpy, so it runs with the venv
+# when there is one and otherwise with the machine's own python3 (GPU machines come with torch).
+# GPU machines have torch but no DeepSpeed or pytest, and no network: `make gpu-wheels` (here) puts
+# their locked wheels for Python 3.12 into .gpu-wheels/ (git-ignored, ~8 MB; the device tool
+# carries it: carry [".gpu-wheels"]), and gpu-check installs them into .gpu-site/ there, which
+# gpu_check.py puts after the machine's own site-packages (its torch and numpy stay in charge).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_WHEELS := deepspeed hjson msgpack ninja packaging psutil py-cpuinfo pydantic pydantic-core annotated-types \
+	typing-extensions typing-inspection tqdm pytest pluggy iniconfig pygments
+gpu-check:
+	@if [ -d .gpu-wheels ] && ! $(GPU_PY) -c "import deepspeed" 2>/dev/null; then \
+		$(GPU_PY) -m pip install --quiet --no-index --no-deps --target .gpu-site .gpu-wheels/*.whl; fi
+	$(GPU_PY) tests/bench/gpu_check.py --out runs/gpu-check
+
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==' $(LOCK) | grep -v '^deepspeed==' > .gpu-wheels/binary.txt
+	DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .gpu-wheels $$(grep '^deepspeed==' $(LOCK))
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d .gpu-wheels -r .gpu-wheels/binary.txt
 
 # Re-resolve pyproject.toml's ranges (newest releases pip may take here) into requirements.lock.
 lock:

@@ -140,6 +140,10 @@ _IMPLS = {"flash": _flash, "varlen": _varlen, "flex": _flex,
           "sdpa_masked": _sdpa_masked, "sdpa_segments": _sdpa_segments}
 
 
+# Not traced by torch.compile (training.parallel.apply_compile): the kernels are fused already,
+# and their host-side arguments (segment maxima, the CPU loop's boundaries) would otherwise be
+# guarded on and recompile for every pack. The compiled block breaks its graph around this call.
+@torch.compiler.disable
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

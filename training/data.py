@@ -170,6 +170,9 @@ class Step:
     state: LoaderState  # after this step: save it to resume right after
     num_packs: int  # packs in the whole global step (≤ packs_per_step)
     num_skipped: int  # clips over the budget passed over while forming the step
+    num_tokens: int = 0  # real tokens of the whole global step (every worker knows the plan: no collective)
+    num_samples: int = 0  # clips of the whole global step
+    all_clip_ids: list[str] | None = None  # every clip of the global step in pack order (when asked for)
 
 
 def worker_packs(num_packs_per_step: int, rank: int, world_size: int) -> slice:
@@ -188,7 +191,7 @@ class Loader:
 
     def __init__(self, index: ShardIndex, *, seed: int, packs_per_step: int, token_budget: int,
                  rank: int = 0, world_size: int = 1, state: LoaderState | None = None, fetch_ahead: int = 0,
-                 window_shards: int = 0) -> None:
+                 window_shards: int = 0, pin_memory: bool = False, all_clip_ids: bool = False) -> None:
         self.index = index
         self.fetch_ahead = fetch_ahead  # steps whose shards are asked for ahead (index.prefetch) before built
         self.window_shards = window_shards  # epoch_order's shuffle window (0: all clips)
@@ -198,6 +201,8 @@ class Loader:
         self.slots = worker_packs(packs_per_step, rank, world_size)
         self.state = state or LoaderState()  # after the last step yielded
         self.num_skipped = 0  # oversized clips passed over so far (this loader's steps only)
+        self.pin_memory = pin_memory  # page-locked packs, for non-blocking copies to the GPU
+        self.all_clip_ids = all_clip_ids  # fill Step.all_clip_ids (rank 0's per-step clip log)
 
     def plans(self) -> Iterator[StepPlan]:
         return plan_steps(self.index, self.state, self.seed, self.packs_per_step, self.token_budget,
@@ -211,10 +216,14 @@ class Loader:
             latents, text, mask = zip(*(self.index.load(c) for c in clips))
             batch = pack(list(latents), list(text), self.index.patch, self.token_budget, text_mask=list(mask))
             assert batch.num_packs == 1, "a planned pack must stay one pack"
-            batches.append(batch)
+            batches.append(batch.pin_memory() if self.pin_memory else batch)
             ids.append([c.clip_id for c in clips])
+        members = [i for pack in plan.packs for i in pack]
         return Step(step=plan.step, epoch=plan.epoch, packs=batches, clip_ids=ids, state=plan.state,
-                    num_packs=len(plan.packs), num_skipped=len(plan.skipped))
+                    num_packs=len(plan.packs), num_skipped=len(plan.skipped),
+                    num_tokens=int(self.index.num_tokens[members].sum()) if members else 0,
+                    num_samples=len(members),
+                    all_clip_ids=[self.index.clips[i].clip_id for i in members] if self.all_clip_ids else None)
 
     def files(self, plan: StepPlan) -> list[int]:
         """The shard files this worker reads for a step, in first-use order."""

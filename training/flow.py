@@ -8,13 +8,14 @@ own token count. Everything random takes an explicit `torch.Generator`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
 from training.model import VideoDiT
-from training.packing import PackedBatch, pack, unpack
+from training.packing import PackedBatch, pack, to_device, unpack
 
 
 @dataclass
@@ -92,6 +93,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------
 
 
+def noise_generator(generator: torch.Generator | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator on `device` seeded by one draw from the host `generator` (None: the global RNG)."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # a host tensor: no device sync
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified-flow MSE on a packed batch: (scalar mean over real tokens, (B,) per-sample means).
@@ -99,6 +108,10 @@ def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
     x0 = batch.tokens. Times, noise and CFG text drops are drawn per sample in sample
     order, so the loss does not depend on how samples were packed or how much padding
     there is; padding tokens never enter the loss.
+
+    The (B,) times and drops come from `generator` on the host; the (R, P) noise is drawn on
+    the batch's device by a generator seeded from it (`noise_generator`), so nothing of size R
+    crosses the bus and the draw is still a function of the pack's generator only.
     """
     device = batch.tokens.device
     dtype = compute_dtype(batch.tokens)
@@ -108,15 +121,17 @@ def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
     real = batch.real_index()  # (R,)
     x0 = batch.tokens.to(dtype)  # (N, P)
     noise = torch.zeros_like(x0)  # (N, P): padding stays exactly zero
-    noise[real] = torch.randn(len(real), x0.shape[1], generator=generator, dtype=dtype).to(device)
+    noise[real] = torch.randn(len(real), x0.shape[1], generator=noise_generator(generator, device), dtype=dtype,
+                              device=device)
     token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
-    t_tok = torch.cat([t, t.new_zeros(1)]).to(device)[token_sample][:, None]  # (N, 1)
+    t_dev = to_device(t, device)  # (B,)
+    t_tok = torch.cat([t_dev, t_dev.new_zeros(1)])[token_sample][:, None]  # (N, 1)
     x_t = (1 - t_tok) * x0 + t_tok * noise  # (N, P)
     target = noise - x0  # (N, P)
-    pred = model(x_t, t.to(device), batch, drop)  # (N, P)
+    pred = model(x_t, t_dev, batch, drop)  # (N, P)
     err = (pred.to(dtype) - target).pow(2).mean(dim=1)  # (N,)
     err_real = err[real]  # (R,)
-    lengths = torch.tensor(batch.lengths, device=device)
+    lengths = to_device(torch.tensor(batch.lengths), device)
     per_sample = torch.zeros(b, device=device, dtype=dtype).index_add_(0, batch.sample_ids[real], err_real) / lengths  # (B,)
     return err_real.mean(), per_sample
 
@@ -124,6 +139,20 @@ def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
 # ---------------------------------------------------------------------------
 # Sampler
 # ---------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def forward_precision(device: torch.device | str, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The DiT forward's precision while sampling: bf16 autocast ("auto" on CUDA — the dtype it
+    was trained in, and the fused attention kernels' only path) or fp32 ("auto" on the CPU,
+    where the exactness tests run). The ODE state and its updates stay fp32 either way."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -139,13 +168,16 @@ def sample(
     text_mask: list[torch.Tensor] | None = None,
     budget: int | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "auto",
 ) -> list[torch.Tensor]:
     """Euler ODE from t = 1 (noise) to t = 0: x_{t−Δ} = x_t − Δ·v, one latent (C, T, H, W) per shape.
 
     Classifier-free guidance v = v_uncond + s·(v_cond − v_uncond), with the conditional and
     unconditional copies of every sample packed together in one forward. Each sample's
     time grid is shifted by its own token count, as in training. Seeded by `generator`.
+    `precision` of the model's forward: see `forward_precision`.
     """
+    autocast = forward_precision(device, precision)
     steps = cfg.sample_steps if steps is None else steps
     scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
     b = len(shapes)
@@ -171,7 +203,8 @@ def sample(
     tokens = batch.tokens.to(dtype).clone()  # (N, P)
     for i in range(steps):
         tokens[real] = x.repeat(copies, 1)
-        v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
+        with autocast:
+            v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
         if guided:
             v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
         dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)

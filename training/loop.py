@@ -22,12 +22,13 @@ stay in lockstep across ranks.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ from training.cache import ShardCache
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
 from training.index import DATA_ERRORS, DataError, ShardIndex
 from training.flops import train_step_flops
-from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
+from training.metrics import RunLog, StepClock, mfu, peak_memory_gb, peak_tflops
 from training.model import DiTConfig, dit_config
 from training.ema import EMA, gather
-from training.packing import PackedBatch, pack
+from training.packing import PackedBatch, pack, to_device
 from training.settings import TrainConfig
 
 log = get_logger("training")
@@ -88,10 +89,12 @@ def usable(index: ShardIndex, token_budget: int) -> None:
                         f"{int(index.num_tokens.min())}); raise data.token_budget")
 
 
-def filler_pack(index: ShardIndex, token_budget: int) -> PackedBatch:
-    """A one-clip pack (the index's smallest clip) for weight-0 micro-batches on short steps."""
-    latents, text, mask = index.load(index.smallest_clip())
-    return pack([latents], [text], index.patch, token_budget, text_mask=[mask])
+def filler_pack(index: ShardIndex) -> PackedBatch:
+    """A one-clip pack (the index's smallest clip) without padding, for weight-0 micro-batches on
+    short steps: it only keeps DeepSpeed's accumulation in lockstep, so it should cost nothing."""
+    clip = index.smallest_clip()
+    latents, text, mask = index.load(clip)
+    return pack([latents], [text], index.patch, clip.num_tokens, text_mask=[mask])
 
 
 def progress_line(row: dict[str, Any], max_steps: int, elapsed_s: float, steps_this_session: int) -> str:
@@ -149,7 +152,7 @@ def _train(config: dict[str, Any]) -> None:
     from training.flow import flow_loss
     from training.model import VideoDiT
     from training.optim import deepspeed_config, lr_at
-    from training.parallel import apply_activation_checkpointing
+    from training.parallel import apply_activation_checkpointing, apply_compile
     from training.zero import master_fragments
 
     ctx = ray.train.get_context()
@@ -169,6 +172,8 @@ def _train(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VideoDiT(model_cfg)
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
+    if cfg.run.compile:
+        apply_compile(model)
     # ---- resume (a relaunch, or Ray Train restarting the group after a failure) ----
     # Always the newest *intact* checkpoint on storage (what the launcher announced): Ray Train's
     # registered one may be older (a worker died after reporting, before Ray Train polled it)
@@ -231,10 +236,12 @@ def _train(config: dict[str, Any]) -> None:
 
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
                     token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
-                    fetch_ahead=cfg.data.fetch_ahead_steps, window_shards=cfg.data.shuffle_window_shards)
+                    fetch_ahead=cfg.data.fetch_ahead_steps, window_shards=cfg.data.shuffle_window_shards,
+                    pin_memory=on_gpu, all_clip_ids=rank == 0 and cfg.run.log_clip_ids)
     usable(index, cfg.data.token_budget)  # before the prefetch thread: its error would surface later
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)
-    filler = filler_pack(index, cfg.data.token_budget)
+    filler = filler_pack(index)
+    filler = filler.pin_memory() if on_gpu else filler
     share = cfg.micro_batches
     peak = peak_tflops(device, cfg.run.peak_tflops)
     runlog = None
@@ -265,23 +272,39 @@ def _train(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     t_start = time.perf_counter()
+    clock = StepClock(device)
+    queued: collections.deque[_Queued] = collections.deque()  # steps whose figures are still on the device
+    last = clock.mark()
+
+    def emit(q: _Queued) -> dict[str, Any]:
+        """A step's metrics row: reads its reduced figures (waits for that step's work only)."""
+        loss_sum, step_flops = q.sums.tolist()
+        step_s = max(clock.seconds(q.start, q.end), 1e-9)  # end of the previous step → end of this one
+        step = q.step
+        row = {"step": step.step, "epoch": step.epoch, "loss": loss_sum / max(1, step.num_tokens),
+               "lr": q.lr, "grad_norm": _grad_norm(q.grad_norm), "tokens": step.num_tokens,
+               "samples": step.num_samples, "packs": step.num_packs, "skipped": step.num_skipped,
+               "step_s": round(step_s, 4), "tokens_per_s": step.num_tokens / step_s,
+               "clips_per_s": step.num_samples / step_s, "mfu": mfu(step_flops, step_s, world, peak),
+               "data_wait_s": round(q.wait_s, 4), "data_wait_fraction": min(1.0, q.wait_s / step_s),
+               "peak_memory_gb": round(float(q.memory[0]), 3), "workers": world}
+        if runlog is not None:
+            runlog.write(row, step.all_clip_ids)
+        return row
+
     try:
         for step in steps:
             if step.step >= cfg.run.max_steps:
                 break
-            t0 = time.perf_counter()
             lr = lr_at(step.step, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            counts = torch.tensor([sum(sum(p.lengths) for p in step.packs), sum(p.num_samples for p in step.packs),
-                                   pack_flops(model_cfg, step.packs)], dtype=torch.float64, device=device)
-            dist.all_reduce(counts)
-            step_tokens, step_samples, step_flops = int(counts[0]), int(counts[1]), float(counts[2])
-            weight = pack_loss_weight(step_tokens, world, share)
+            # The step's real tokens come with its plan (every worker plans the whole step): no collective.
+            weight = pack_loss_weight(step.num_tokens, world, share)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed token error, this rank
             for micro in range(share):
                 real = micro < len(step.packs)
-                batch = (step.packs[micro] if real else filler).to(device)
+                batch = (step.packs[micro] if real else filler).to(device, non_blocking=on_gpu)  # pinned on GPU
                 # Worker r holds packs [r·G, (r+1)·G) of the step (training.data.worker_packs).
                 gen = step_generator(cfg.run.seed, step.step, rank * share + micro)
                 mean, _ = flow_loss(engine, batch, cfg.flow, gen)
@@ -292,31 +315,32 @@ def _train(config: dict[str, Any]) -> None:
                     loss_sum += total.detach().double()
             if ema is not None:
                 ema.update(masters)
-            dist.all_reduce(loss_sum)
-            memory = torch.tensor([peak_memory_gb(device)], dtype=torch.float64, device=device)
+            # Loss and FLOPs in one SUM, memory in one MAX, all left on the device and read a step
+            # later (emit): the host queues the next step's kernels instead of waiting for this one.
+            flops = to_device(torch.tensor(pack_flops(model_cfg, step.packs), dtype=torch.float64), device)
+            sums = torch.stack([loss_sum, flops])
+            dist.all_reduce(sums)
+            memory = to_device(torch.tensor([peak_memory_gb(device)], dtype=torch.float64), device)
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-            clip_ids = _gather_clip_ids(step, dist) if cfg.run.log_clip_ids else None
-            step_s = time.perf_counter() - t0
-            wait_s = steps.last_wait_s
-            row = {"step": step.step, "epoch": step.epoch, "loss": float(loss_sum) / max(1, step_tokens),
-                   "lr": lr, "grad_norm": _grad_norm(engine), "tokens": step_tokens, "samples": step_samples,
-                   "packs": step.num_packs, "skipped": step.num_skipped, "step_s": round(step_s, 4),
-                   "tokens_per_s": step_tokens / step_s, "clips_per_s": step_samples / step_s,
-                   "mfu": mfu(step_flops, step_s, world, peak), "data_wait_s": round(wait_s, 4),
-                   "data_wait_fraction": wait_s / (wait_s + step_s), "peak_memory_gb": round(float(memory[0]), 3),
-                   "workers": world}
-            if runlog is not None:
-                runlog.write(row, clip_ids)
+            end = clock.mark()
+            queued.append(_Queued(step, lr, sums, memory, engine.get_global_grad_norm(), last, end,
+                                  steps.last_wait_s))
+            last = end
+            done = step.step + 1
+            flush = cfg.is_checkpoint_step(step.step) or done % cfg.run.log_every == 0 or done == cfg.run.max_steps
+            while len(queued) > (0 if flush else 1):
+                row = emit(queued.popleft())
+            if not flush:
+                continue
             report = {k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")}
             if cfg.is_checkpoint_step(step.step):
                 save_checkpoint(step, report)
-            elif (step.step + 1) % cfg.run.log_every == 0:
+            elif done % cfg.run.log_every == 0:
                 # A barrier over all workers (each must call it equally often) costing ~1-2 s on
                 # local Ray, hence only every log_every steps; metrics.jsonl has every step.
                 ray.train.report(report)
-            if rank == 0 and ((step.step + 1) % cfg.run.log_every == 0 or step.step + 1 == cfg.run.max_steps):
-                log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start,
-                                       step.step + 1 - steps_done))
+            if rank == 0 and (done % cfg.run.log_every == 0 or done == cfg.run.max_steps):
+                log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start, done - steps_done))
     finally:
         steps.close()
         if index.cache is not None:
@@ -342,17 +366,22 @@ def _checkpoint_dir(checkpoint: Any) -> str:
     return checkpoint.to_directory(tempfile.mkdtemp(prefix="ditharos-ckpt-load-", dir=os.environ.get("DITHAROS_TMP")))
 
 
-def _gather_clip_ids(step: Step, dist: Any) -> list[str]:
-    """The clip ids every rank trained this step, in global pack order (rank 0 gets the list)."""
-    mine = [c for ids in step.clip_ids for c in ids]
-    everyone: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return [c for ids in everyone for c in (ids or [])]
+@dataclass
+class _Queued:
+    """A trained step whose figures are still on the device (read by `emit` a step later)."""
+
+    step: Step
+    lr: float
+    sums: torch.Tensor  # (2,) float64: summed token error, training FLOPs — over all ranks
+    memory: torch.Tensor  # (1,) peak memory GB, max over ranks
+    grad_norm: Any  # DeepSpeed's global grad norm (a device tensor or a float), None without clipping
+    start: Any  # StepClock marks: end of the previous step, end of this one
+    end: Any
+    wait_s: float  # the host's wait for this step's data
 
 
-def _grad_norm(engine: Any) -> float | None:
+def _grad_norm(norm: Any) -> float | None:
     """The global grad norm DeepSpeed computed for clipping (None when it did not)."""
-    norm = engine.get_global_grad_norm()
     if norm is None:
         return None
     norm = float(norm)

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,30 @@ def mfu(step_flops: float, step_s: float, world_size: int, peak: float | None) -
     if peak is None or step_s <= 0:
         return None
     return step_flops / step_s / (world_size * peak * 1e12)
+
+
+class StepClock:
+    """Time between the ends of consecutive steps as the device runs them, read without a stall.
+
+    On CUDA `mark()` records an event on the current stream and `seconds(a, b)` waits for event
+    b only — called a step later, when the next step's kernels are already queued. On the CPU
+    work runs as it is issued: host time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
 
 def _lines(run_uri: str, name: str) -> list[str]:

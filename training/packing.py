@@ -3,8 +3,10 @@
 `plan_packs` places samples into packs of at most `budget` tokens (first-fit-decreasing);
 `pack` patchifies each clip `(C, T, H, W)` into tokens `(T/pt·H/ph·W/pw, pt·ph·pw·C)`,
 optionally drops a share of each clip's tokens (NaViT token dropping), lays samples back
-to back inside each pack and pads every pack to `budget`. Every sample, and each pack's
-padding, is its own attention segment (`cu_seqlens`), so attention never crosses samples.
+to back inside each pack and pads every pack to `budget`. Every sample is its own attention
+segment (`cu_seqlens`), so attention never crosses samples; a pack's padding is cut into
+segments of ≤ PAD_SEGMENT tokens, so its attention costs O(padding · PAD_SEGMENT), not
+O(padding²) (an almost empty 16k-token pack: 2M score entries per head instead of 268M).
 `unpack` is the inverse. `text_layout` builds the cross-attention keys: each segment sees
 only its own sample's text (or the null text when dropped for classifier-free guidance).
 
@@ -20,6 +22,7 @@ import torch
 from einops import rearrange
 
 Patch = tuple[int, int, int]
+PAD_SEGMENT = 128  # longest padding segment: one attention tile, so padding never costs a quadratic term
 
 
 # ---------------------------------------------------------------------------
@@ -113,13 +116,30 @@ class PackedBatch:
     def real_index(self) -> torch.Tensor:
         """(R,) flat index of every real token, sample 0's tokens first, then sample 1's, …"""
         idx = [torch.arange(o, o + n) for o, n in zip(self.offsets, self.lengths)]
-        return torch.cat(idx).to(self.tokens.device)
+        return to_device(torch.cat(idx), self.tokens.device)
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """The same batch with its tensors on `device` (lists stay on the host)."""
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The same batch with its tensors on `device` (lists stay on the host). From pinned
+        memory (`pin_memory`) with non_blocking=True the copies do not stall the host."""
+        moved = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+                 for k, v in vars(self).items()}
         moved["kept"] = self.kept  # host-side bookkeeping for unpack
         return PackedBatch(**moved)
+
+    def pin_memory(self) -> PackedBatch:
+        """The same batch in page-locked host memory (needs CUDA): what non-blocking copies read."""
+        pinned = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        pinned["kept"] = self.kept
+        return PackedBatch(**pinned)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor on `device` without stalling the host: through pinned memory with a
+    non-blocking copy on CUDA (a pageable copy waits for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _real_text(text: torch.Tensor, mask: torch.Tensor | None, i: int) -> torch.Tensor:
@@ -186,9 +206,11 @@ def pack(
             seqlens.append(n)
             segment_samples.append(i)
             start += n
-        if start < (p + 1) * budget:  # the pack's padding: one segment of its own
-            seqlens.append((p + 1) * budget - start)
+        pad = (p + 1) * budget - start
+        while pad > 0:  # the pack's padding: segments of its own, each ≤ PAD_SEGMENT tokens
+            seqlens.append(min(pad, PAD_SEGMENT))
             segment_samples.append(-1)
+            pad -= seqlens[-1]
 
     texts = [_real_text(t, None if text_mask is None else text_mask[i], i) for i, t in enumerate(text)]
     text_lengths = [t.shape[0] for t in texts]
@@ -258,8 +280,8 @@ def text_layout(batch: PackedBatch, drop: list[bool] | None, null_len: int) -> T
     device = batch.tokens.device
     cu = torch.tensor([0] + seqlens, dtype=torch.int64).cumsum(0).to(torch.int32)
     return TextLayout(
-        index=torch.tensor(index, dtype=torch.long, device=device),
-        sample_ids=torch.tensor(owners, dtype=torch.long, device=device),
-        cu_seqlens=cu.to(device),
+        index=to_device(torch.tensor(index, dtype=torch.long), device),
+        sample_ids=to_device(torch.tensor(owners, dtype=torch.long), device),
+        cu_seqlens=to_device(cu, device),
         max_seqlen=max(seqlens),
     )

@@ -113,6 +113,9 @@ class RunConfig:
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     seed: int = 0  # model init and the per-step noise / time / CFG-drop draws
     activation_checkpointing: bool = False
+    # torch.compile each DiT block on its own, dynamic shapes (training/parallel.py): fuses the
+    # modulation, RoPE and norms; minutes of compiling at start, so off for the CPU demo.
+    compile: bool = False
     log_clip_ids: bool = True  # clips.jsonl: which clips every step trained on (audit, resume checks)
     tensorboard: bool = True  # event files in <dir>/tensorboard
     peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: known GPUs by name, else none

@@ -14,7 +14,10 @@ high-resolution ones need sequence parallelism) are redrawn; their share is repo
 2. CPU step time (loss + backward, `--cpu-model`, clips of the same mix that fit
    `--cpu-budget` tokens): one packed step ÷ the sum of per-clip steps; goal ≤ 1.1.
 3. On CUDA only: DiT-XL/2 in bf16 on packed `--budget`-token sequences, tokens/s and MFU
-   (matmul + attention FLOPs of forward ×3 for training, real tokens only).
+   (matmul + attention FLOPs of forward ×3 for training, real tokens only), with a fused AdamW
+   step per pack. The packs are drawn at random from FFD's plans of loader-sized windows of
+   the mix — FFD's first packs hold the largest clips, whose long sequences flatter MFU.
+   No gradient communication (one device): `make gpu-check` runs single-rank ZeRO.
 Goals are printed, never enforced.
 """
 
@@ -161,30 +164,40 @@ def cpu_timing(model_name: str, num_clips: int, budget: int, repeats: int, seed:
 
 def gpu_throughput(budget: int, steps: int, seed: int, checkpoint: bool, model_name: str = "DiT-XL/2",
                    device: str = "cuda") -> dict:
-    """Train steps (loss + backward, no optimizer) of a bf16 model on one full pack each."""
+    """Train steps (loss + backward + fused AdamW) of a bf16 model on one pack each, packs drawn
+    at random from FFD plans of 256-clip windows of the mix."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = DIT_MODELS[model_name](in_channels=LATENT_CHANNELS, text_dim=TEXT_DIM).to(device, torch.bfloat16)
     if checkpoint:
         apply_activation_checkpointing(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     shapes, _ = draw_mix(4000, budget, seed)
     counts = [tokens_of(s) for s in shapes]
-    plans = plan_packs(counts, budget)[: steps + 2]  # one full pack per step (a micro-batch)
-    batches = [make_batch([shapes[i] for i in plan], budget, seed + j, device, torch.bfloat16)
-               for j, plan in enumerate(plans)]
-    for b in batches[:2]:  # warm-up: kernels, allocator
+    plans = []
+    for w in range(0, len(shapes), 256):  # the loader packs windows of clips, not the whole mix
+        plans += [[w + i for i in p] for p in plan_packs(counts[w:w + 256], budget)]
+    pick = np.random.default_rng(seed).choice(len(plans), size=min(len(plans), steps + 2), replace=False)
+    batches = [make_batch([shapes[i] for i in plans[p]], budget, seed + j, device, torch.bfloat16)
+               for j, p in enumerate(pick)]
+
+    def step(b: PackedBatch) -> None:
         train_step(model, b, 0)
-        model.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[:2]:  # warm-up: kernels, allocator
+        step(b)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for b in batches[2:]:
-        train_step(model, b, 0)
-        model.zero_grad(set_to_none=True)
+        step(b)
     sync()
     elapsed = time.perf_counter() - start
     measured = batches[2:]
+    peak = peak_bf16_tflops(torch.cuda.get_device_name() if device == "cuda" else "H100 SXM")
     flops = sum(train_step_flops(model.cfg, b.lengths, b.text_lengths) for b in measured)
     real = sum(b.num_real_tokens for b in measured)
     return {
@@ -196,7 +209,7 @@ def gpu_throughput(budget: int, steps: int, seed: int, checkpoint: bool, model_n
         "gpu_step_s": round(elapsed / len(measured), 4),
         "gpu_real_tokens_per_s": round(real / elapsed, 1),
         "gpu_tflops_per_s": round(flops / elapsed / 1e12, 1),
-        "gpu_mfu": round(flops / elapsed / (peak_bf16_tflops("H100 SXM") * 1e12), 4),  # H200: same peak, more bandwidth
+        "gpu_mfu": None if peak is None else round(flops / elapsed / (peak * 1e12), 4),
         "gpu_peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
         "gpu_attention_backend": pick_backend(batches[0].tokens),
     }

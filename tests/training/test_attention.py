@@ -158,18 +158,47 @@ def test_segment_ids_and_errors():
         attention(q, k, v, cu_q, cu_k[:-1], mq, mk)
 
 
+# Segments of every kind a real pack has: 1- and 17-token clips, clips over 128 tokens (cuDNN's
+# varlen path needs max_q > 128 to run at all), and 128-token padding chunks; text keys of 1–77.
+GPU_CASES = {
+    "self": ([1, 17, 300, 2000, 128, 128], [1, 17, 300, 2000, 128, 128]),
+    "cross": ([1, 17, 300, 2000, 128, 128], [5, 77, 1, 30, 1, 1]),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
 @pytest.mark.parametrize("backend", ["flash", "varlen", "flex", "sdpa_segments"])
-def test_cuda_backends_match_reference(case, backend):
+def test_cuda_backends_match_reference_forward_and_backward(case, head_dim, backend):
+    """bf16, strided q/k/v views (as the model's fused projections give them), forward and backward."""
     from training.attention import has_flash_attn, has_torch_varlen
 
     if backend == "flash" and not has_flash_attn():
         pytest.skip("flash-attn is not installed")
     if backend == "varlen" and not has_torch_varlen():
         pytest.skip("torch.nn.attention.varlen is not available")
-    q, k, v, cu_q, cu_k, mq, mk = varlen_inputs(*CASES[case], head_dim=64, dtype=torch.bfloat16, device="cuda")
-    out = attention(q, k, v, cu_q, cu_k, mq, mk, backend=backend)
-    ref = attention(q.float(), k.float(), v.float(), cu_q, cu_k, mq, mk, backend="sdpa_masked")
-    assert (out.float() - ref).abs().max() < 2e-2  # bf16 inputs and outputs
+    q_lens, k_lens = GPU_CASES[case]
+    heads = 4
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    qkv = torch.randn(sum(q_lens), 3, heads, head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(sum(k_lens), 2, heads, head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    q = qkv[:, 0]  # (Nq, H, Dh) views with row stride 3·H·Dh
+    k, v = (qkv[:, 1], qkv[:, 2]) if case == "self" else (kv[:, 0], kv[:, 1])
+    cu_q = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + k_lens, device="cuda").cumsum(0).to(torch.int32)
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    refs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    out = attention(*xs, cu_q, cu_k, max(q_lens), max(k_lens), backend=backend)
+    ref = attention(*refs, cu_q, cu_k, max(q_lens), max(k_lens), backend="sdpa_segments")
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert rel(out, ref) < 2e-2  # bf16 inputs and outputs
+    for x, r in zip(xs, refs):
+        assert rel(x.grad, r.grad) < 3e-2

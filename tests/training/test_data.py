@@ -226,6 +226,17 @@ def test_worker_count_does_not_change_the_global_step(index: ShardIndex, window:
             assert sorted(c for w in shards for c in step_ids(w[k])) == one[k]
             assert sum(len(w[k].packs) for w in shards) == shards[0][k].num_packs
             assert all(len(w[k].packs) <= PACKS // world for w in shards)
+    # Every worker knows the whole step's totals and (asked for) its clips in global pack order:
+    # what the trainer logs without a collective.
+    for world in (1, 2):
+        ranks = [list(islice(loader(index, rank=r, world_size=world, all_clip_ids=True), 3)) for r in range(world)]
+        for k in range(3):
+            steps = [w[k] for w in ranks]
+            mine = [c for s in steps for ids in s.clip_ids for c in ids]
+            assert all(s.all_clip_ids == mine for s in steps)
+            assert all(s.num_samples == len(mine) for s in steps)
+            assert all(s.num_tokens == sum(b.num_real_tokens for t in steps for b in t.packs) for s in steps)
+    assert next(iter(loader(index))).all_clip_ids is None
     with pytest.raises(ValueError, match="not divisible by 3 workers"):
         loader(index, world_size=3)
     with pytest.raises(ValueError, match="rank 2"):

@@ -75,7 +75,8 @@ SHAPES = [(4, 2, 8, 8), (4, 1, 8, 12), (4, 1, 4, 4), (4, 3, 4, 8)]
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.5])
 def test_loss_value_with_zero_output_model(drop_rate):
-    """Zero-init model predicts v = 0, so the loss is mean((ε − x0)²) over real tokens, draws in order t, drop, ε."""
+    """Zero-init model predicts v = 0, so the loss is mean((ε − x0)²) over real tokens; draws in order t, drop,
+    then ε from a device generator seeded by the next draw."""
     latents, text = inputs(SHAPES)
     batch = pack(latents, text, PATCH, 64, drop_rate=drop_rate, generator=torch.Generator().manual_seed(0))
     assert batch.num_real_tokens == (84 if drop_rate == 0 else 42)  # 32 + 24 + 4 + 24 tokens, or half
@@ -83,8 +84,9 @@ def test_loss_value_with_zero_output_model(drop_rate):
     loss, per_sample = flow_loss(tiny(randomise=False), batch, cfg, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     torch.randn(4, generator=g), torch.rand(4, generator=g)
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
     x0 = batch.tokens[batch.real_index()]
-    eps = torch.randn(x0.shape, generator=g)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     assert loss.item() == pytest.approx((eps - x0).pow(2).mean().item(), rel=1e-6)
     lengths = batch.lengths
     starts = [sum(lengths[:i]) for i in range(4)]
@@ -180,6 +182,28 @@ def test_sampler_is_euler_with_cfg(float64):
         assert (c - u).abs().max() > 1e-3  # guidance does something
     again = sample(model, shapes, text, cfg, torch.Generator().manual_seed(5), steps=1, guidance_scale=3.0)
     assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
+def test_sampler_runs_the_model_under_bf16_autocast_and_keeps_the_ode_in_fp32() -> None:
+    """precision="auto" is bf16 autocast on CUDA (tested there by make gpu-check); the same path
+    forced on the CPU: the DiT's matmuls see bf16, the returned latents are fp32 and close to fp32's."""
+    model = tiny()
+    shapes = [(4, 1, 4, 8), (4, 2, 4, 4)]
+    _, text = inputs(shapes)
+    cfg = FlowConfig(shift=False)
+    seen = []
+    hook = model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ref = sample(model, shapes, text, cfg, torch.Generator().manual_seed(5), steps=4)
+    assert set(seen) == {torch.float32}  # auto on the CPU: fp32
+    seen.clear()
+    low = sample(model, shapes, text, cfg, torch.Generator().manual_seed(5), steps=4, precision="bf16")
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    for a, b in zip(low, ref):
+        assert a.dtype == torch.float32
+        assert 0 < (a - b).abs().max() < 0.05 * b.abs().max()  # bf16 rounding, not a different result
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        sample(model, shapes, text, cfg, steps=1, precision="fp8")
 
 
 @pytest.fixture

@@ -176,3 +176,20 @@ def test_pack_errors_name_the_problem():
         pack(latents, text, PATCH, budget=40)
     with pytest.raises(ValueError, match=r"not divisible by patch"):
         num_patches((4, 1, 5, 4), PATCH)
+
+
+def test_padding_attention_cost_is_linear_in_the_padding() -> None:
+    """An almost empty pack (one small clip in 16k tokens, the epoch-end case) must not pay padding²."""
+    from training.packing import PAD_SEGMENT
+
+    budget = 16384
+    batch = pack([torch.randn(4, 1, 4, 4)], [torch.randn(2, 8)], (1, 2, 2), budget)  # 4 real tokens
+    cu = batch.cu_seqlens.tolist()
+    sizes = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    pad = [n for n, s in zip(sizes, batch.segment_samples) if s < 0]
+    assert sum(pad) == budget - 4 and max(pad) <= PAD_SEGMENT
+    assert sum(n * n for n in pad) <= PAD_SEGMENT * sum(pad)  # was (budget − 4)² ≈ 2.7e8 score entries per head
+    assert batch.max_seqlen == PAD_SEGMENT
+    # The padding segments see the null text (no empty key segment) and own no sample's tokens.
+    layout = text_layout(batch, None, null_len=1)
+    assert len(layout.cu_seqlens) == len(cu) and int((batch.sample_ids >= 0).sum()) == 4
