@@ -13,6 +13,7 @@ from eval.history import append_rows, history_key, pending_checkpoints, read_his
 from eval.plan import PlanError, RealClip, choose_num_frames, choose_reals, plan_videos
 from eval.weights import CONVERTED_SHA256
 from training import checkpoint as ckpt
+from tests.browser import render
 from tests.training.test_sample import decode_mp4, make_checkpoint
 
 FAST = ["--set", "sampling.steps=2", "--set", "reals.max_clips=3", "--set", "report.strip_videos=2"]
@@ -146,6 +147,11 @@ def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) ->
     report = (tiny_run / "eval" / "report.html").read_text()
     assert "checkpoint-00000002" in report and "checkpoint-00000004" in report
     assert "random-init" in report and "Reals are not held out" in report
+    # What a reader's browser makes of it: no console errors, every image decodes, a screenshot kept.
+    page = render(tiny_run / "eval" / "report.html", "nightly-report")
+    assert page.console_errors == [] and page.broken_images == [], page
+    assert page.images >= 4 and "DiTharos" in page.title and page.height_px > 900
+    assert page.screenshot.stat().st_size > 10_000
     summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
     assert summary["report"] == str(tiny_run / "eval" / "report.html") and summary["evaluated"] == []
 

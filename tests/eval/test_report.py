@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from eval.evaluate import frame_row, jpeg_bytes, stack_rows
 from eval.plots import smooth
 from eval.report import ReportData, render_report
+from tests.browser import render
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 SHA = {"data": "d" * 64, "ckpt2": "a" * 64, "ckpt4": "b" * 64, "clip": "c" * 64, "vae": "e" * 64,
@@ -156,3 +158,21 @@ def test_strips_and_smoothing() -> None:
     assert r.shape == (10, 3 * 20 + 2 * 2, 3)  # 3 frames 20 px wide, 2 px white gaps
     assert stack_rows([r, r[:, :30]]).shape == (22, 64, 3)
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards 0
+
+
+def test_report_renders_in_a_real_browser(data: ReportData, tmp_path: Path) -> None:
+    """Headless Chromium: no console errors (the prompt's <script> stays text), every inline image
+    decodes (trend plots, sample strips, the data card's keyframes), a screenshot is kept."""
+    path = tmp_path / "report.html"
+    path.write_text(render_report(data))
+    page = render(path, "report-synthetic")
+    assert page.console_errors == [], page.console_errors
+    assert page.broken_images == [] and page.images >= 3, page
+    assert page.title == "DiTharos nightly eval" and page.screenshot.stat().st_size > 10_000
+    # A page with a corrupt image and a script error is caught by the same check (the check can fail).
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><head><title>x</title></head><body>"
+                   "<img alt='broken strip' src='data:image/jpeg;base64,AAAA'><script>undefinedCall()</script>"
+                   "</body></html>")
+    broken = render(bad, "report-broken-on-purpose")
+    assert broken.broken_images == ["broken strip"] and any("undefinedCall" in e for e in broken.console_errors)
