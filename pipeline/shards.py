@@ -62,6 +62,10 @@ class ShardError(ValueError):
     """Rows that do not fit the shard contract."""
 
 
+# What a reader of a damaged or missing shard tells the user to do.
+REDO = "re-run the pipeline on this output: it notices the damage and redoes those sources"
+
+
 def clip_id(source_id: str, start_frame: int, num_frames: int) -> str:
     return f"{source_id}-{start_frame:07d}-{num_frames}f"
 

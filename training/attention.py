@@ -10,7 +10,8 @@ Backends (all compute the same function):
   kernel, FlashAttention-3 class on Hopper with cuDNN ≥ 9.18 — preferred where torch has it.
 - `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; FlashAttention-2 on Hopper).
 - `flex`: FlexAttention with a document block mask (CUDA; runs unfused on CPU). The mask is
-  built once per forward and segment layout (`mask_cache`), not once per layer.
+  built once per segment layout — per forward, not per layer — and kept beside the boundary
+  tensors it was built from (`_FLEX_MASKS`), outside any compiled graph.
 - `sdpa_masked`: SDPA with a dense block-diagonal mask over all tokens (the CPU reference).
 - `sdpa_segments`: SDPA per segment in a loop: exact and O(Σ n²), the CPU default.
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa_masked", "sdpa_segments")
 
@@ -102,18 +104,22 @@ def flex_block_mask(cu_q: Tensor, cu_k: Tensor, nq: int, nk: int, device: torch.
     return create_block_mask(same_segment, None, None, nq, nk, device=device)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-          mask_cache: dict | None = None) -> Tensor:
+# Block masks by query-boundary tensor: every layer of one forward (and its recomputation under
+# activation checkpointing) passes the same boundary tensors, so each layout's mask is built once
+# (one for self-, one for cross-attention) instead of once per layer; an entry goes when the
+# forward's boundary tensor is freed. Kept here, not in the model's arguments, so a compiled
+# block never sees (and guards on) it.
+_FLEX_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cu_q → {(id(cu_k), Nq, Nk): mask}
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Every layer of one forward (and its recomputation under activation checkpointing) shares
-    # the segment tensors: one mask each for self- and cross-attention instead of one per call.
-    key = (cu_q.data_ptr(), cu_k.data_ptr(), q.shape[0], k.shape[0])
-    mask = None if mask_cache is None else mask_cache.get(key)
+    masks = _FLEX_MASKS.setdefault(cu_q, {})
+    key = (id(cu_k), q.shape[0], k.shape[0])  # cu_k lives as long as cu_q: the same forward's segments
+    mask = masks.get(key)
     if mask is None:
-        mask = flex_block_mask(cu_q, cu_k, q.shape[0], k.shape[0], q.device)
-        if mask_cache is not None:
-            mask_cache[key] = mask
+        mask = masks[key] = flex_block_mask(cu_q, cu_k, q.shape[0], k.shape[0], q.device)
     fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex is an unfused reference on CPU
     q, k, v = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
     out = fn(q, k, v, block_mask=mask)  # (1, H, Nq, Dh)
@@ -153,12 +159,8 @@ def attention(
     max_q: int,
     max_k: int,
     backend: str = "auto",
-    mask_cache: dict | None = None,
 ) -> torch.Tensor:
-    """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh).
-
-    `mask_cache`: a dict living as long as the segment tensors (one forward), where backends that
-    precompute masks keep them."""
+    """Segment-wise softmax(q kᵀ / √Dh) v: (Nq, H, Dh) queries, (Nk, H, Dh) keys/values → (Nq, H, Dh)."""
     if not q.dtype == k.dtype == v.dtype:  # a kernel would reject it, or auto would silently pick flex
         raise TypeError(f"attention needs one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     if backend == "auto":
@@ -167,6 +169,4 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"query and key segment counts differ: cu_q {tuple(cu_q.shape)} vs cu_k {tuple(cu_k.shape)}")
-    if backend == "flex":
-        return _flex(q, k, v, cu_q, cu_k, max_q, max_k, mask_cache)
     return _IMPLS[backend](q, k, v, cu_q, cu_k, max_q, max_k)

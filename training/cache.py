@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.shards import ShardError
+from pipeline.shards import REDO, ShardError
 
 CHUNK_BYTES = 8 << 20
 
@@ -116,13 +116,11 @@ class ShardCache:
                     out.write(chunk)
                     written += len(chunk)
             if written != size:
-                raise ShardError(f"{uri}: {written} bytes, committed with {size} (truncated or overwritten); "
-                                 "re-run the pipeline on this output: it notices the damage and redoes those sources")
+                raise ShardError(f"{uri}: {written} bytes, committed with {size} (truncated or overwritten); {REDO}")
             os.replace(tmp, path)
         except OSError:
             if storage.file_size(uri) is None:  # object stores say "path does not exist" in their own words
-                raise ShardError(f"{uri}: shard missing (the clip index points at it); re-run the pipeline on "
-                                 "this output: it notices the damage and redoes those sources") from None
+                raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}") from None
             raise
         finally:
             tmp.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import torch
 
 from pipeline import storage
 from pipeline.manifest import ManifestError, index_dataset, read_index, read_manifest
-from pipeline.shards import ShardError, as_float32, read_shard
+from pipeline.shards import REDO, ShardError, as_float32, read_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
 from training.packing import Patch, num_patches
@@ -37,7 +37,6 @@ class DataError(ValueError):
 
 # Raised by a worker, these stop the run (training/train.py) instead of restarting the workers.
 DATA_ERRORS = (ShardError, ManifestError, DataError)
-REDO = "re-run the pipeline on this output: it notices the damage and redoes those sources"
 # What ShardIndex keeps of the index besides its own columns, when asked (eval's real clips).
 SCALAR_COLUMNS = ("split", "caption", "width_px", "height_px", "num_frames", "clip_score")
 

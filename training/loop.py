@@ -43,7 +43,7 @@ from training.cache import ShardCache
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
 from training.index import DATA_ERRORS, DataError, ShardIndex
 from training.flops import train_step_flops
-from training.metrics import RunLog, StepClock, mfu, peak_memory_gb, peak_tflops
+from training.metrics import RunLog, StepClock, mfu, peak_memory_gb, peak_tflops, read_later
 from training.model import DiTConfig, dit_config
 from training.ema import EMA, gather
 from training.packing import PackedBatch, pack, to_device
@@ -277,17 +277,17 @@ def _train(config: dict[str, Any]) -> None:
     last = clock.mark()
 
     def emit(q: _Queued) -> dict[str, Any]:
-        """A step's metrics row: reads its reduced figures (waits for that step's work only)."""
-        loss_sum, step_flops = q.sums.tolist()
+        """A step's metrics row: waits for that step's end mark only, then reads its host copy."""
         step_s = max(clock.seconds(q.start, q.end), 1e-9)  # end of the previous step → end of this one
+        loss_sum, step_flops, memory, norm = q.figures.tolist()
         step = q.step
         row = {"step": step.step, "epoch": step.epoch, "loss": loss_sum / max(1, step.num_tokens),
-               "lr": q.lr, "grad_norm": _grad_norm(q.grad_norm), "tokens": step.num_tokens,
+               "lr": q.lr, "grad_norm": norm if math.isfinite(norm) else None, "tokens": step.num_tokens,
                "samples": step.num_samples, "packs": step.num_packs, "skipped": step.num_skipped,
                "step_s": round(step_s, 4), "tokens_per_s": step.num_tokens / step_s,
                "clips_per_s": step.num_samples / step_s, "mfu": mfu(step_flops, step_s, world, peak),
                "data_wait_s": round(q.wait_s, 4), "data_wait_fraction": min(1.0, q.wait_s / step_s),
-               "peak_memory_gb": round(float(q.memory[0]), 3), "workers": world}
+               "peak_memory_gb": round(memory, 3), "workers": world}
         if runlog is not None:
             runlog.write(row, step.all_clip_ids)
         return row
@@ -315,16 +315,17 @@ def _train(config: dict[str, Any]) -> None:
                     loss_sum += total.detach().double()
             if ema is not None:
                 ema.update(masters)
-            # Loss and FLOPs in one SUM, memory in one MAX, all left on the device and read a step
-            # later (emit): the host queues the next step's kernels instead of waiting for this one.
+            # Loss and FLOPs in one SUM, memory in one MAX, copied to pinned host memory without
+            # waiting and read a step later (emit), after this step's end mark: the host queues the
+            # next step's kernels instead of waiting for this one's.
             flops = to_device(torch.tensor(pack_flops(model_cfg, step.packs), dtype=torch.float64), device)
             sums = torch.stack([loss_sum, flops])
             dist.all_reduce(sums)
             memory = to_device(torch.tensor([peak_memory_gb(device)], dtype=torch.float64), device)
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+            figures = read_later(torch.cat([sums, memory, _norm_tensor(engine.get_global_grad_norm(), device)]))
             end = clock.mark()
-            queued.append(_Queued(step, lr, sums, memory, engine.get_global_grad_norm(), last, end,
-                                  steps.last_wait_s))
+            queued.append(_Queued(step, lr, figures, last, end, steps.last_wait_s))
             last = end
             done = step.step + 1
             flush = cfg.is_checkpoint_step(step.step) or done % cfg.run.log_every == 0 or done == cfg.run.max_steps
@@ -341,6 +342,7 @@ def _train(config: dict[str, Any]) -> None:
                 ray.train.report(report)
             if rank == 0 and (done % cfg.run.log_every == 0 or done == cfg.run.max_steps):
                 log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start, done - steps_done))
+            last = clock.mark()  # the checkpoint / report is not the next step's time
     finally:
         steps.close()
         if index.cache is not None:
@@ -372,17 +374,15 @@ class _Queued:
 
     step: Step
     lr: float
-    sums: torch.Tensor  # (2,) float64: summed token error, training FLOPs — over all ranks
-    memory: torch.Tensor  # (1,) peak memory GB, max over ranks
-    grad_norm: Any  # DeepSpeed's global grad norm (a device tensor or a float), None without clipping
+    figures: torch.Tensor  # (4,) float64 host copy: token error, FLOPs (sums over ranks), peak memory GB
+    # (max over ranks), global grad norm (nan without clipping) — valid once `end` has completed
     start: Any  # StepClock marks: end of the previous step, end of this one
     end: Any
     wait_s: float  # the host's wait for this step's data
 
 
-def _grad_norm(norm: Any) -> float | None:
-    """The global grad norm DeepSpeed computed for clipping (None when it did not)."""
-    if norm is None:
-        return None
-    norm = float(norm)
-    return norm if math.isfinite(norm) else None
+def _norm_tensor(norm: Any, device: torch.device) -> torch.Tensor:
+    """(1,) float64 on `device`: DeepSpeed's global grad norm (a tensor or a float), nan when None."""
+    if isinstance(norm, torch.Tensor):
+        return norm.detach().reshape(1).to(device=device, dtype=torch.float64)
+    return to_device(torch.tensor([math.nan if norm is None else float(norm)], dtype=torch.float64), device)

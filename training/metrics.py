@@ -79,6 +79,17 @@ class StepClock:
         return start.elapsed_time(end) / 1000.0
 
 
+def read_later(x: torch.Tensor) -> torch.Tensor:
+    """A host copy of device tensor `x` made without waiting (pinned memory, non-blocking): valid
+    once a StepClock mark taken after this call has completed. A plain `.tolist()` would be a
+    copy queued behind every kernel issued so far, including the next step's."""
+    if x.device.type != "cuda":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host
+
+
 def _lines(run_uri: str, name: str) -> list[str]:
     uri = storage.join(run_uri, name)
     return storage.read_bytes(uri).decode().splitlines() if storage.exists(uri) else []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -153,7 +153,6 @@ class Segments:
     cu_text: torch.Tensor  # (S+1,) text keys, segment s ↔ segment s of the tokens
     max_text: int
     backend: str
-    mask_cache: dict = field(default_factory=dict)  # attention masks of this layout (flex), built once
 
 
 class SelfAttention(nn.Module):
@@ -172,7 +171,7 @@ class SelfAttention(nn.Module):
         # Under autocast RMSNorm runs in fp32 while v stays bf16: attention kernels need one dtype.
         q = apply_rope(self.q_norm(q), *rope).to(v.dtype)  # (N, H, Dh)
         k = apply_rope(self.k_norm(k), *rope).to(v.dtype)  # (N, H, Dh)
-        out = attention(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, seg.backend, seg.mask_cache)  # (N, H, Dh)
+        out = attention(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, seg.backend)  # (N, H, Dh)
         return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
 
 
@@ -192,8 +191,7 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(context), "m (two h d) -> two m h d", two=2, h=self.heads)  # (M, H, Dh) each
         q = self.q_norm(rearrange(self.q(x), "n (h d) -> n h d", h=self.heads)).to(v.dtype)  # (N, H, Dh)
         k = self.k_norm(k).to(v.dtype)  # (M, H, Dh)
-        out = attention(q, k, v, seg.cu, seg.cu_text, seg.max_len, seg.max_text, seg.backend,
-                        seg.mask_cache)  # (N, H, Dh)
+        out = attention(q, k, v, seg.cu, seg.cu_text, seg.max_len, seg.max_text, seg.backend)  # (N, H, Dh)
         return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
 
 
