@@ -10,9 +10,11 @@ the browser's own verdict on console errors and image decoding, which no HTML pa
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -70,7 +72,7 @@ class _DevTools:
     def __init__(self, url: str) -> None:
         import websocket
 
-        self.ws = websocket.create_connection(url, timeout=60, suppress_origin=True)
+        self.ws = websocket.create_connection(url, timeout=120, suppress_origin=True)
         self.next_id = 0
         self.events: list[dict[str, Any]] = []
 
@@ -86,7 +88,7 @@ class _DevTools:
                 return msg.get("result", {})
             self.events.append(msg)
 
-    def wait_for(self, event: str, timeout_s: float = 60.0) -> None:
+    def wait_for(self, event: str, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not any(e.get("method") == event for e in self.events):
             if time.monotonic() > deadline:
@@ -101,13 +103,17 @@ def render(page: Path, name: str, width_px: int = 1280) -> PageCheck:
     """Open `page` (a local HTML file) in headless Chromium and report; the full-page screenshot is
     kept as ARTIFACTS/<name>.png."""
     binary = ensure_chromium()
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                 "--no-first-run", "--remote-debugging-port=0", "--remote-allow-origins=*",
-                                 f"--user-data-dir={profile}", f"--window-size={width_px},900", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Chromium's helper processes may still write to the profile for a moment after being killed.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        log = Path(profile) / "chromium.log"  # a file, not a pipe: a full pipe would stall the browser
+        with open(log, "w") as err:
+            proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                     "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0",
+                                     "--remote-allow-origins=*", f"--user-data-dir={profile}",
+                                     f"--window-size={width_px},900", "about:blank"],
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
-            port = _devtools_port(proc)
+            port = _devtools_port(proc, log)
             targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30))
             tools = _DevTools(next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"))
             try:
@@ -115,22 +121,23 @@ def render(page: Path, name: str, width_px: int = 1280) -> PageCheck:
             finally:
                 tools.close()
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the browser and its renderer / zygote helpers
             proc.wait()
 
 
-def _devtools_port(proc: subprocess.Popen) -> int:
-    deadline = time.monotonic() + 60
-    seen = []
+def _devtools_port(proc: subprocess.Popen, log: Path) -> int:
+    deadline = time.monotonic() + 90
+    text = ""
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+        text = log.read_text(errors="replace")
+        m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", text)
         if m:
             return int(m.group(1))
-    raise RuntimeError(f"chromium did not start its DevTools endpoint: {''.join(seen)[-800:]}")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"chromium did not start its DevTools endpoint (exit {proc.poll()}): {text[-800:]}")
 
 
 _IMAGES_JS = """
