@@ -93,23 +93,22 @@ def max_frame_diff(frames: np.ndarray) -> float:
     return float(np.abs(np.diff(y, axis=0)).mean(axis=(1, 2)).max())
 
 
-def sharpness(frames: np.ndarray) -> float:
-    """Median over sampled frames of the variance of the luma Laplacian."""
-    y = luma(frames[sample_indices(frames.shape[0])])
+def sharpness(y: np.ndarray) -> float:
+    """Median over luma frames (S, H, W) of the variance of the Laplacian."""
     return float(np.median([cv2.Laplacian(f, cv2.CV_32F).var() for f in y]))
 
 
-def exposure(frames: np.ndarray) -> tuple[float, float]:
-    """(share of sampled frames that are black, share of sampled pixels that are blown out)."""
-    y = luma(frames[sample_indices(frames.shape[0])])
+def exposure(y: np.ndarray) -> tuple[float, float]:
+    """(share of luma frames (S, H, W) that are black, share of their pixels that are blown out)."""
     return float((y.mean(axis=(1, 2)) < BLACK_LUMA).mean()), float((y >= BRIGHT_LUMA).mean())
 
 
 def clip_scores(frames: np.ndarray, fps: float) -> ClipScores:
     """Every score of one clip (uint8 RGB frames at `fps`)."""
-    black, bright = exposure(frames)
+    y = luma(frames[sample_indices(frames.shape[0])])  # (S, H, W) once for the still-frame scores
+    black, bright = exposure(y)
     return ClipScores(motion=motion(frames, fps), max_frame_diff=max_frame_diff(frames),
-                      sharpness=sharpness(frames), black_fraction=black, bright_fraction=bright)
+                      sharpness=sharpness(y), black_fraction=black, bright_fraction=bright)
 
 
 def border_box(frames: np.ndarray) -> tuple[int, int, int, int]:

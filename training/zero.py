@@ -25,12 +25,12 @@ from training.ema import Fragment, param_items
 
 def master_fragments(engine: Any, stage3: bool, rank: int) -> tuple[list[Fragment], list[torch.Tensor]]:
     """(fragments, fp32 master views) of this rank for every parameter of `engine.module`."""
+    if stage3:
+        from deepspeed.utils import safe_get_local_fp32_param
     fragments: list[Fragment] = []
     masters: list[torch.Tensor] = []
     for name, p in param_items(engine.module):
         if stage3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
             part = p.ds_tensor.numel()  # padded slice size, the same on every rank
             start = rank * part
             numel = max(0, min(part, p.ds_numel - start))

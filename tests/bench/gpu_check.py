@@ -70,7 +70,10 @@ class Sizes:
 
 def production_mix(budget: int, rng: torch.Generator) -> list[tuple[int, int, int, int]]:
     """Latent shapes (C, T, H, W) of a pack's clips drawn from a typical bucket mix (Wan VAE: 16
-    channels, 4× time, 8× space): 256–720 px, 1–49 frames, landscape, square and portrait."""
+    channels, 4× time, 8× space): 256–720 px, 1–49 frames, landscape, square and portrait.
+
+    Not tests/bench/packing.py's `draw_mix` (the production config's weighted mix): that imports
+    pipeline.buckets and with it OpenCV, which the GPU machines do not have."""
     buckets = [(1, 32, 32), (5, 32, 32), (9, 32, 56), (13, 32, 32), (5, 60, 90), (13, 40, 40), (9, 56, 32)]
     shapes, used = [], 0
     while True:
