@@ -61,7 +61,7 @@ gpu-wheels: $(STAMP)
 lock:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-report.json -e '.[test]'
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/lock-report.json -e '.[test,ocr]'
 	$(PY) .ci/lock.py $(VENV)/lock-report.json $(LOCK)
 
 clean:

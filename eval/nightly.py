@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # `python eval/nightly.py`: import the package, n
 
 import ray
 
-from eval.datacard import data_card
 from eval.evaluate import STRIP_FILE, SetResult, evaluate_checkpoint, evaluate_reals, fvd_between
 from eval.history import EVAL_DIR, append_rows, history_uri, make_row, now_utc, pending_checkpoints, read_history
 from eval.plan import EvalPlan, PlanError, build_plan
@@ -41,6 +40,7 @@ from eval.settings import NightlyConfig
 from eval.weights import WeightsError, ensure_weights
 from pipeline import storage
 from pipeline.config import ConfigError, config_hash, dump_yaml, load_config, to_dict
+from pipeline.datacard import data_card
 from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
 from pipeline.version import code_version

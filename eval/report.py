@@ -9,31 +9,13 @@ models carries a visible `random-init` label.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from eval import plots
-
-RANDOM_INIT = "random-init"
-JPEG = "image/jpeg"
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
-h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-h3{font-size:15px;margin:18px 0 6px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
-th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.old td{color:#888}
-.badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;font-weight:600}
-.random-init{background:#ffe0e0;color:#a00;border:1px solid #e99}
-.warn{background:#fff4d6;border:1px solid #e8c66b;padding:8px 12px;border-radius:6px;margin:8px 0}
-.note{color:#555;font-size:13px} .mono,code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-pre{background:#f7f7f7;padding:8px;overflow-x:auto} img{max-width:100%} figure{margin:8px 0}
-figcaption{font-size:12px;color:#555} .grid{display:flex;flex-wrap:wrap;gap:12px}
-.example{width:200px;font-size:12px} .example img{width:200px}
-"""
+from pipeline.inspect import CARD_CSS, card_html
+from pipeline.pages import CSS, JPEG, RANDOM_INIT, badge_random_init, esc, fmt, img, kv_table, table
 
 
 @dataclass
@@ -45,7 +27,7 @@ class ReportData:
     eval_sha256: str  # the current eval set; rows of other sets are listed but not plotted
     history: list[dict[str, Any]]
     metrics: list[dict[str, Any]]  # training metrics.jsonl rows
-    card: dict[str, Any]  # eval.datacard.data_card
+    card: dict[str, Any]  # pipeline.datacard.data_card
     plan: dict[str, Any]  # num_frames, reals_split, held_out, reals (clip ids), videos (prompt/seed/size)
     fingerprints: dict[str, Any]  # run-level: data, models, detector, eval config, code versions
     config_yaml: str
@@ -58,46 +40,6 @@ class ReportData:
 # ---------------------------------------------------------------------------
 # Small builders
 # ---------------------------------------------------------------------------
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def img(data: bytes, alt: str, mime: str = "image/png") -> str:
-    return f'<img alt="{esc(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
-
-
-def badge_random_init(models: list[str] | None = None) -> str:
-    detail = f" ({', '.join(models)})" if models else ""
-    return f'<span class="badge random-init">{RANDOM_INIT}{esc(detail)}</span>'
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return esc(value)
-
-
-def table(headers: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
-    """Cells are already-escaped HTML; numeric-looking cells are right-aligned."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        cells = "".join(f'<td class="num">{c}</td>' if _numeric(c) else f"<td>{c}</td>" for c in row)
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _numeric(cell: str) -> bool:
-    return cell.replace(",", "").replace(".", "", 1).replace("-", "", 1).isdigit()
-
-
-def kv_table(pairs: list[tuple[str, Any]]) -> str:
-    return table(["", ""], [[esc(k), f'<span class="mono">{esc(v)}</span>'] for k, v in pairs])
 
 
 # ---------------------------------------------------------------------------
@@ -190,30 +132,7 @@ def _samples(d: ReportData, current: list[dict[str, Any]]) -> str:
 
 
 def _data_card(card: dict[str, Any]) -> str:
-    label = badge_random_init() if card.get("random_init") else ""
-    t = card.get("totals", {})
-    parts = [f"<h2>Data card {label}</h2>",
-             kv_table([("data", card["data_uri"]), ("clips", t.get("clips")), ("sources", t.get("sources_processed")),
-                       ("source video", f"{t.get('source_seconds')} s"), ("clips by split", card.get("splits")),
-                       ("reject rows", t.get("reject_rows"))])]
-    splits = sorted({s for b in card["buckets"] for s in b["splits"]})
-    rows = [[esc(b["bucket"]), f"{esc(b['width_px'])}×{esc(b['height_px'])}", fmt(b["num_frames"]), fmt(b["fps"]),
-             fmt(b["clips"])] + [fmt(b["splits"].get(s, 0)) for s in splits] for b in card["buckets"]]
-    parts.append("<h3>Clips per bucket</h3>" + table(["bucket", "size px", "frames", "fps", "clips"] + splits, rows))
-    rejects = [[esc(r["stage"]), esc(r["reason"]), fmt(r["rows"])] for r in card["rejects"]]
-    parts.append("<h3>Rejects by reason</h3>" + (table(["stage", "reason", "rows"], rejects) if rejects
-                                                  else "<p>No rejects.</p>"))
-    c = card["captions"]
-    common = "; ".join(f"“{esc(text)}” × {n}" for text, n in c["most_common"])
-    parts.append(f"<h3>Captions</h3><p>{c['distinct']} distinct caption(s) over {c['clips']} clips; sources "
-                 f"{esc(c['sources'])}. Most common: {common}</p>")
-    examples = []
-    for ex in card["examples"]:
-        picture = img(ex["keyframe_jpeg"], ex["clip_id"], JPEG) if ex.get("keyframe_jpeg") else ""
-        examples.append(f"<div class='example'>{picture}<div>“{esc(ex['caption'])}”</div><div class='note'>"
-                        f"{esc(ex['bucket'])} · {esc(ex['split'])} · CLIP {fmt(ex['clip_score'])}</div></div>")
-    parts.append(f"<div class='grid'>{''.join(examples)}</div>")
-    return "".join(parts)
+    return card_html(card)  # the same card `python pipeline/inspect.py` writes as a page
 
 
 def _fingerprints(d: ReportData) -> str:
@@ -263,7 +182,7 @@ def render_report(d: ReportData) -> str:
     body = "".join([_header(d, current), _metrics_table(d), _trends(current), _loss(d, current),
                     _samples(d, current), _data_card(d.card), _fingerprints(d), _method(d)])
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>DiTharos nightly eval</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+            f"<style>{CSS}{CARD_CSS}</style></head><body>{body}</body></html>\n")
 
 
 __all__ = ["RANDOM_INIT", "ReportData", "render_report"]

@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from pipeline.aesthetic import AestheticConfig
 from pipeline.clip_model import ClipConfig, ClipModel
 
 DEFAULT_TEMPLATES = [
@@ -44,6 +45,8 @@ class CaptionConfig:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # each has one "{}"
     vocabulary: list[str] = field(default_factory=lambda: list(DEFAULT_VOCABULARY))
     use_sidecar: bool = True  # rank captions from each video's sidecar file alongside the templates
+    # the aesthetic head scores the same mean image embedding (pipeline/aesthetic.py)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
 
     def validate(self) -> None:
         if self.num_keyframes < 1:

@@ -18,6 +18,8 @@ from pipeline.buckets import (
     BucketConfig, SourceBucketing, available_target_frames, cover_size, make_bucket, resample_indices, resize_crop,
 )
 from pipeline.decode import DecodeConfig, DecodeError, iter_frames
+from pipeline.images import read_image
+from pipeline.probe import ProbeError
 from pipeline.scenes import SceneConfig, SceneTracker, detect_size
 
 
@@ -174,13 +176,34 @@ def decode_size(src_h: int, src_w: int, sb: SourceBucketing, detect_width_px: in
     return ch + (ch % 2), cw + (cw % 2)  # even sizes keep swscale's chroma paths exact
 
 
+def crop_window(height_px: int, width_px: int, crop_px: tuple[int, int, int, int] | list[int], sb: SourceBucketing,
+                detect_width_px: int) -> tuple[tuple[int, int], tuple[slice, slice]]:
+    """(decode (h, w) of the whole frame, the content's slices in it) for a source with bars `crop_px`.
+
+    The whole frame is decoded at the scale that gives the *content* its decode size (so the
+    bars cost decode time but never resolution), then the bars are sliced off (a view, no copy).
+    """
+    top, bottom, left, right = crop_px
+    content_h, content_w = height_px - top - bottom, width_px - left - right
+    ch, cw = decode_size(content_h, content_w, sb, detect_width_px)
+    sy, sx = min(ch, content_h) / content_h, min(cw, content_w) / content_w
+    full_h, full_w = round(height_px * sy), round(width_px * sx)
+    full_h, full_w = min(height_px, full_h + full_h % 2), min(width_px, full_w + full_w % 2)
+    t, b, le, r = round(top * sy), round(bottom * sy), round(left * sx), round(right * sx)
+    return (full_h, full_w), (slice(t, full_h - b), slice(le, full_w - r))
+
+
 def cut_source(
     path: str, *, width_px: int, height_px: int, fps: float, codec: str, rotation_cw: int,
     container: str = "mp4", duration_s: float = 0.0, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
+    crop_px: tuple[int, int, int, int] | list[int] = (0, 0, 0, 0),
 ) -> Iterator[Clip | SpanReject]:
-    """Decode `path` once and yield its clips (and rejected spans) as they become final."""
-    dh, dw = decode_size(height_px, width_px, sb, scenes.detect_width_px)
-    dh, dw = min(dh, height_px), min(dw, width_px)
+    """Decode `path` once and yield its clips (and rejected spans) as they become final.
+
+    `crop_px` (top, bottom, left, right display pixels, see filters.border_crop) are black bars
+    cut off every frame before scene detection and bucketing; `sb` is the bucket of what is left.
+    """
+    (dh, dw), window = crop_window(height_px, width_px, crop_px, sb, scenes.detect_width_px)
     cutter = Cutter(sb, buckets, scenes, fps)
     last_pts = None
     deltas: list[float] = []
@@ -190,7 +213,7 @@ def cut_source(
             if last_pts is not None:
                 deltas = (deltas + [pts_s - last_pts])[-8:]
             last_pts = pts_s
-            yield from cutter.push(index, pts_s, frame)
+            yield from cutter.push(index, pts_s, frame[window])
     except DecodeError as e:
         yield SpanReject("decode", f"decoding stopped after {e.frames_decoded} frame(s); clips before that were "
                          f"kept: {e}", e.frames_decoded, -1)
@@ -202,3 +225,15 @@ def cut_source(
                              "(truncated?); clips before that were kept", -1, -1)
     positive = [d for d in deltas if d > 0]
     yield from cutter.finish(float(np.median(positive)) if positive else None)
+
+
+def cut_image(path: str, sb: SourceBucketing, buckets: BucketConfig) -> Iterator[Clip | SpanReject]:
+    """A still image → its one 1-frame clip (resized and centre-cropped to the bucket), or why not."""
+    try:
+        frame = read_image(path)  # (H, W, 3) as displayed
+    except ProbeError as e:
+        yield SpanReject("decode", str(e), 0, 1)
+        return
+    bucket = make_bucket(sb, 1, buckets)
+    pixels = resize_crop(frame, sb.height_px, sb.width_px)[None]  # (1, H, W, 3)
+    yield Clip(0, 0, 0, 1, 0.0, 1.0 / buckets.fps, bucket.name, pixels)

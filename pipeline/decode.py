@@ -96,6 +96,33 @@ def _pyav_frames(path: str, height_px: int, width_px: int, rotation_cw: int, thr
         raise DecodeError(f"PyAV failed after frame {i}: {e}", i) from None
 
 
+def sample_frames(path: str, height_px: int, width_px: int, *, duration_s: float, rotation_cw: int = 0,
+                  count: int = 5) -> np.ndarray:
+    """Up to `count` frames spread over a source, RGB uint8 (S, height_px, width_px, 3), upright.
+
+    Each is the first frame decoded after a seek to (k + ½)/count of the duration — a keyframe,
+    so a sample costs one keyframe decode, not a decode from the start (long GOPs stay cheap).
+    What cannot be seeked or decoded is skipped; the result may hold fewer frames (or none).
+    """
+    ch, cw = _coded_size(height_px, width_px, rotation_cw)
+    out: list[np.ndarray] = []
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            base = stream.time_base
+            start = stream.start_time or 0
+            for k in range(count):
+                target = duration_s * (k + 0.5) / count
+                if base:
+                    container.seek(start + int(target / base), stream=stream)  # to the keyframe before
+                frame = next(iter(container.decode(stream)), None)
+                if frame is not None:
+                    out.append(_upright(frame.to_ndarray(format="rgb24", width=cw, height=ch), rotation_cw))
+    except (av.error.FFmpegError, ValueError, StopIteration) as e:
+        log.debug("sampling frames of %s stopped after %d: %s", path, len(out), e)
+    return np.stack(out) if out else np.zeros((0, height_px, width_px, 3), np.uint8)
+
+
 def iter_frames(
     path: str, height_px: int, width_px: int, *, codec: str, container: str = "mp4", rotation_cw: int = 0,
     cfg: DecodeConfig | None = None,

@@ -1,7 +1,7 @@
-"""What counts as a video (by extension and by sniffed content), sidecar captions, content ids.
+"""What counts as a source (by extension and by sniffed content), sidecar captions, content ids.
 
-A file is a candidate when its extension says video OR its first bytes look like a video
-container — a mislabelled file is sniffed, not trusted. Sidecar captions (`<stem>.txt`,
+A file is a candidate when its extension says video or image, OR its first bytes look like a
+video container or an image — a mislabelled file is sniffed, not trusted. Sidecar captions (`<stem>.txt`,
 one caption per line, or `<stem>.json` with "caption"/"captions") belong to the video they
 sit beside. The source id is a hash of the bytes, so a renamed copy is the same source.
 `pipeline/listing.py` applies these to folders and listing files at corpus scale.
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from pipeline import storage
+from pipeline.images import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = [
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mts", ".m2ts",
@@ -29,6 +31,9 @@ class InputConfig:
     uri: str = ""  # local folder or pyarrow.fs URI; "" = the bundled sample clips
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     sniff_content: bool = True  # also take files whose bytes look like a video container
+    # Still images become 1-frame clips (pipeline/images.py); [] and sniff_images: false = videos only.
+    image_extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    sniff_images: bool = True  # also take files whose bytes look like an image (a PNG named .dat)
     use_sidecars: bool = True
     max_sidecar_bytes: int = 65536
 
@@ -57,6 +62,13 @@ def sniff_container(head: bytes) -> str | None:
     if len(head) >= 188 * 3 and all(head[i * 188] == 0x47 for i in range(3)):
         return "mpeg-ts"
     return None
+
+
+def is_image(uri: str, sniffed: str, cfg: InputConfig) -> bool:
+    """Whether a candidate is a still image: by its bytes when sniffed, else by its extension."""
+    if sniffed:
+        return sniffed.startswith("image/")
+    return PurePosixPath(uri).suffix.lower() in {e.lower() for e in cfg.image_extensions}
 
 
 def sniff_other(head: bytes) -> str:

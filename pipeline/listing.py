@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.discover import SIDECAR_EXTENSIONS, SNIFF_BYTES, InputConfig, read_sidecar, sniff_container, sniff_other
+from pipeline.images import sniff_image
 
 Row = dict[str, Any]
 LISTING_SUFFIXES = (".parquet", ".jsonl", ".csv")
@@ -131,13 +132,15 @@ def make_list_fn(cfg: InputConfig, exclude: str = "") -> Callable[[Row], Iterato
 
 def classify(cfg: InputConfig, files: list[tuple[str, int, int]]) -> Iterator[Row]:
     """(uri, size, mtime_ns) of the files of whole folders → listing rows, sidecars attached."""
-    exts = {e.lower() for e in cfg.extensions}
+    exts = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
     videos, others = [], []
     for uri, size, mtime in files:
         suffix = PurePosixPath(uri).suffix.lower()
-        head = storage.read_bytes(uri, SNIFF_BYTES) if (cfg.sniff_content or suffix in exts) and size else b""
-        sniffed = sniff_container(head)
-        if suffix in exts or (cfg.sniff_content and sniffed):
+        sniff = cfg.sniff_content or cfg.sniff_images or suffix in exts
+        head = storage.read_bytes(uri, SNIFF_BYTES) if sniff and size else b""
+        sniffed = (sniff_container(head) if cfg.sniff_content or suffix in exts else None) or (
+            sniff_image(head) if cfg.sniff_images or suffix in exts else None)
+        if suffix in exts or sniffed:
             videos.append((uri, size, mtime, sniffed or ""))
         else:
             others.append((uri, size, mtime, head))

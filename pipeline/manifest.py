@@ -69,6 +69,8 @@ def build_manifest(
             "files_per_1000_clips": round(1000 * files / clips, 2) if clips else 0.0,
             "reject_rows": totals.get("reject_rows", 0),
             "rejects_by_stage": dict(sorted(stages.items())),
+            "filtered_by_score": dict(sorted(totals.get("filtered_by_score", {}).items())),
+            "near_duplicates": dict(sorted(totals.get("near_duplicates", {}).items())),
             "ignored_files": ignored,
         },
         "files": {"index": f"index/{digest[:16]}", "rejects": f"rejects/{digest[:16]}", "config": "config.yaml"},
@@ -88,7 +90,7 @@ def read_manifest(out_uri: str) -> dict[str, Any]:
     manifest = json.loads(storage.read_bytes(uri))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        older = {1: "journal + file lists", 2: "no shard sizes in the index"}
+        older = {1: "journal + file lists", 2: "no shard sizes in the index", 3: "no curation scores"}
         raise ManifestError(f"{uri}: schema_version {version}, this code reads {SCHEMA_VERSION}"
                             + (f"; version {version} outputs ({older[version]}) must be re-made with the pipeline"
                                if version in older else ""))
@@ -117,6 +119,11 @@ def read_index(out_uri: str, manifest: dict[str, Any], columns: list[str] | None
                                                                                  filter=flt)
 
 
+def rejects_dataset(out_uri: str, manifest: dict[str, Any]) -> pads.Dataset:
+    """The rejects table as a pyarrow dataset, to stream in record batches."""
+    return _dataset(out_uri, manifest["files"]["rejects"], REJECTS_SCHEMA)
+
+
 def read_rejects(out_uri: str, manifest: dict[str, Any]) -> pa.Table:
     return _dataset(out_uri, manifest["files"]["rejects"], REJECTS_SCHEMA).to_table(columns=REJECT_COLUMNS)
 
@@ -124,7 +131,8 @@ def read_rejects(out_uri: str, manifest: dict[str, Any]) -> pa.Table:
 def _schema(names: list[str]) -> pa.Schema:
     from pipeline.records import RECORD_SCHEMA
 
-    return pa.schema([RECORD_SCHEMA.field(n) for n in names])
+    return pa.schema([RECORD_SCHEMA.field(n) if n in RECORD_SCHEMA.names else pa.field(n, pa.string())
+                      for n in names])
 
 
 INDEX_SCHEMA = _schema(INDEX_COLUMNS)

@@ -14,10 +14,12 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.listing import InputError, check_input
+from pipeline.records import RECORD_VERSION
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 
 DATA_CONFIG = "_state/data_config.json"
+RECORD_VERSION_KEY = "_record_version"  # kept beside the settings: an output of older records is refused up front
 
 
 class OutputError(ValueError):
@@ -90,6 +92,12 @@ def _check_settings(out: str, cfg: PipelineConfig) -> None:
     if not exists:
         return
     theirs = json.loads(storage.read_bytes(uri))
+    version = theirs.pop(RECORD_VERSION_KEY, None)  # absent: written before the version was kept (<= 3)
+    if version != RECORD_VERSION:
+        theirs_v = f"v{version}" if version else "v3 or older"
+        raise OutputError(f"output {out!r} was written by another DiTharos version (commit records {theirs_v}, "
+                          f"this code writes v{RECORD_VERSION}); use a new --output, or finish this one with the "
+                          "version that started it")
     mine = json.loads(json.dumps(data_config(cfg)))
     if theirs != mine:
         diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
@@ -111,4 +119,5 @@ def record_settings(out: str, cfg: PipelineConfig) -> None:
     """Tie the output to these data settings (once the run holds the output)."""
     uri = storage.join(out, DATA_CONFIG)
     if not storage.exists(uri):
-        storage.write_bytes_atomic(uri, json.dumps(data_config(cfg), sort_keys=True).encode())
+        settings = dict(data_config(cfg), **{RECORD_VERSION_KEY: RECORD_VERSION})
+        storage.write_bytes_atomic(uri, json.dumps(settings, sort_keys=True).encode())

@@ -19,6 +19,10 @@ class ProbeError(Exception):
     """The source cannot be used; the message is the reject reason."""
 
 
+class StillImage(ProbeError):
+    """FFmpeg reads the file as a single picture: a still-image source (pipeline/images.py), not a video."""
+
+
 @dataclass
 class ProbeConfig:
     """Sanity bounds a source must meet."""
@@ -95,7 +99,7 @@ def probe(path: str, cfg: ProbeConfig) -> VideoInfo:
         fmt = container.format.name
         if fmt == "image2" or fmt.endswith("_pipe"):
             # FFmpeg reads a lone PNG/JPEG as a 1-frame "video"; say what it really is.
-            raise ProbeError(f"a still image, not a video ({ctx.name.upper()} image, read by {fmt})")
+            raise StillImage(f"a still image, not a video ({ctx.name.upper()} image, read by {fmt})")
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if width <= 0 or height <= 0:
             raise ProbeError(f"video stream has no valid size ({width}x{height})")

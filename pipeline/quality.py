@@ -52,11 +52,12 @@ class ClipScores:
 
 
 def luma(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB → (T, H, W) float32 BT.601 luma in 0–255."""
+    """(T, H, W, 3) uint8 RGB → (T, H, W) uint8 BT.601 luma (rounded)."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3) RGB, got shape {frames.shape}")
-    # OpenCV's uint8 conversion (BT.601 weights, rounded) is ~20× faster than a float matmul.
-    return np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)
+    # OpenCV's uint8 conversion (BT.601 weights, rounded) is ~20× faster than a float matmul, and
+    # uint8 keeps the later OpenCV calls (absdiff, resize, Laplacian) on their fast paths.
+    return np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames])
 
 
 def sample_indices(num_frames: int, count: int = MAX_SAMPLES) -> np.ndarray:
@@ -76,7 +77,7 @@ def motion(frames: np.ndarray, fps: float) -> float:
     small = (small_w, max(8, round(h * small_w / w)))  # (width, height) for cv2
     flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
     needed = np.union1d(starts, starts + gap)
-    small_y = {int(i): cv2.resize(luma(frames[i:i + 1])[0], small, interpolation=cv2.INTER_AREA).astype(np.uint8)
+    small_y = {int(i): cv2.resize(luma(frames[i:i + 1])[0], small, interpolation=cv2.INTER_AREA)
                for i in needed}  # (h, w) uint8 luma of each frame used
     mags = []
     for s in starts.tolist():
@@ -89,8 +90,8 @@ def max_frame_diff(frames: np.ndarray) -> float:
     """Largest mean absolute luma change between consecutive frames of an even sample (0 for one frame)."""
     if frames.shape[0] < 2:
         return 0.0
-    y = luma(frames[sample_indices(frames.shape[0], 2 * MAX_SAMPLES)])
-    return float(np.abs(np.diff(y, axis=0)).mean(axis=(1, 2)).max())
+    y = luma(frames[sample_indices(frames.shape[0], 2 * MAX_SAMPLES)])  # (S, H, W) uint8
+    return float(max(cv2.mean(cv2.absdiff(a, b))[0] for a, b in zip(y[:-1], y[1:])))
 
 
 def sharpness(y: np.ndarray) -> float:

@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.shards import SCORE_COLUMNS
 
-RECORD_VERSION = 1
+RECORD_VERSION = 4  # 2: curation scores, crop, filter score/value; 3: text_area; 4: phash of the mean frame
 RECORDS_DIR = "_state/records"
 
 # Columns of a record (and, for kind == "clip", of the clip index). Every column is nullable:
@@ -63,6 +64,10 @@ RECORD_SCHEMA = pa.schema([
     ("clip_score", pa.float32()),
     ("clip_bytes", pa.int64()),  # bytes of latents + embeddings of this clip in its shard
     ("source_meta", pa.string()),  # JSON: the listing file's extra columns for this source
+    ("crop_px", pa.list_(pa.int32())),  # black bars cut off the source (top, bottom, left, right)
+    ("phash", pa.int64()),  # perceptual hash of the temporal mean frame (near-duplicate search)
+    # clip, and reject of stage filter: the curation scores
+    *SCORE_COLUMNS.items(),
     # source
     ("size_bytes", pa.int64()),
     ("mtime_ns", pa.int64()),  # listing's modification time; -1 when the listing has none
@@ -74,14 +79,20 @@ RECORD_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("start_frame", pa.int64()),
     ("end_frame", pa.int64()),
+    ("score", pa.string()),  # stage filter: the score outside its range …
+    ("value", pa.float64()),  # … and its value
+    ("keyframe_jpeg", pa.binary()),  # stage filter, a sample of them (filter.example_fraction): for contact sheets
 ])
 INDEX_COLUMNS = [
     "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "shard_bytes", "shard_sha256",
     "num_frames", "height_px",
     "width_px", "fps", "start_s", "end_s", "latent_shape", "num_tokens", "caption", "caption_source",
-    "clip_score", "clip_bytes", "source_meta",
+    "clip_score", "clip_bytes", "source_meta", "crop_px", "phash", *SCORE_COLUMNS,
 ]
-REJECT_COLUMNS = ["source_id", "source_uri", "stage", "reason", "start_frame", "end_frame", "clip_id"]
+REJECT_COLUMNS = ["source_id", "source_uri", "stage", "reason", "start_frame", "end_frame", "clip_id", "score", "value",
+                  *SCORE_COLUMNS, "keyframe_jpeg", "duplicate_of"]
+# Rejects made when the index is built (near-duplicates) name the clip they copy; records do not hold it.
+REJECT_ONLY_COLUMNS = ["duplicate_of"]
 SOURCE_KEY = ["source_uri", "size_bytes", "mtime_ns"]
 
 

@@ -16,12 +16,19 @@ sources, redo damaged or unfinished ones and never commit a clip twice.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# `python pipeline/run.py` puts pipeline/ first on sys.path, where inspect.py would stand in for
+# the standard library's `inspect` (which dataclasses imports): point it at the repo first.
+if __package__ in (None, ""):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
+import hashlib
 import json
 import logging
-import os
 import resource
-import sys
 import threading
 import time
 import uuid
@@ -29,8 +36,6 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python pipeline/run.py`: import the package, not sibling files
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import pyarrow as pa
@@ -46,13 +51,15 @@ from pipeline.faults import fault_point
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.listing import LISTING_SCHEMA, InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
 from pipeline.logs import get_logger
-from pipeline.manifest import build_manifest, read_manifest, records_digest, write_manifest
+from pipeline import neardup_pass
+from pipeline.manifest import REJECTS_SCHEMA, build_manifest, read_manifest, records_digest, write_manifest
 from pipeline.preflight import OutputError, Plan, preflight, record_settings
-from pipeline.records import INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_COLUMNS, read_record, record_shard
+from pipeline.records import (INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_COLUMNS, REJECT_ONLY_COLUMNS, read_record,
+                              record_shard)
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import TENSOR_COLUMNS, read_shard
-from pipeline.state import add_totals, check_shards, status_block, totals_block, totals_json
+from pipeline.state import add_totals, check_shards, drop_near_duplicates, status_block, totals_block, totals_json
 from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
 from pipeline.version import code_version
 
@@ -84,7 +91,16 @@ def model_fingerprints(cfg: PipelineConfig) -> dict:
     from pipeline.clip_model import load_clip
     from pipeline.vae import load_vae
 
-    return {"clip": load_clip(cfg.caption.clip).fingerprint(), "vae": load_vae(cfg.vae).fingerprint()}
+    from pipeline.text_overlay import load_text_detector
+
+    clip = load_clip(cfg.caption.clip)
+    out = {"clip": clip.fingerprint(), "vae": load_vae(cfg.vae).fingerprint(),
+           "text": load_text_detector(cfg.filter.text.detector, cfg.filter.text.model).fingerprint()}
+    if cfg.caption.aesthetic.enabled:
+        from pipeline.aesthetic import Aesthetic
+
+        out["aesthetic"] = Aesthetic(cfg.caption.aesthetic, clip.embed_dim).fingerprint()
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +303,10 @@ def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dic
                   resources=cfg.compute.cut_resources or None)
         .map_batches(
             CaptionStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,
-                                                 "expected_sha256": fingerprints["clip"]["weights_sha256"]},
+                                                 "expected_sha256": fingerprints["clip"]["weights_sha256"],
+                                                 "aesthetic_sha256": fingerprints.get("aesthetic", {}).get(
+                                                     "weights_sha256", ""),
+                                                 "text_sha256": fingerprints["text"]["weights_sha256"]},
             batch_size=cfg.compute.caption_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.caption_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
@@ -403,8 +422,20 @@ def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozens
 # ---------------------------------------------------------------------------
 
 
+def dedup_settings(cfg: PipelineConfig, fingerprint: dict) -> dict | None:
+    """The near-duplicate settings in effect (None: no pass), as the manifest fingerprint records them."""
+    semantic = cfg.dedup.semantic_on(fingerprint["models"]["clip"].get("weights", ""))
+    if not (cfg.dedup.perceptual or semantic):
+        return None
+    return dict(to_dict(cfg.dedup), semantic=semantic)
+
+
 def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: dict) -> dict:
     digest = records_digest([(u.rsplit("/", 1)[-1], s) for u, s in resume.records])
+    dedup = dedup_settings(cfg, fingerprint)
+    fingerprint = dict(fingerprint, dedup=dedup)
+    if dedup is not None:  # the index is the records less the copies these settings find
+        digest = hashlib.sha256(json.dumps([digest, dedup], sort_keys=True).encode()).hexdigest()
     try:
         old = read_manifest(out)
     except (FileNotFoundError, ValueError):
@@ -420,16 +451,35 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
     shapes: dict[str, dict] = {}
     if resume.table is not None:  # small output: the driver holds the records already
         totals = totals_block(resume.table)
-        _write_table(_index_rows(resume.table), out, index_rel)
-        _write_table(_reject_rows(resume.table), out, rejects_rel)
+        clips = resume.table.filter(pc.equal(resume.table["kind"], "clip"))
+        near = REJECTS_SCHEMA.empty_table()
+        if dedup is not None:
+            decided = neardup_pass.run_local(clips, out, cfg.dedup, dedup["semantic"])
+            totals = drop_near_duplicates(totals, neardup_pass.dropped_counts(decided))
+            clips, near = neardup_pass.kept(decided), neardup_pass.reject_rows(decided)
+        _write_table(clips.select(INDEX_COLUMNS), out, index_rel)
+        _write_table(pa.concat_tables([_reject_rows(resume.table), near]), out, rejects_rel)
     elif resume.by_source is not None:
         for row in resume.by_source.map_batches(totals_json, batch_format="pyarrow", batch_size=None).take_all():
             totals = add_totals(totals, json.loads(row["totals"]))
+        clips_ds = resume.by_source.map_batches(lambda t: t.filter(pc.equal(t["kind"], "clip")),
+                                                batch_format="pyarrow")
+        rejects_ds = resume.by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None)
+        if dedup is not None:
+            clips_ds = neardup_pass.run_distributed(ray, clips_ds, out, cfg.dedup, dedup["semantic"],
+                                                    parts=4 * _shuffle_blocks(ray, cfg))
+            dropped: dict = {}
+            for row in clips_ds.map_batches(lambda t: pa.table({"c": [json.dumps(neardup_pass.dropped_counts(t))]}),
+                                            batch_format="pyarrow", batch_size=None).take_all():
+                dropped = add_totals(dropped, json.loads(row["c"]))
+            totals = drop_near_duplicates(totals, dropped)
+            rejects_ds = rejects_ds.union(clips_ds.map_batches(neardup_pass.reject_rows, batch_format="pyarrow"))
+            clips_ds = clips_ds.map_batches(neardup_pass.kept, batch_format="pyarrow")
         if not storage.exists(storage.join(out, index_rel)):
-            _write_parquet(resume.by_source.map_batches(_index_rows, batch_format="pyarrow"), out, index_rel)
+            _write_parquet(clips_ds.map_batches(lambda t: t.select(INDEX_COLUMNS), batch_format="pyarrow"),
+                           out, index_rel)
         if not storage.exists(storage.join(out, rejects_rel)):
-            _write_parquet(resume.by_source.map_batches(_reject_rows, batch_format="pyarrow", batch_size=None),
-                           out, rejects_rel)
+            _write_parquet(rejects_ds, out, rejects_rel)
     for path in sorted(resume.shards):
         bucket = path.split("/")[1]
         shard_files[bucket] = shard_files.get(bucket, 0) + 1
@@ -451,15 +501,14 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
     return manifest
 
 
-def _index_rows(table: pa.Table) -> pa.Table:
-    return table.filter(pc.equal(table["kind"], "clip")).select(INDEX_COLUMNS)
-
-
 def _reject_rows(table: pa.Table) -> pa.Table:
     """Rejects of whole sources, each once (a redone source commits its side rows again)."""
-    rej = table.filter(pc.equal(table["kind"], "reject")).select(REJECT_COLUMNS)
-    return rej.group_by(REJECT_COLUMNS, use_threads=False).aggregate([]).sort_by(
+    columns = [c for c in REJECT_COLUMNS if c not in REJECT_ONLY_COLUMNS]
+    rej = table.filter(pc.equal(table["kind"], "reject")).select(columns)
+    rej = rej.group_by(columns, use_threads=False).aggregate([]).sort_by(
         [("source_uri", "ascending"), ("start_frame", "ascending"), ("reason", "ascending")])
+    return pa.table([rej[f.name] if f.name in columns else pa.nulls(rej.num_rows, f.type) for f in REJECTS_SCHEMA],
+                    schema=REJECTS_SCHEMA)
 
 
 def _write_table(table: pa.Table, out: str, rel: str) -> None:
@@ -585,17 +634,17 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
             run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
         except Stalled as e:
             sys.exit(f"error: {e}")
-        committed = 0
         for s in flush_writers(ray, writers):
-            committed += s.get("records", 0)
             for k, v in s.items():
                 stats[k] = stats.get(k, 0) + v
         for w in writers:
             ray.kill(w)
         phase("stream")
-        if committed:  # else the state is as read before this pass
-            resume = read_state(ray, out, cfg, verify=False)
-            phase("read_state")
+        # Always read back what is committed now: a writer's stats cannot say (one restarted after
+        # its node died counts only its own commits; trusting them once skipped this read and
+        # finalized an empty manifest over committed shards).
+        resume = read_state(ray, out, cfg, verify=False)
+        phase("read_state")
     if resume.incomplete:
         sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
                  "pass(es); re-run to finish them")
@@ -628,6 +677,8 @@ def print_summary(s: dict) -> None:
     for name, rows in s["buckets"].items():
         print(f"  {name:<24} {rows}")
     print(f"rejects     {s['reject_rows']} row(s) by stage {s['rejects_by_stage']}")
+    if s.get("filtered_by_score"):
+        print(f"filtered    by score {s['filtered_by_score']}")
     print(f"wall        {s['wall_s']} s")
     print(f"manifest    {s['manifest']}")
 

@@ -14,6 +14,8 @@ from pipeline.captions import CaptionConfig
 from pipeline.config import to_dict
 from pipeline.decode import DecodeConfig
 from pipeline.discover import InputConfig
+from pipeline.filters import FilterConfig
+from pipeline.neardup import DedupConfig
 from pipeline.probe import ProbeConfig
 from pipeline.scenes import SceneConfig
 from pipeline.vae import VAEConfig
@@ -109,8 +111,10 @@ class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     scenes: SceneConfig = field(default_factory=SceneConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # when the index is built; shards stay as they are
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def validate(self) -> None:
@@ -125,7 +129,7 @@ class PipelineConfig:
 
 
 # Sections that change what the shards contain; compute/placement settings do not.
-DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "caption", "vae")
+DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "filter", "caption", "vae")
 
 
 def data_config(cfg: PipelineConfig) -> dict:

@@ -20,7 +20,9 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 
-SCHEMA_VERSION = 3  # 2: clip index + commit records, manifest without file lists; 3: index has shard sizes + sha256
+# 2: clip index + commit records, manifest without file lists; 3: index has shard sizes + sha256;
+# 4: curation scores and border crop in shards and index; 5: text_area score
+SCHEMA_VERSION = 5
 
 # Scalar columns: name → arrow type. Tensor columns follow in TENSOR_COLUMNS.
 SCALAR_COLUMNS: dict[str, pa.DataType] = {
@@ -44,19 +46,26 @@ SCALAR_COLUMNS: dict[str, pa.DataType] = {
     "caption_source": pa.string(),  # "sidecar" or "template" (or a future captioner's name)
     "clip_score": pa.float32(),  # CLIP cosine × 100 between the clip and its caption
     "keyframe_jpeg": pa.binary(),  # middle frame, for data cards and eyeballing
+    # black bars cut off the source before bucketing, display px (top, bottom, left, right)
+    "crop_px": pa.list_(pa.int32()),
+    "phash": pa.int64(),  # 64-bit DCT perceptual hash of the temporal mean frame (pipeline/neardup.py)
 }
+# Curation scores: frame scores (pipeline/quality.py) and model scores (pipeline/aesthetic.py); see pipeline/filters.py
+# for what each means and its default range. Columns of the shards, the clip index and of
+# `filter` rejects.
+SCORE_COLUMNS: dict[str, pa.DataType] = {
+    "motion": pa.float32(),  # mean optical flow, frame widths per second
+    "max_frame_diff": pa.float32(),  # largest mean |Δ luma| between sampled frames, 0–255 (frozen: ~0)
+    "sharpness": pa.float32(),  # variance of the Laplacian of luma at the bucket's size
+    "black_fraction": pa.float32(),  # share of sampled frames that are black
+    "bright_fraction": pa.float32(),  # share of pixels blown out (luma >= 250)
+}
+FRAME_SCORE_COLUMNS = tuple(SCORE_COLUMNS)  # measured on frames in the cut stage; the rest by models
+SCORE_COLUMNS["aesthetic"] = pa.float32()  # LAION-style head on the CLIP image embedding (caption stage)
+SCORE_COLUMNS["text_area"] = pa.float32()  # share of the frame in detected text boxes (caption stage)
+SCALAR_COLUMNS.update(SCORE_COLUMNS)
 # Tensor columns: name → (numpy dtype, shape key). Shapes are per bucket / per model.
 TENSOR_COLUMNS = ("image_embedding", "text_embedding", "text_mask", "latents")
-
-REJECT_COLUMNS: dict[str, pa.DataType] = {
-    "source_id": pa.string(),
-    "source_uri": pa.string(),
-    "stage": pa.string(),  # discover, probe, dedupe, decode, bucket, scene, caption, vae
-    "reason": pa.string(),
-    "start_frame": pa.int64(),
-    "end_frame": pa.int64(),
-}
-
 
 class ShardError(ValueError):
     """Rows that do not fit the shard contract."""
@@ -124,13 +133,6 @@ def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
-def rejects_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(
-        [{k: r.get(k, -1 if REJECT_COLUMNS[k] == pa.int64() else "") for k in REJECT_COLUMNS} for r in rows],
-        schema=pa.schema(REJECT_COLUMNS),
-    )
-
-
 def table_bytes(table: pa.Table) -> bytes:
     """Serialise as an Arrow IPC *file* (random access, memory-mappable)."""
     sink = pa.BufferOutputStream()
@@ -159,6 +161,26 @@ def read_shard(uri: str) -> pa.Table:
     if version != str(SCHEMA_VERSION).encode():
         raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
     return table
+
+
+def read_columns(uri: str, columns: list[str]) -> pa.Table:
+    """Some columns of a shard, reading only their buffers (ranged reads on object stores).
+
+    What a data card or a caption audit needs (keyframes, captions) without moving the latents:
+    a 512 MB shard's keyframes are a few MB of it.
+    """
+    fs, path = storage.resolve(uri)
+    src = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
+    with src:
+        schema = pa.ipc.open_file(src).schema
+        version = (schema.metadata or {}).get(b"ditharos.schema_version")
+        if version != str(SCHEMA_VERSION).encode():
+            raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ShardError(f"{uri}: no column(s) {missing}; the shard has {schema.names}")
+        options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in columns])
+        return pa.ipc.open_file(src, options=options).read_all()
 
 
 def tensor(table: pa.Table, name: str) -> np.ndarray:

@@ -96,15 +96,17 @@ def totals_block(table: pa.Table) -> dict[str, Any]:
         seen[uri] = (max(n or 0, seen.get(uri, (0, 0.0))[0]), d or 0.0)
     rejects = of_kind(table, "reject")
     keys = set()
-    for row in rejects.select(["source_uri", "stage", "reason", "start_frame", "end_frame", "clip_id"]).to_pylist():
+    for row in rejects.select(["source_uri", "stage", "reason", "start_frame", "end_frame", "clip_id",
+                               "score"]).to_pylist():
         keys.add(tuple(row.values()))
     stages = Counter(k[1] for k in keys)
+    filtered = Counter(k[6] for k in keys if k[1] == "filter")
     return {
         "clips": clips.num_rows, "clips_by_bucket": dict(per_bucket),
         "bytes_by_bucket": dict(_sum_by(clips, "bucket", "clip_bytes")),
         "sources": len(seen), "sources_with_clips": sum(1 for n, _ in seen.values() if n > 0),
         "source_seconds": sum(d for _, d in seen.values()),
-        "reject_rows": len(keys), "rejects_by_stage": dict(stages),
+        "reject_rows": len(keys), "rejects_by_stage": dict(stages), "filtered_by_score": dict(filtered),
     }
 
 
@@ -112,6 +114,23 @@ def _sum_by(table: pa.Table, key: str, value: str) -> Counter:
     out: Counter = Counter()
     for k, v in zip(table[key].to_pylist(), table[value].to_pylist()):
         out[k] += v or 0
+    return out
+
+
+def drop_near_duplicates(totals: dict[str, Any], dropped: dict[str, Any]) -> dict[str, Any]:
+    """Totals of the committed clips less the near-duplicates the index drops (neardup_pass.dropped_counts)."""
+    out = dict(totals)
+    n = sum(dropped.get("near_duplicates", {}).values())
+    for key in ("clips_by_bucket", "bytes_by_bucket"):
+        left = Counter(out.get(key, {}))
+        left.subtract(dropped.get(key, {}))
+        out[key] = {b: v for b, v in left.items() if key == "bytes_by_bucket" or v > 0}
+    out["bytes_by_bucket"] = {b: v for b, v in out["bytes_by_bucket"].items() if b in out["clips_by_bucket"]}
+    out["clips"] = out.get("clips", 0) - n
+    if n:
+        out["reject_rows"] = out.get("reject_rows", 0) + n
+        out["rejects_by_stage"] = dict(out.get("rejects_by_stage", {}), near_dup=n)
+    out["near_duplicates"] = dict(dropped.get("near_duplicates", {}))
     return out
 
 

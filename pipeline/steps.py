@@ -2,8 +2,9 @@
 
 `pipeline/run.py` wires them into one streaming Ray Data plan; tests call them on plain dicts.
 - `make_probe_fn`: listing row (after dedupe) → + source id, probe result, bucketing, or a reason
-- `make_cut_fn`: probed source → stream rows: its clips (frames at bucket shape), then side
-  rows — one `reject` row per dropped span and one `source` row saying how many clips it cut
+- `make_cut_fn`: probed source → stream rows: its clips (frames at bucket shape, black bars
+  cropped, curation scores attached), then side rows — one `reject` row per dropped span or
+  clip filtered by score (pipeline/filters.py), one `source` row saying how many clips it cut
 - `CaptionStage`, `VAEStage`: actor classes over batches of stream rows; side rows pass
   through, and a clip a stage cannot handle becomes a clip-level `reject` row
 
@@ -14,6 +15,7 @@ Accounting per source: clips cut = clips written + clips rejected after the cut.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -24,16 +26,23 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.aesthetic import Aesthetic
 from pipeline.buckets import SourceBucketing, choose_source_bucket
 from pipeline.captions import keyframe_indices, make_captioner
 from pipeline.clip_model import load_clip
 from pipeline.config import to_dict
-from pipeline.cutting import Clip, cut_source
-from pipeline.discover import content_id, sniff_other
+from pipeline.cutting import Clip, cut_image, cut_source
+from pipeline.discover import content_id, is_image, sniff_other
 from pipeline.faults import fault_point
-from pipeline.probe import ProbeError, probe
+from pipeline.filters import border_crop, keeps_example
+from pipeline.filters import check as check_scores
+from pipeline.images import IMAGE_CONTAINER, probe_image
+from pipeline.neardup import clip_phash
+from pipeline.probe import ProbeError, StillImage, probe
+from pipeline.quality import clip_scores
 from pipeline.settings import PipelineConfig
-from pipeline.shards import clip_id, split_of
+from pipeline.shards import FRAME_SCORE_COLUMNS, clip_id, split_of
+from pipeline.text_overlay import load_text_detector, text_area
 from pipeline.vae import load_vae
 
 Row = dict[str, Any]
@@ -43,7 +52,7 @@ Batch = dict[str, np.ndarray]
 CUT_COLUMNS = (
     "kind", "record_json", "clip_id", "source_id", "source_uri", "split", "bucket", "scene_index",
     "window_index", "start_frame", "end_frame", "start_s", "end_s", "source_fps", "fps", "num_frames",
-    "height_px", "width_px", "sidecars", "source_meta", "frames",
+    "height_px", "width_px", "sidecars", "source_meta", "crop_px", "phash", *FRAME_SCORE_COLUMNS, "frames",
 )
 
 
@@ -68,7 +77,8 @@ def side_row(record: Row) -> Row:
         "source_id": record.get("source_id", ""), "source_uri": record.get("source_uri", ""), "split": "",
         "bucket": "", "scene_index": -1, "window_index": -1, "start_frame": -1, "end_frame": -1,
         "start_s": 0.0, "end_s": 0.0, "source_fps": 0.0, "fps": 0.0, "num_frames": 0, "height_px": 0,
-        "width_px": 0, "sidecars": "[]", "source_meta": "{}", "frames": np.zeros((0, 0, 0, 3), np.uint8),
+        "width_px": 0, "sidecars": "[]", "source_meta": "{}", "crop_px": np.zeros(4, np.int32), "phash": 0,
+        **{c: 0.0 for c in FRAME_SCORE_COLUMNS}, "frames": np.zeros((0, 0, 0, 3), np.uint8),
     }
     return row
 
@@ -80,9 +90,17 @@ def source_record(row: Row, source_id: str, num_clips: int, num_rejects: int, du
 
 
 def reject_record(source_id: str, source_uri: str, stage: str, reason: str, start_frame: int = -1,
-                  end_frame: int = -1, clip: str | None = None) -> Row:
+                  end_frame: int = -1, clip: str | None = None, **extra: Any) -> Row:
+    """A reject row; `extra`: record columns of the stage (filter: score, value and the scores)."""
     return {"kind": "reject", "source_id": source_id, "source_uri": source_uri, "stage": stage, "reason": reason,
-            "start_frame": int(start_frame), "end_frame": int(end_frame), "clip_id": clip}
+            "start_frame": int(start_frame), "end_frame": int(end_frame), "clip_id": clip, **extra}
+
+
+def keyframe_jpeg(frames: np.ndarray, quality: int) -> bytes:
+    """The middle frame of a clip (T, H, W, 3) RGB as JPEG bytes (b"" if encoding fails)."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(frames[len(frames) // 2][..., ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return buf.tobytes() if ok else b""
 
 
 def clip_indices(batch: Batch) -> list[int]:
@@ -107,10 +125,10 @@ def _with_columns(batch: Batch, clips: list[int], new: dict[str, tuple[list[Any]
     return out
 
 
-def _to_reject(batch: Batch, i: int, stage: str, reason: str) -> None:
-    """Turn clip row i of `batch` into a clip-level reject row, in place."""
+def _to_reject(batch: Batch, i: int, stage: str, reason: str, **extra: Any) -> None:
+    """Turn clip row i of `batch` into a clip-level reject row, in place (`extra`: see reject_record)."""
     rec = reject_record(str(batch["source_id"][i]), str(batch["source_uri"][i]), stage, reason,
-                        int(batch["start_frame"][i]), int(batch["end_frame"][i]), str(batch["clip_id"][i]))
+                        int(batch["start_frame"][i]), int(batch["end_frame"][i]), str(batch["clip_id"][i]), **extra)
     batch["kind"][i] = "reject"
     batch["record_json"][i] = json.dumps(rec, sort_keys=True)
 
@@ -136,7 +154,17 @@ def make_probe_fn(cfg: PipelineConfig) -> Callable[[Row], Row]:
             if not out["source_id"]:
                 out["source_id"] = content_id(row["uri"])
             with storage.local_copy(row["uri"]) as path:
-                info = probe(path, cfg.probe)
+                still = is_image(row["uri"], row.get("sniffed") or "", cfg.input)
+                try:
+                    info = probe_image(path, cfg.probe) if still else probe(path, cfg.probe)
+                except StillImage:  # FFmpeg reads it as one picture (a PNG named .mov)
+                    if not (cfg.input.image_extensions or cfg.input.sniff_images):
+                        raise
+                    info, still = probe_image(path, cfg.probe), True
+                crop = (0, 0, 0, 0)
+                if cfg.filter.crop_borders and not still:  # bars of one picture cannot be told from dark sky
+                    crop = border_crop(path, info.height_px, info.width_px, duration_s=info.duration_s,
+                                       rotation_cw=info.rotation_deg)
         except ProbeError as e:
             reason = str(e)
             if "not a readable media container" in reason or "cannot open media" in reason:
@@ -147,11 +175,17 @@ def make_probe_fn(cfg: PipelineConfig) -> Callable[[Row], Row]:
         except OSError as e:
             return dict(out, source_id=out["source_id"] or uri_id(row["uri"]), stage="probe",
                         reason=f"cannot read file: {e}")
-        out["info"] = json.dumps(info.to_row())
-        sb = choose_source_bucket(info.width_px, info.height_px, cfg.buckets)
-        if sb is None:
+        out["info"] = json.dumps(dict(info.to_row(), crop_px=list(crop)))
+        if info.container == IMAGE_CONTAINER and 1 not in cfg.buckets.num_frames:
             return dict(out, stage="bucket", reason=(
-                f"{info.width_px}x{info.height_px} is smaller than every bucket resolution "
+                f"a still image, and buckets.num_frames has no 1 ({sorted(cfg.buckets.num_frames)}): add 1 "
+                "to train on images, or set input.image_extensions: [] and input.sniff_images: false"))
+        content_w, content_h = info.width_px - crop[2] - crop[3], info.height_px - crop[0] - crop[1]
+        sb = choose_source_bucket(content_w, content_h, cfg.buckets)
+        if sb is None:
+            bars = f" ({info.width_px}x{info.height_px} less black borders)" if any(crop) else ""
+            return dict(out, stage="bucket", reason=(
+                f"{content_w}x{content_h}{bars} is smaller than every bucket resolution "
                 f"{sorted(cfg.buckets.resolutions_px)} at its nearest aspect"))
         out["bucketing"] = json.dumps(to_dict(sb))
         return out
@@ -179,16 +213,20 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
             return
         info = json.loads(row["info"])
         sb = SourceBucketing(**json.loads(row["bucketing"]))
+        crop = tuple(info.get("crop_px", (0, 0, 0, 0)))
         split = split_of(sid, cfg.output.val_fraction)
         rejects: list[Row] = []
         num_clips = 0
         with storage.local_copy(row["uri"]) as path:
-            pieces = cut_source(
-                path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
-                codec=info["codec"], rotation_cw=info["rotation_deg"], container=info["container"],
-                duration_s=info["duration_s"], sb=sb,
-                buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode,
-            )
+            if info["container"] == IMAGE_CONTAINER:
+                pieces = cut_image(path, sb, cfg.buckets)
+            else:
+                pieces = cut_source(
+                    path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
+                    codec=info["codec"], rotation_cw=info["rotation_deg"], container=info["container"],
+                    duration_s=info["duration_s"], sb=sb, crop_px=crop,
+                    buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode,
+                )
             for piece in pieces:
                 if not isinstance(piece, Clip):
                     rejects.append(reject_record(sid, row["uri"], piece.stage, piece.reason, piece.start_frame,
@@ -199,6 +237,17 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
                 cid = clip_id(sid, piece.start_frame, t)
                 if cid in skip_clip_ids:
                     continue
+                scores = clip_scores(piece.frames, cfg.buckets.fps).to_dict()
+                failed = check_scores(scores, cfg.filter, t)
+                if failed is not None:  # dropped before the model stages spend anything on it
+                    example = {}
+                    if keeps_example(cid, cfg.filter.example_fraction):
+                        jpeg = keyframe_jpeg(piece.frames, cfg.output.keyframe_jpeg_quality)
+                        example = {"keyframe_jpeg": base64.b64encode(jpeg).decode()}  # JSON side row
+                    rejects.append(reject_record(sid, row["uri"], "filter", failed.reason, piece.start_frame,
+                                                 piece.end_frame, cid, score=failed.score, value=failed.value,
+                                                 **scores, **example))
+                    continue
                 yield {
                     "kind": "clip", "record_json": "", "clip_id": cid, "source_id": sid, "source_uri": row["uri"],
                     "split": split, "bucket": piece.bucket_name, "scene_index": piece.scene_index,
@@ -206,7 +255,9 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
                     "end_frame": piece.end_frame, "start_s": piece.start_s, "end_s": piece.end_s,
                     "source_fps": info["fps"], "fps": cfg.buckets.fps, "num_frames": t,
                     "height_px": h, "width_px": w, "sidecars": row.get("sidecars") or "[]",
-                    "source_meta": row.get("source_meta") or "{}", "frames": piece.frames,
+                    "source_meta": row.get("source_meta") or "{}", "crop_px": np.asarray(crop, np.int32),
+                    "phash": clip_phash(piece.frames),
+                    **scores, "frames": piece.frames,
                 }
         fault_point("after_cut")
         if num_clips == 0 and not rejects:
@@ -232,13 +283,24 @@ def _check_fingerprint(actual: dict, expected_sha: str, what: str) -> None:
 
 
 class CaptionStage:
-    """Stream batch → + caption, clip_score, image/text embeddings, text mask, keyframe JPEG on clip rows."""
+    """Stream batch → + caption, clip_score, aesthetic, text_area, image/text embeddings, text mask, keyframe JPEG.
 
-    def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "") -> None:
+    A clip whose aesthetic or text_area score is outside its `filter.*` range becomes a `filter`
+    reject row here (the first point the scores exist), before the VAE spends anything on it.
+    """
+
+    def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "",
+                 aesthetic_sha256: str = "", text_sha256: str = "") -> None:
         self.cfg = cfg
         self.clip = load_clip(cfg.caption.clip, _device(num_gpus))
         _check_fingerprint(self.clip.fingerprint(), expected_sha256, "CLIP")
         self.captioner = make_captioner(cfg.caption, self.clip)
+        self.aesthetic = None
+        if cfg.caption.aesthetic.enabled:
+            self.aesthetic = Aesthetic(cfg.caption.aesthetic, self.clip.embed_dim, _device(num_gpus))
+            _check_fingerprint(self.aesthetic.fingerprint(), aesthetic_sha256, "aesthetic head")
+        self.text = load_text_detector(cfg.filter.text.detector, cfg.filter.text.model)
+        _check_fingerprint(self.text.fingerprint(), text_sha256, "text detector")
 
     def __call__(self, batch: Batch) -> Batch:
         idx = clip_indices(batch)
@@ -250,12 +312,14 @@ class CaptionStage:
         if idx:
             tokens, mask = self.clip.text_tokens([r.caption for r in results])  # (N, L, D), (N, L)
             tokens, mask = tokens.cpu().numpy().astype(np.float16), mask.cpu().numpy().astype(np.uint8)
-        quality = [cv2.IMWRITE_JPEG_QUALITY, self.cfg.output.keyframe_jpeg_quality]
-        jpegs = []
-        for c in clips:
-            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(c[len(c) // 2][..., ::-1]), quality)
-            jpegs.append(buf.tobytes() if ok else b"")
-        return _with_columns(batch, idx, {
+        jpegs = [keyframe_jpeg(c, self.cfg.output.keyframe_jpeg_quality) for c in clips]
+        aesthetic = [0.0] * len(idx)
+        if self.aesthetic is not None and idx:
+            aesthetic = self.aesthetic.score(np.stack([r.image_embedding for r in results])).tolist()
+        text = [text_area(kf, self.text) for kf in keyframes]
+        out = _with_columns(batch, idx, {
+            "aesthetic": (aesthetic, 0.0),
+            "text_area": (text, 0.0),
             "caption": ([r.caption for r in results], ""),
             "caption_source": ([r.source for r in results], ""),
             "clip_score": ([float(r.score) for r in results], 0.0),
@@ -264,6 +328,24 @@ class CaptionStage:
             "text_mask": ([mask[j] for j in range(len(idx))] if idx else [], np.zeros(0, np.uint8)),
             "keyframe_jpeg": (jpegs, b""),
         })
+        if self.cfg.filter.enabled and idx:
+            self._filter(out, idx, aesthetic, text, jpegs)
+        return out
+
+    def _filter(self, batch: Batch, idx: list[int], aesthetic: list[float], text: list[float],
+                jpegs: list[bytes]) -> None:
+        """Clip rows whose aesthetic (when scored) or text_area is out of range → `filter` reject rows (in place)."""
+        batch["kind"], batch["record_json"] = _objects(list(batch["kind"])), _objects(list(batch["record_json"]))
+        for j, i in enumerate(idx):
+            model_scores = {"text_area": text[j], **({"aesthetic": aesthetic[j]} if self.aesthetic else {})}
+            failed = check_scores(model_scores, self.cfg.filter, int(batch["num_frames"][i]))
+            if failed is None:
+                continue
+            scores = {c: float(batch[c][i]) for c in FRAME_SCORE_COLUMNS if c in batch}
+            example = ({"keyframe_jpeg": base64.b64encode(jpegs[j]).decode()}
+                       if keeps_example(str(batch["clip_id"][i]), self.cfg.filter.example_fraction) else {})
+            _to_reject(batch, i, "filter", failed.reason, score=failed.score, value=failed.value,
+                       aesthetic=aesthetic[j], text_area=text[j], **scores, **example)
 
 
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}

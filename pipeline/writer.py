@@ -20,6 +20,7 @@ that the largest open file is committed early (a smaller shard rather than a ful
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from pipeline import storage
 from pipeline.faults import fault_point
 from pipeline.logs import get_logger
 from pipeline.records import RECORDS_DIR, of_kind, read_record, write_record
-from pipeline.shards import SCALAR_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
+from pipeline.shards import SCALAR_COLUMNS, SCORE_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
 
 log = get_logger("writer")
 SHARD_COLUMNS = list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
@@ -94,7 +95,10 @@ class ShardWriter:
                 self.skip.add(cid)
                 by_bucket.setdefault(str(batch["bucket"][i]), []).append(i)
             elif kind in ("source", "reject"):
-                self.side_rows.append(json.loads(str(batch["record_json"][i])))
+                record = json.loads(str(batch["record_json"][i]))
+                if record.get("keyframe_jpeg"):  # JSON carries bytes as base64 (steps.reject_record)
+                    record["keyframe_jpeg"] = base64.b64decode(record["keyframe_jpeg"])
+                self.side_rows.append(record)
                 self.stats["side_rows"] += 1
             else:
                 raise ValueError(f"stream row kind {kind!r} is not clip, source or reject")
@@ -149,7 +153,9 @@ class ShardWriter:
                 "caption": str(cols["caption"][j]), "caption_source": str(cols["caption_source"][j]),
                 "clip_score": float(cols["clip_score"][j]),
                 "clip_bytes": int(sum(np.asarray(cols[c][j]).nbytes for c in TENSOR_COLUMNS)),
-                "source_meta": source_meta[j],
+                "source_meta": source_meta[j], "crop_px": [int(v) for v in cols["crop_px"][j]],
+                "phash": int(cols["phash"][j]),
+                **{c: float(cols[c][j]) for c in SCORE_COLUMNS},
             })
         self.stats["clips"] += table.num_rows
         if shard.bytes >= self.target_bytes:

@@ -83,6 +83,20 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def demo_pipeline_output(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline job's output on the sample clips with the default config, made once per session.
+
+    Shared by the pipeline, training, eval and cluster tests (each run costs ~40 s on 2 cores):
+    treat it as read-only; copy it first to damage or change it.
+    """
+    from pipeline.run import main as pipeline_main
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    pipeline_main(["--output", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server on a free 127.0.0.1 port; the env that points pyarrow (and Ray workers) at it."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extras")

@@ -42,7 +42,7 @@ _NAME = re.compile(r"^checkpoint-(\d{8})$")
 # Config keys that define what a run *is*; a relaunch that changes them is a different run.
 # Everything else (workers, max_steps, logging, checkpoint cadence, LR schedule length, ...) may change.
 FIXED_ON_RESUME = ("model", "flow", "data.seed", "data.split", "data.token_budget", "data.packs_per_step",
-                   "data.shuffle_window_shards",
+                   "data.shuffle_window_shards", "data.image_fraction",
                    "run.seed", "optim.zero_stage")
 
 

@@ -50,7 +50,8 @@ log = logging.getLogger("ditharos.data")
 
 
 def epoch_order(num_clips: int, seed: int, epoch: int, file_of: np.ndarray | None = None,
-                window_shards: int = 0) -> np.ndarray:
+                window_shards: int = 0, is_image: np.ndarray | None = None,
+                image_fraction: float | None = None) -> np.ndarray:
     """The epoch's permutation of clip indices: a function of (seed, epoch) and the index only.
 
     window_shards = 0: one uniform permutation of all clips. Every step then reads from all
@@ -63,13 +64,37 @@ def epoch_order(num_clips: int, seed: int, epoch: int, file_of: np.ndarray | Non
     each window are permuted among themselves; windows follow each other. A step then reads
     from one or two windows, so a node cache holding ~2 windows downloads each shard once per
     epoch. Larger W mixes more (W · clips per shard candidates for each position).
+
+    image_fraction = f (with `is_image`, True for clips of 1-frame buckets): the epoch is one
+    pass over the video clips, with image clips mixed in at random positions so that a share f
+    of the epoch's clips are images — drawn in the order above, cycled in fresh permutations
+    when f asks for more images than there are (up-weighting), left out when fewer (down).
     """
     rng = np.random.Generator(np.random.PCG64([seed, epoch]))
     if window_shards <= 0 or file_of is None:
-        return rng.permutation(num_clips)
-    rank = rng.permutation(int(file_of.max()) + 1 if len(file_of) else 0)  # file → its place this epoch
-    window = rank[file_of] // window_shards
-    return np.lexsort((rng.random(num_clips), window))  # by window, then randomly within it
+        order = rng.permutation(num_clips)
+    else:
+        rank = rng.permutation(int(file_of.max()) + 1 if len(file_of) else 0)  # file → its place this epoch
+        window = rank[file_of] // window_shards
+        order = np.lexsort((rng.random(num_clips), window))  # by window, then randomly within it
+    if image_fraction is None or is_image is None:
+        return order
+    return mix_images(order, is_image, image_fraction, np.random.Generator(np.random.PCG64([seed, epoch, 1])))
+
+
+def mix_images(order: np.ndarray, is_image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """`order`'s video clips, in order, with image clips at random positions making up `fraction` of all."""
+    images, videos = order[is_image[order]], order[~is_image[order]]
+    if not len(images) or not len(videos):
+        return order  # nothing to mix: an all-image or all-video dataset keeps its order
+    num_images = int(round(len(videos) * fraction / (1.0 - fraction)))
+    cycles = [images] + [rng.permutation(images) for _ in range(num_images // len(images))]
+    draws = np.concatenate(cycles)[:num_images]
+    slots = np.zeros(len(videos) + num_images, bool)
+    slots[rng.choice(len(slots), num_images, replace=False)] = True
+    mixed = np.empty(len(slots), order.dtype)
+    mixed[slots], mixed[~slots] = draws, videos
+    return mixed
 
 
 @dataclass(frozen=True)
@@ -129,13 +154,18 @@ def plan_step(token_counts: list[int], order: np.ndarray, state: LoaderState, pa
 
 
 def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step: int,
-               token_budget: int, window_shards: int = 0) -> Iterator[StepPlan]:
+               token_budget: int, window_shards: int = 0, image_fraction: float | None = None) -> Iterator[StepPlan]:
     """Global step plans from `state` on, endlessly over epochs."""
     counts = index.num_tokens.tolist()  # plan_step indexes it per clip: list items are the fastest
     if not any(n <= token_budget for n in counts):
         raise DataError(f"no clip of {index.data_uri} fits a pack of {token_budget} tokens "
                          f"(smallest has {min(counts, default=0)})")
-    epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch, index.file_of, window_shards)
+    is_image = index.num_frames == 1
+
+    def order_of(epoch: int) -> np.ndarray:
+        return epoch_order(len(counts), seed, epoch, index.file_of, window_shards, is_image, image_fraction)
+
+    epoch, order = state.epoch, order_of(state.epoch)
     while True:
         skipped: list[int] = []
         packs: list[list[int]] = []
@@ -143,7 +173,7 @@ def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step:
             if state.position >= len(order):
                 state = LoaderState(state.epoch + 1, 0, state.step)
             if state.epoch != epoch:
-                epoch, order = state.epoch, epoch_order(len(counts), seed, state.epoch, index.file_of, window_shards)
+                epoch, order = state.epoch, order_of(state.epoch)
             packs, more, pos = plan_step(counts, order, state, packs_per_step, token_budget)
             skipped += more
             state = LoaderState(state.epoch, pos, state.step)
@@ -191,10 +221,12 @@ class Loader:
 
     def __init__(self, index: ShardIndex, *, seed: int, packs_per_step: int, token_budget: int,
                  rank: int = 0, world_size: int = 1, state: LoaderState | None = None, fetch_ahead: int = 0,
-                 window_shards: int = 0, pin_memory: bool = False, all_clip_ids: bool = False) -> None:
+                 window_shards: int = 0, pin_memory: bool = False, all_clip_ids: bool = False,
+                 image_fraction: float | None = None) -> None:
         self.index = index
         self.fetch_ahead = fetch_ahead  # steps whose shards are asked for ahead (index.prefetch) before built
         self.window_shards = window_shards  # epoch_order's shuffle window (0: all clips)
+        self.image_fraction = image_fraction  # epoch_order's share of 1-frame clips (None: as they come)
         self.seed = seed
         self.packs_per_step = packs_per_step
         self.token_budget = token_budget
@@ -206,7 +238,7 @@ class Loader:
 
     def plans(self) -> Iterator[StepPlan]:
         return plan_steps(self.index, self.state, self.seed, self.packs_per_step, self.token_budget,
-                          self.window_shards)
+                          self.window_shards, self.image_fraction)
 
     def build(self, plan: StepPlan) -> Step:
         """Read this worker's clips of a step from the shards and pack them."""

@@ -91,6 +91,7 @@ class ShardIndex:
         self.file_of = np.zeros(0, np.int32)  # → files
         self.row_of = np.zeros(0, np.int64)
         self.num_tokens = np.zeros(0, np.int64)
+        self.num_frames = np.zeros(0, np.int64)  # 1 = an image (or a 1-frame clip of a video)
         self.scalars: pa.Table | None = None  # SCALAR_COLUMNS asked for at open, same row order
         self.bucket_names: list[str] = []
         # One entry per shard file, sorted by path (relative to data_uri):
@@ -121,7 +122,8 @@ class ShardIndex:
                 tokens[i] = math.prod(num_patches(tuple(manifest["buckets"][bucket]["latent_shape"]), index.patch))
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
-        columns = ["clip_id", "bucket", "shard", "row"] + (list(SCALAR_COLUMNS) if scalars else [])
+        columns = ["clip_id", "bucket", "shard", "row", "num_frames"] + (
+            [c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else [])
         table = read_index(data_uri, manifest, columns, split=split).sort_by([("clip_id", "ascending")])
         ids = table["clip_id"].cast(pa.large_string()).combine_chunks()  # > 2 GiB of ids past ~48M clips
         same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
@@ -135,6 +137,7 @@ class ShardIndex:
                              f"{table['bucket'].filter(pc.is_null(codes))[0].as_py()!r}")
         index.bucket_code = codes.to_numpy().astype(np.int32)
         index.num_tokens = tokens[index.bucket_code]
+        index.num_frames = table["num_frames"].to_numpy().astype(np.int64)
         index.row_of = table["row"].to_numpy().astype(np.int64)
         index._files_from(table["shard"], split)
         if scalars:

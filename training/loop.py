@@ -237,6 +237,7 @@ def _train(config: dict[str, Any]) -> None:
     loader = Loader(index, seed=cfg.data.seed, packs_per_step=cfg.data.packs_per_step,
                     token_budget=cfg.data.token_budget, rank=rank, world_size=world, state=state,
                     fetch_ahead=cfg.data.fetch_ahead_steps, window_shards=cfg.data.shuffle_window_shards,
+                    image_fraction=cfg.data.image_fraction,
                     pin_memory=on_gpu, all_clip_ids=rank == 0 and cfg.run.log_clip_ids)
     usable(index, cfg.data.token_budget)  # before the prefetch thread: its error would surface later
     steps = Prefetcher(iter(loader), depth=cfg.data.prefetch_depth)

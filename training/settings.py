@@ -42,6 +42,10 @@ class DataConfig:
     # for remote data, so that a node cache of ~2 windows downloads each shard once per epoch
     # (training/data.py epoch_order). Part of the data order: fixed for a run.
     shuffle_window_shards: int = 0
+    # Share of each epoch's clips drawn from 1-frame buckets (images and 1-frame clips), e.g. 0.5
+    # for Open-Sora-style joint image-video training; images are repeated or left out to meet it.
+    # None: clips come in their natural proportion. Part of the data order: fixed for a run.
+    image_fraction: float | None = None
     cache_dir: str = ""
     cache_mb: float = 65536.0
     fetch_ahead_steps: int = 4
@@ -57,6 +61,8 @@ class DataConfig:
         if self.max_open_shards < 1 or self.max_open_mb <= 0:
             raise ValueError(f"data: max_open_shards must be >= 1 and max_open_mb > 0, got "
                              f"{self.max_open_shards}, {self.max_open_mb}")
+        if self.image_fraction is not None and not 0.0 <= self.image_fraction < 1.0:
+            raise ValueError(f"data.image_fraction must be in [0, 1) or null, got {self.image_fraction}")
         if self.shuffle_window_shards < 0:
             raise ValueError(f"data.shuffle_window_shards must be >= 0, got {self.shuffle_window_shards}")
         if self.cache_mb <= 0 or self.fetch_ahead_steps < 0 or self.fetch_threads < 1:

@@ -21,6 +21,7 @@ and trains (training/loop.py) → summary from metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -94,17 +95,29 @@ def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float = 0.
                 ray.shutdown()  # stops the workers and Ray Train's retries
                 sys.exit(f"error: {message}")
     except KeyboardInterrupt:  # Ctrl-C / SIGINT: fit() in its thread would not see it
-        # Shutting Ray down can hang on a loaded machine while Train tears its workers down:
-        # give it 20 s, then leave anyway (a local Ray's processes go with this one).
-        stopper = threading.Thread(target=ray.shutdown, daemon=True)
-        stopper.start()
-        stopper.join(20)
-        print("interrupted: workers stopped; launch the same command again to resume from the latest checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(1)
+        leave_after_interrupt(ray.shutdown)
     if "error" in done:
         raise done["error"]
     return done["result"]
+
+
+def leave_after_interrupt(shutdown: Any, grace_s: float = 20.0) -> None:
+    """Stop Ray (at most `grace_s`), tell the user how to resume, exit with status 1. Never returns.
+
+    ray.shutdown() can hang on a loaded machine while Train tears its workers down: CI once saw it
+    last over 100 s although it ran in a thread joined with a 20 s timeout, which fits a shutdown
+    that holds the GIL while Ray's IO threads wait for it (no Python-level timeout can fire then).
+    faulthandler's watchdog is a C thread that needs no GIL: after `grace_s` it prints every
+    thread's stack (to diagnose the hang) and _exit(1)s. Leaving early loses nothing: a local
+    Ray's processes end with this one, a cluster's Train workers with their driver, and
+    checkpoints are committed atomically (training/checkpoint.py).
+    """
+    print(f"interrupted: stopping the workers (at most {grace_s:.0f} s)", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback_later(grace_s, exit=True, file=sys.stderr)
+    shutdown()
+    print("interrupted: workers stopped; launch the same command again to resume from the latest checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:

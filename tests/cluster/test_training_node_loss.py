@@ -24,12 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 
 @pytest.fixture(scope="module")
-def demo_data(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.run import main as pipeline_main
-
-    out = tmp_path_factory.mktemp("demo") / "data"
-    pipeline_main(["--output", str(out)])
-    return out
+def demo_data(demo_pipeline_output: Path) -> Path:
+    return demo_pipeline_output
 
 
 def test_training_survives_a_lost_worker_node(demo_data: Path, tmp_path: Path) -> None:

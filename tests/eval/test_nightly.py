@@ -93,15 +93,12 @@ def test_clear_errors_for_missing_run_or_checkpoints(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(demo_pipeline_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo shards from the real pipeline, and a run dir with DiT-tiny checkpoints at steps 2 and 4."""
-    from pipeline.run import main as pipeline_main
-
     root = tmp_path_factory.mktemp("nightly")
-    pipeline_main(["--output", str(root / "data")])
     run = root / "run"
     for steps in (2, 4):
-        make_checkpoint(run, root / "data", steps, seed=steps)
+        make_checkpoint(run, demo_pipeline_output, steps, seed=steps)
     rows = [{"step": s, "epoch": 0, "loss": 1.0 / (1 + s), "lr": 1e-3} for s in range(4)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run

@@ -12,6 +12,9 @@ import pytest
 from eval.evaluate import frame_row, jpeg_bytes, stack_rows
 from eval.plots import smooth
 from eval.report import ReportData, render_report
+from pipeline.config import to_dict
+from pipeline.datacard import SCORE_AXES, bin_counts, bin_edges
+from pipeline.filters import FilterConfig
 from tests.browser import render
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -78,10 +81,19 @@ def data() -> ReportData:
         "buckets": [{"bucket": "128p_16x9_17f", "width_px": 224, "height_px": 128, "num_frames": 17, "fps": 8.0,
                      "clips": 2, "splits": {"train": 2}}],
         "rejects": [{"stage": "probe", "reason": "no video stream (streams: audio)", "rows": 2}],
-        "captions": {"clips": 12, "distinct": 1, "sources": {"template": 12},
-                     "most_common": [("a shot of an airplane", 12)]},
+        "filtered_by_score": {"sharpness": 3},
+        "thresholds": {name: to_dict(rng) for name, rng in FilterConfig().ranges().items()},
+        "scores": {name: {"edges": bin_edges(name).tolist(), "log": SCORE_AXES[name][2],
+                          "kept": bin_counts(name, rng.uniform(0, 50, 12)).tolist(), "kept_moving": None,
+                          "filtered": {"sharpness": bin_counts(name, rng.uniform(0, 10, 3)).tolist()}}
+                   for name in SCORE_AXES},
+        "captions": {"clips": 12, "sources": {"template": 12}, "word_counts": [0] * 5 + [12] + [0] * 75,
+                     "sample_clips": 12, "sample_distinct": 1, "sample_most_common": [("a shot of an airplane", 12)]},
         "examples": [{"clip_id": "abc-0000000-17f", "caption": "a <b>bold</b> caption", "bucket": "128p_16x9_17f",
                       "split": "train", "clip_score": 3.2, "keyframe_jpeg": strip}],
+        "filtered_examples": {"sharpness": [{"clip_id": "abc-0000040-17f", "source_uri": "/in/a.mp4",
+                                             "reason": "sharpness 3.1 < min 15 (filter.sharpness)", "value": 3.1,
+                                             "keyframe_jpeg": strip}]},
     }
     plan = {"num_frames": 17, "reals_split": "all", "held_out": False, "reals": ["abc-0000000-17f"],
             "videos": [{"index": 0, "prompt": "<script>alert(1)</script>", "seed": 0, "width_px": 224,
@@ -121,7 +133,9 @@ def test_report_is_well_formed_html(parsed: tuple[str, Checker]) -> None:
 def test_report_is_self_contained(parsed: tuple[str, Checker]) -> None:
     page, c = parsed
     images = [a for t, a in c.tags if t == "img"]
-    assert len(images) == 3 + 1 + 1 + 1 + 1  # 3 trends, loss, reals strip, one checkpoint strip, one keyframe
+    # 3 trends, loss, reals strip, one checkpoint strip, one kept and one filtered keyframe of the data card
+    assert len(images) == 3 + 1 + 1 + 1 + 1 + 1
+    assert sum(t == "svg" for t, _ in c.tags) == len(SCORE_AXES) + 1  # the card's score histograms, caption lengths
     for attrs in images:
         mime, _, payload = attrs["src"].partition(";base64,")
         assert mime in ("data:image/png", "data:image/jpeg") and attrs["alt"]

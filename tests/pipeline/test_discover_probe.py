@@ -103,8 +103,9 @@ def test_discover_finds_candidates_by_extension_and_content(input_dir: Path) -> 
     assert set(by_name) == {"alpha.mp4", "beta.webm", "gamma.avi", "mystery.dat", "notes.mp4", "picture.mov"}
     assert by_name["mystery.dat"]["sniffed"] == "mp4/mov"  # found by content
     assert by_name["beta.webm"]["sniffed"] == "matroska/webm"
-    # Extension-only candidates: they look like nothing; probe will say why.
-    assert by_name["notes.mp4"]["sniffed"] is None and by_name["picture.mov"]["sniffed"] is None
+    # An extension-only candidate that looks like nothing: probe will say why.
+    assert by_name["notes.mp4"]["sniffed"] is None
+    assert by_name["picture.mov"]["sniffed"] == "image/png"  # a PNG, whatever its name: an image source
     assert by_name["alpha.mp4"]["size_bytes"] == (input_dir / "alpha.mp4").stat().st_size
     assert by_name["alpha.mp4"]["mtime_ns"] == (input_dir / "alpha.mp4").stat().st_mtime_ns
     assert _rel(input_dir, ignored) == {"README.md", "orphan.json", "sub/alpha.txt"}
@@ -270,16 +271,23 @@ def test_probe_fn_reasons_name_what_the_file_is(bad_videos: dict[str, Path]) -> 
     from pipeline.settings import PipelineConfig
     from pipeline.steps import make_probe_fn
 
-    probe_row = make_probe_fn(PipelineConfig())
+    from pipeline.config import load_config
 
-    def reason(key: str, sniffed: str | None = None) -> str:
+    probe_row = make_probe_fn(PipelineConfig())
+    videos_only = make_probe_fn(load_config(PipelineConfig, overrides=["input.image_extensions=[]",
+                                                                       "input.sniff_images=false"]))
+
+    def reason(key: str, sniffed: str | None = None, fn=probe_row) -> str:
         p = bad_videos[key]
-        row = probe_row({"uri": str(p), "size_bytes": p.stat().st_size, "sniffed": sniffed, "sidecars": "[]"})
+        row = fn({"uri": str(p), "size_bytes": p.stat().st_size, "sniffed": sniffed, "sidecars": "[]"})
         assert row["info"] == ""
         return row["reason"]
 
     assert "text file" in reason("not_video")
-    assert "PNG image" in reason("png_as_mov")
+    assert "a still image, not a video (PNG image" in reason("png_as_mov", fn=videos_only)
+    p = bad_videos["png_as_mov"]  # with images on (the default), a PNG named .mov is an image source
+    row = probe_row({"uri": str(p), "size_bytes": p.stat().st_size, "sniffed": None, "sidecars": "[]"})
+    assert row["reason"] == "" and json.loads(row["info"])["container"] == "image"
     assert "empty file" in reason("empty")
     assert "unrecognised binary data" in reason("corrupt")
     assert "mp4/mov (damaged)" in reason("truncated", sniffed="mp4/mov")

@@ -78,5 +78,11 @@ def test_worker_node_killed_mid_run(tmp_path: Path, odd_videos: dict[str, Path])
         got = _clip_ids(out)
         assert len(got) == len(set(got)), "duplicate clips after node loss"
         assert sorted(got) == sorted(expected)
-        index = pq.read_table(out / json.loads((out / "manifest.json").read_text())["files"]["index"])
-        assert sorted(index["clip_id"].to_pylist()) == sorted(expected)
+        # The index is the shards less the near-duplicates, decided alike for both runs (the
+        # generated scenes' smooth gradients give some clips of different videos near hashes).
+        def index_of(d: Path) -> list[str]:
+            return sorted(pq.read_table(d / json.loads((d / "manifest.json").read_text())["files"]["index"])
+                          ["clip_id"].to_pylist())
+
+        assert index_of(out) == index_of(tmp_path / "ref") and set(index_of(out)) <= set(expected)
+        assert len(index_of(out)) >= len(expected) - 2

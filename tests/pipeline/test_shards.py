@@ -59,6 +59,15 @@ def make_columns(n: int, bucket: str = BUCKET, seed: int = 0) -> dict[str, Any]:
         "caption_source": ["sidecar" if i % 2 else "template" for i in range(n)],
         "clip_score": list(rng.uniform(10, 35, n).astype(np.float32)),
         "keyframe_jpeg": [rng.bytes(int(rng.integers(0, 300))) for _ in range(n)],
+        "crop_px": [np.array([0, 0, 8 * (i % 2), 8 * (i % 2)], np.int32) for i in range(n)],  # as cut rows carry it
+        "phash": list(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)),
+        "motion": list(rng.uniform(0.0, 0.3, n)),
+        "max_frame_diff": list(rng.uniform(0.0, 40.0, n)),
+        "sharpness": list(rng.uniform(10.0, 1000.0, n)),
+        "black_fraction": [0.0] * n,
+        "bright_fraction": list(rng.uniform(0.0, 0.1, n)),
+        "aesthetic": list(rng.uniform(3.0, 7.0, n)),
+        "text_area": list(rng.uniform(0.0, 0.05, n)),
         "latents": rng.standard_normal((n, *LATENT_SHAPE)).astype(np.float16),
         "text_embedding": rng.standard_normal((n, 77, 64)).astype(np.float16),
         "text_mask": mask,
@@ -101,7 +110,7 @@ def test_write_read_round_trip_with_bare_pyarrow(tmp_path: Path) -> None:
         if typ == pa.float32():
             np.testing.assert_allclose(got, np.asarray(cols[name], dtype=np.float64), rtol=1e-6, err_msg=name)
         else:
-            assert got == [v.item() if isinstance(v, np.generic) else v for v in cols[name]], name
+            assert got == [v.tolist() if isinstance(v, (np.generic, np.ndarray)) else v for v in cols[name]], name
 
 
 def test_read_shard_and_tensor_helper_match_bare_read(tmp_path: Path) -> None:

@@ -27,12 +27,8 @@ DEMO_CONFIG = str(REPO / "training/configs/demo.yaml")
 
 
 @pytest.fixture(scope="module")
-def demo_data(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.run import main as pipeline_main
-
-    out = tmp_path_factory.mktemp("demo") / "data"
-    pipeline_main(["--output", str(out)])
-    return out
+def demo_data(demo_pipeline_output: Path) -> Path:
+    return demo_pipeline_output  # read-only: tests that damage shards copy it first
 
 
 def train(data: Path, run_dir: Path, *overrides: str) -> dict:
@@ -193,9 +189,13 @@ def test_resume_refusals(demo_data: Path, tmp_path: Path) -> None:
     assert len(rows(run_dir)) == 2  # the refused relaunches touched nothing
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-2 (the default) is resumed exactly and elastically above. ZeRO-1 runs DeepSpeed's same
+# optimizer class and checkpoint files as ZeRO-2 (DeepSpeedZeroOptimizer, zero_pp_rank_* states);
+# its EMA on the fp32 master fragments is held by test_ema and the gpu-check dry run, so it is left
+# out here (3 launches, ~80 s of a suite that must fit CI's 90 minutes).
+@pytest.mark.parametrize("stage", [3])
 def test_zero_stage_smoke(demo_data: Path, tmp_path: Path, stage: int) -> None:
-    """ZeRO-1 and ZeRO-3 train, checkpoint and resume exactly on the same workers (ZeRO-3 also on fewer)."""
+    """ZeRO-3 trains, checkpoints and resumes exactly on the same workers and on fewer."""
     common = [f"optim.zero_stage={stage}", "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(demo_data, whole, "run.max_steps=4", *common)
@@ -341,11 +341,39 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_resumes(demo_data: Path, tmp_path: 
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
     assert finish(proc, 120) == 1  # it once ignored Ctrl-C and retried forever; Ray gets 20 s to stop
     text = (tmp_path / "run.log").read_text()
-    assert text.strip().splitlines()[-1].startswith("interrupted: workers stopped"), text[-3000:]
-    assert "Traceback" not in text.split("interrupted:")[0][-2000:]
+    last = text.strip().splitlines()[-1]
+    # Ray stopped in time, or the watchdog left after 20 s and printed the stacks of the hang.
+    assert last.startswith("interrupted: workers stopped") or "Timeout (0:00:20)!" in text, text[-3000:]
+    assert "interrupted: stopping the workers" in text and "Traceback" not in text.split("interrupted:")[0][-2000:]
     assert 3 <= len(rows(run_dir)) < 40
     assert finish(launch(demo_data, run_dir, "run.max_steps=40", *common), 300) == 0
+    assert "resumed from" in (tmp_path / "run.log").read_text()
     assert [r["step"] for r in rows(run_dir)] == list(range(40))
+
+
+LEAVE = """
+import ctypes, sys, threading
+sys.path[0] = {repo!r}
+from training.train import leave_after_interrupt
+hang = ctypes.PyDLL(None).sleep  # a C call that keeps the GIL, as a stuck ray.shutdown() can
+leave_after_interrupt({shutdown}, grace_s=2)
+"""
+
+
+@pytest.mark.parametrize("shutdown", ["lambda: None", "lambda: hang(600)", "threading.Event().wait"])
+def test_an_interrupt_leaves_with_status_1_even_when_ray_shutdown_hangs(shutdown: str) -> None:
+    code = LEAVE.format(repo=str(REPO), shutdown=shutdown)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "interrupted: stopping the workers (at most 2 s)" in lines, proc.stderr[-3000:]
+    if shutdown == "lambda: None":
+        assert lines[-1].startswith("interrupted: workers stopped; launch the same command again"), lines
+    else:  # the watchdog's stacks show where it hung; it did not wait for the 600 s call
+        assert "Timeout (0:00:02)!" in proc.stderr and "leave_after_interrupt" in proc.stderr, proc.stderr[-3000:]
+        assert "workers stopped" not in proc.stderr
+        assert time.monotonic() - t0 < 100
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_by_the_workers_too(demo_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,128 @@
+"""Wan 2.1 / 2.2 text-to-video (diffusers' `WanTransformer3DModel`) on packed sequences.
+
+The weights stay diffusers' own module — loaded with `from_pretrained` from a local folder, or
+built from a config with random init for tests — so a fine-tuned model exports back unchanged.
+Only the forward is ours, with the native DiT's signature (`model(x, t, batch, text_drop)` on a
+`training.packing.PackedBatch`): diffusers runs a batch of equal-shaped clips against
+equal-length text; here clips of different (T, H, W) share packs, and every clip
+
+* attends only to its own tokens (self-attention) and its own text (cross-attention), through
+  `training.attention` (varlen / flash / flex on the GPU, exact SDPA per segment on the CPU);
+* gets RoPE from its own patch coordinates (`batch.positions`) in diffusers' rope tables;
+* has its own timestep, so its own adaLN modulation (gathered per token).
+
+Why not call diffusers' blocks on padded batches: padding a pack of mixed resolutions to the
+largest clip wastes most of the attention FLOPs (NaViT's argument), and diffusers' processor
+has no segment masks. The math per block is diffusers' (`WanTransformerBlock.forward`), kept
+in the same fp32 islands (norms, modulation, gates), so a packed forward of several clips
+equals diffusers' forward of each clip alone (tests/training/test_wan.py, fp32, with gradients).
+
+Time: DiTharos's rectified flow (x_t = (1 − t)·x0 + t·noise, target noise − x0) is Wan's flow
+matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
+
+Not covered yet (issue 15): image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's
+per-token timesteps, the null text of the real text encoder (a dropped caption sees one zero
+row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), and
+`model.kind: wan` in the training config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from training.attention import attention
+from training.packing import PackedBatch, num_patches, text_layout
+
+TIMESTEP_SCALE = 1000.0  # diffusers' Wan timestep for flow time t
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Interleaved-pair RoPE as diffusers' Wan processor: x (N, H, Dh), cos/sin (N, 1, Dh)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, Dh/2) each
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+class PackedWan(nn.Module):
+    """diffusers' `WanTransformer3DModel` weights, run on a PackedBatch like `training.model.VideoDiT`."""
+
+    def __init__(self, model: nn.Module, backend: str = "auto", null_text_len: int = 1) -> None:
+        super().__init__()
+        cfg = model.config
+        if cfg.added_kv_proj_dim is not None or cfg.image_dim is not None:
+            raise ValueError("image-conditioned Wan (I2V: added_kv_proj_dim / image_dim) is not supported; "
+                             "use a text-to-video checkpoint")
+        if any(b.attn1.fused_projections or b.attn2.fused_projections for b in model.blocks):
+            raise ValueError("Wan attention with fused projections is not supported: call unfuse_qkv() first")
+        self.model = model
+        self.backend = backend
+        self.patch = tuple(cfg.patch_size)
+        self.heads = cfg.num_attention_heads
+        self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
+
+    def rope(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """Each token's (t, h, w) patch coordinates → (N, 1, Dh) cos and sin from diffusers' rope tables."""
+        r = self.model.rope
+        longest = max((max(num_patches(s, self.patch)) for s in batch.shapes), default=0)  # host side: no sync
+        if longest > r.max_seq_len:
+            raise ValueError(f"a clip is {longest} patches long on one axis; this Wan's rope_max_seq_len "
+                             f"is {r.max_seq_len}")
+        split = [r.t_dim, r.h_dim, r.w_dim]
+
+        def per_token(table: Tensor) -> Tensor:  # (max_seq_len, Dh) -> (N, 1, Dh): t, h, w parts by coordinate
+            parts = table.split(split, dim=1)
+            return torch.cat([part[batch.positions[:, i]] for i, part in enumerate(parts)], -1)[:, None].float()
+
+        return per_token(r.freqs_cos), per_token(r.freqs_sin)
+
+    def _attend(self, attn: nn.Module, x: Tensor, ctx: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+                max_k: int, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.heads, -1))  # (N, H, Dh)
+        k = attn.norm_k(attn.to_k(ctx)).unflatten(-1, (self.heads, -1))  # (M, H, Dh)
+        v = attn.to_v(ctx).unflatten(-1, (self.heads, -1))  # (M, H, Dh)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        o = attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=self.backend).flatten(1)  # (N, H·Dh)
+        return attn.to_out[1](attn.to_out[0](o.type_as(q)))
+
+    def forward(self, x: Tensor, t: Tensor, batch: PackedBatch, text_drop: Tensor | list[bool] | None = None) -> Tensor:
+        """
+        x: (N, pt·ph·pw·C) noisy tokens laid out like batch.tokens
+        t: (B,) flow time of each sample, 1 = pure noise
+        text_drop: (B,) bool, samples whose text is replaced by the null text (CFG)
+        Returns the velocity (noise − x0) per token, (N, pt·ph·pw·C_out).
+        """
+        m = self.model
+        emb = m.condition_embedder
+        b = batch.num_samples
+        drop = None if text_drop is None else [bool(d) for d in text_drop]
+        layout = text_layout(batch, drop, self.null_text.shape[0])
+        # Conv3d with kernel = stride = patch is a linear map of each patch; tokens are (pt ph pw c).
+        w = m.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, pt·ph·pw·C)
+        h_x = nn.functional.linear(x.to(w.dtype), w, m.patch_embedding.bias)  # (N, D)
+        ts = emb.timesteps_proj(torch.cat([t.float() * TIMESTEP_SCALE, t.new_zeros(1, dtype=torch.float32)]))
+        t_dtype = next(iter(emb.time_embedder.parameters())).dtype
+        temb = emb.time_embedder(ts.to(t_dtype)).type_as(h_x)  # (B+1, D): row B conditions padding
+        tproj = emb.time_proj(emb.act_fn(temb)).unflatten(1, (6, -1))  # (B+1, 6, D)
+        text = torch.cat([batch.text.to(h_x.dtype), self.null_text.to(h_x.dtype)])[layout.index]  # (M, Dt)
+        text = emb.text_embedder(text)  # (M, D)
+        tok = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,) sample of each token
+        rope = self.rope(batch)
+        cu_x, max_x = batch.cu_seqlens, batch.max_seqlen
+        for block in m.blocks:
+            # per token: its sample's six modulation vectors, (N, D) each, fp32 as in diffusers
+            shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + tproj.float())[tok].unbind(1)
+            h = (block.norm1(h_x.float()) * (1 + scale) + shift).type_as(h_x)
+            a = self._attend(block.attn1, h, h, cu_x, cu_x, max_x, max_x, rope)
+            h_x = (h_x.float() + a * gate).type_as(h_x)
+            h = block.norm2(h_x.float()).type_as(h_x)
+            h_x = h_x + self._attend(block.attn2, h, text, cu_x, layout.cu_seqlens, max_x, layout.max_seqlen, None)
+            h = (block.norm3(h_x.float()) * (1 + c_scale) + c_shift).type_as(h_x)
+            h_x = (h_x.float() + block.ffn(h).float() * c_gate).type_as(h_x)
+        shift, scale = (m.scale_shift_table + temb[:, None]).unbind(1)  # (B+1, D) each
+        h_x = (m.norm_out(h_x.float()) * (1 + scale[tok]) + shift[tok]).type_as(h_x)
+        return m.proj_out(h_x)  # (N, pt·ph·pw·C_out)
