@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from eval.videos import VideoInputError, open_videos
 from eval.weights import WeightsError, load_i3d
 from pipeline.logs import get_logger, warn_once
 
@@ -269,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--weights", help="converted I3D safetensors (default: the cache; converted on first use)")
     args = p.parse_args(argv)
+    # Here, not at the top: the decoders (PyAV) are needed for folders of videos only, so the
+    # library part (I3D features, FVD of arrays) imports where no decoder is installed.
+    from eval.videos import VideoInputError, open_videos
+
     try:
         real, fake = open_videos(args.real, args.num_frames), open_videos(args.fake, args.num_frames)
         if real.num_frames != fake.num_frames:

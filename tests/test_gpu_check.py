@@ -20,8 +20,8 @@ def test_gpu_check_dry_run_exercises_every_check(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["dry"] is True and (tmp_path / "gpu-check.log").stat().st_size > 0
     checks = report["checks"]
-    assert list(checks) == ["env", "attention", "dtype_chain", "ema", "attention_bench", "train_step", "compile",
-                            "zero", "pytest_gpu", "fvd_features", "sampler"]
+    assert list(checks) == ["env", "attention", "dtype_chain", "ema", "attention_bench", "modulation_bench",
+                            "train_step", "compile", "zero", "pytest_gpu", "fvd_features", "sampler"]
     skipped = {name for name, c in checks.items() if c["status"] == "skipped"}
     assert skipped == {"pytest_gpu"}, {n: checks[n] for n in skipped}  # only what needs a GPU to mean anything
     assert all(c["status"] == "ok" for name, c in checks.items() if name not in skipped)
@@ -32,6 +32,13 @@ def test_gpu_check_dry_run_exercises_every_check(tmp_path: Path) -> None:
     assert all(checks["zero"][f"zero{s}"]["ema_on_master_device"] is True for s in (1, 2, 3))
     assert checks["train_step"]["plain"]["tokens_per_s"] > 0 and set(checks["train_step"]["plain"]["time_split"]) == {
         "gemm", "attention", "other"}
+    assert checks["train_step"]["plain"]["top_kernels"] and checks["compile"]["top_kernels"]
+    assert checks["train_step"]["hd128"]["tokens_per_s"] > 0
+    # the one-hot broadcast's gradient equals the exact per-row sums (fp32 on the CPU)
+    assert checks["modulation_bench"]["onehot_gemm_grad_rel_err"] < 1e-6
+    # other attention kernels are timed or reported unavailable, never a crash
+    assert set(checks["attention_bench"]["hd72"]) >= {"ms", "sdpa_cudnn", "sdpa_flash", "flex"}
+    assert "unavailable" in checks["attention_bench"]["hd72"]["sdpa_cudnn"]
     # Unknown check names are refused with the valid ones.
     bad = subprocess.run([sys.executable, "tests/bench/gpu_check.py", "--only", "nope", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -60,6 +60,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def per_token(rows: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Per-sample rows (B+1, K) broadcast to the tokens of each sample: (N, K) = onehot (N, B+1) @ rows.
+
+    Not `rows[token_sample]`: the backward of that gather sums each row's thousands of duplicate
+    indices with CUDA's sort-based index_put(accumulate=True), which walks a row's duplicates
+    serially (and in bf16 sums them ~5% off: tests/bench/gpu_check.py's modulation_bench, 5.5×
+    slower on an H200); the GEMM's backward (onehotᵀ @ grad) reduces them at matrix-unit rate,
+    in fp32 accumulators, deterministically. Runs in the rows' own dtype, autocast or not, so
+    forward values are exact (one 1 per row of onehot; TF32 matmuls would round fp32 rows)."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return onehot.to(rows.dtype) @ rows
+
+
 def segment_mean(x: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Mean of the rows of x (M, D) per id in [0, num_segments); rows with other ids are ignored.
 
@@ -221,9 +234,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, token_sample: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, onehot: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], seg: Segments) -> torch.Tensor:
-        mod = self.adaLN_modulation(c)[token_sample]  # (N, 6D): per-sample modulation broadcast to its tokens
+        mod = per_token(self.adaLN_modulation(c), onehot)  # (N, 6D): per-sample modulation broadcast to its tokens
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (N, D) each
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, seg)  # (N, D)
         x = x + self.cross_attn(self.norm2(x), context, seg)  # (N, D)
@@ -240,8 +253,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, token_sample: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[token_sample].chunk(2, dim=1)  # (N, D) each
+    def forward(self, x: torch.Tensor, c: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), onehot).chunk(2, dim=1)  # (N, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, pt·ph·pw·C)
 
 
@@ -315,12 +328,13 @@ class VideoDiT(nn.Module):
         c = self.t_embedder(t) + pooled  # (B, D)
         c = torch.cat([c, c.new_zeros(1, c.shape[1])])  # (B+1, D): row B conditions padding tokens
         token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
+        onehot = (token_sample[:, None] == torch.arange(b + 1, device=token_sample.device)).to(c.dtype)  # (N, B+1)
         angles = rope_angles(batch.positions, self.cfg.hidden // self.cfg.heads, self.cfg.rope_theta)  # (N, Dh/2)
         rope = (angles.cos()[:, None], angles.sin()[:, None])  # (N, 1, Dh/2) each
         h = self.x_embedder(x.to(dtype))  # (N, D)
         for block in self.blocks:
-            h = block(h, c, token_sample, context, rope, seg)  # (N, D)
-        return self.final_layer(h, c, token_sample)  # (N, pt·ph·pw·C)
+            h = block(h, c, onehot, context, rope, seg)  # (N, D)
+        return self.final_layer(h, c, onehot)  # (N, pt·ph·pw·C)
 
 
 #################################################################################

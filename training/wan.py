@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from training.attention import attention
+from training.model import per_token
 from training.packing import PackedBatch, num_patches, text_layout
 
 TIMESTEP_SCALE = 1000.0  # diffusers' Wan timestep for flow time t
@@ -111,11 +112,13 @@ class PackedWan(nn.Module):
         text = torch.cat([batch.text.to(h_x.dtype), self.null_text.to(h_x.dtype)])[layout.index]  # (M, Dt)
         text = emb.text_embedder(text)  # (M, D)
         tok = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,) sample of each token
+        onehot = (tok[:, None] == torch.arange(b + 1, device=tok.device)).float()  # (N, B+1), see per_token
         rope = self.rope(batch)
         cu_x, max_x = batch.cu_seqlens, batch.max_seqlen
         for block in m.blocks:
             # per token: its sample's six modulation vectors, (N, D) each, fp32 as in diffusers
-            shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + tproj.float())[tok].unbind(1)
+            rows = (block.scale_shift_table + tproj.float()).flatten(1)  # (B+1, 6·D)
+            shift, scale, gate, c_shift, c_scale, c_gate = per_token(rows, onehot).unflatten(1, (6, -1)).unbind(1)
             h = (block.norm1(h_x.float()) * (1 + scale) + shift).type_as(h_x)
             a = self._attend(block.attn1, h, h, cu_x, cu_x, max_x, max_x, rope)
             h_x = (h_x.float() + a * gate).type_as(h_x)
@@ -123,6 +126,7 @@ class PackedWan(nn.Module):
             h_x = h_x + self._attend(block.attn2, h, text, cu_x, layout.cu_seqlens, max_x, layout.max_seqlen, None)
             h = (block.norm3(h_x.float()) * (1 + c_scale) + c_shift).type_as(h_x)
             h_x = (h_x.float() + block.ffn(h).float() * c_gate).type_as(h_x)
-        shift, scale = (m.scale_shift_table + temb[:, None]).unbind(1)  # (B+1, D) each
-        h_x = (m.norm_out(h_x.float()) * (1 + scale[tok]) + shift[tok]).type_as(h_x)
+        rows = (m.scale_shift_table + temb[:, None]).flatten(1)  # (B+1, 2·D)
+        shift, scale = per_token(rows, onehot).chunk(2, dim=1)  # (N, D) each
+        h_x = (m.norm_out(h_x.float()) * (1 + scale) + shift).type_as(h_x)
         return m.proj_out(h_x)  # (N, pt·ph·pw·C_out)

@@ -39,7 +39,7 @@ if GPU_SITE.is_dir():
     sys.path.append(str(GPU_SITE))
 
 from training.attention import attention, choose_backend, has_flash_attn, has_torch_varlen  # noqa: E402
-from training.flops import peak_bf16_tflops, train_step_flops  # noqa: E402
+from training.flops import forward_flops, peak_bf16_tflops, train_step_flops  # noqa: E402
 from training.model import DiTConfig, VideoDiT, dit_config  # noqa: E402
 from training.packing import PAD_SEGMENT, pack  # noqa: E402
 
@@ -105,6 +105,12 @@ def check_env(z: Sizes) -> dict[str, Any]:
                    capability=list(torch.cuda.get_device_capability()),
                    memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
                    peak_bf16_tflops=peak_bf16_tflops(torch.cuda.get_device_name()))
+    if has_torch_varlen():
+        # Newer torch (the locked 2.14.1; not the GPU machines' 2.11) runs varlen_attn on cuDNN (FA3 class on Hopper) for
+        # bf16 with cuDNN >= 9.18 and max_q > 128; older releases always run FlashAttention-2
+        # (`pytorch_flash::` kernels: 1.6-2x slower on the H200, attention_bench's sdpa_cudnn rows).
+        import torch.nn.attention.varlen as varlen
+        out["varlen_kernels"] = "cudnn (max_q > 128)" if hasattr(varlen, "_can_use_cudnn") else "flash-attention-2"
     for name in ("deepspeed", "flash_attn", "pytest", "av", "transformers", "peft"):
         out[f"has_{name}"] = importlib.util.find_spec(name) is not None
     return out
@@ -255,8 +261,69 @@ def check_attention_bench(z: Sizes) -> dict[str, Any]:
 
         s = timed(z, step, z.bench_iters)
         flops = 3.5 * 4 * sum(m * m for m in lengths) * heads * head_dim  # fwd 4·n²·d; bwd ≈ 2.5× fwd
-        out[f"hd{head_dim}"] = {"ms": round(s * 1e3, 3), "tflops": round(flops / s / 1e12, 2)}
+        row = out[f"hd{head_dim}"] = {"ms": round(s * 1e3, 3), "tflops": round(flops / s / 1e12, 2)}
+        # The same math through other kernels, for choosing the backend: equal segments make a dense
+        # (4, H, L, Dh) batch, so torch SDPA's cuDNN (FlashAttention-3 class on Hopper), flash and
+        # memory-efficient kernels run it without padding; flex is DiTharos's own backend.
+        for name, fn in alternative_attention(q, k, v, cu, lengths).items():
+            try:
+                t = timed(z, fn, z.bench_iters)
+                row[name] = {"ms": round(t * 1e3, 3), "tflops": round(flops / t / 1e12, 2)}
+            except Exception as e:  # noqa: BLE001 — a kernel refusing these shapes is a finding
+                row[name] = f"unavailable: {type(e).__name__}: {e}"[:200]
     out["backend"] = backend
+    return out
+
+
+def alternative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                          lengths: list[int]) -> dict[str, Callable[[], None]]:
+    """fwd+bwd closures of the same equal-length segments through other kernels (on the CPU the
+    CUDA-only ones report unavailable)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def dense(x: torch.Tensor) -> torch.Tensor:  # (N, H, Dh) -> (S, H, L, Dh)
+        return x.view(len(lengths), lengths[0], *x.shape[1:]).transpose(1, 2)
+
+    def sdpa(kernel: SDPBackend) -> Callable[[], None]:
+        def run() -> None:
+            with sdpa_kernel([kernel]):
+                F.scaled_dot_product_attention(dense(q), dense(k), dense(v)).sum().backward()
+        return run
+
+    def flex() -> None:
+        attention(q, k, v, cu, cu, max(lengths), max(lengths), "flex").sum().backward()
+
+    return {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+            "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "flex": flex}
+
+
+def check_modulation_bench(z: Sizes) -> dict[str, Any]:
+    """Per-sample adaLN rows (B+1, 6D) broadcast to a pack's tokens, forward + backward: the gather
+    `rows[token_sample]` (backward: sort-based index_put with thousands of duplicates per row)
+    against `training.model.per_token`'s one-hot GEMM (backward: a GEMM reduction)."""
+    from training.model import per_token
+
+    n, width, b = z.tokens, 6 * (1152 if z.cuda else 32), 8
+    ids = torch.sort(torch.randint(0, b + 1, (n,), generator=torch.Generator().manual_seed(0))).values.to(z.device)
+    onehot = (ids[:, None] == torch.arange(b + 1, device=z.device)).to(z.dtype)
+    rows = torch.randn(b + 1, width, device=z.device, dtype=z.dtype, requires_grad=True)
+    grad = torch.randn(n, width, device=z.device, dtype=z.dtype)
+    ways = {"gather": lambda: rows[ids], "onehot_gemm": lambda: per_token(rows, onehot)}
+    out: dict[str, Any] = {"status": "ok", "tokens": n, "width": width, "samples": b + 1}
+    # fp64 reference of the backward: each row's sum of its tokens' gradients
+    exact = torch.zeros(b + 1, width, dtype=torch.float64, device=z.device).index_add_(0, ids, grad.double())
+    for name, fn in ways.items():
+        def step() -> None:
+            rows.grad = None
+            fn().backward(grad)  # noqa: B023
+
+        out[f"{name}_ms"] = round(timed(z, step, z.bench_iters) * 1e3, 3)
+        # the gather's backward sums ~1,800 duplicates per row in bf16 (on the H200: 5% off)
+        out[f"{name}_grad_rel_err"] = rel_err(rows.grad, exact)
+    out["speedup"] = round(out["gather_ms"] / out["onehot_gemm_ms"], 2)
+    if out["onehot_gemm_grad_rel_err"] > (1e-2 if z.cuda else 1e-6):
+        out["status"] = "failed"
     return out
 
 
@@ -268,9 +335,12 @@ def check_train_step(z: Sizes) -> dict[str, Any]:
     from training.parallel import apply_activation_checkpointing
 
     out: dict[str, Any] = {"status": "ok", "model": z.model}
-    for ckpt in (False, True):
+    # The paper's XL (head dim 72), with activation checkpointing, and the head-dim-128 variant.
+    variants = (("plain", z.model, False), ("activation_checkpointing", z.model, True),
+                ("hd128", z.model + "-hd128" if z.cuda else z.model, False))
+    for key, model_name, ckpt in variants:
         torch.manual_seed(0)
-        cfg = dit_config(z.model, in_channels=16, text_dim=64)
+        cfg = dit_config(model_name, in_channels=16, text_dim=64)
         model = apply_activation_checkpointing(VideoDiT(cfg).to(z.device), ckpt)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=z.cuda)
         packs = [packed_batch(z, cfg, seed=i) for i in range(3)]
@@ -294,31 +364,39 @@ def check_train_step(z: Sizes) -> dict[str, Any]:
         row = {"ms_per_step": round(s * 1e3, 2), "tokens_per_s": round(tokens / s), "real_tokens": round(tokens),
                "mfu": None if peak is None else round(flops / s / (peak * 1e12), 4),
                "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if z.cuda else None}
-        if not ckpt:
+        if key == "plain":
             with profile(activities=[ProfilerActivity.CUDA if z.cuda else ProfilerActivity.CPU]) as prof:
                 step()
                 sync(z)
-            row["time_split"] = time_split(prof, z.cuda)
-        out["activation_checkpointing" if ckpt else "plain"] = row
+            row["time_split"], row["top_kernels"] = time_split(prof, z.cuda)
+        out[key] = row
         model = opt = None  # free before the next variant is built
     return out
 
 
-def time_split(prof: Any, cuda: bool) -> dict[str, float]:
-    """Share of kernel (CUDA) or op (CPU) self time by kind: GEMM, attention, everything else."""
+def time_split(prof: Any, cuda: bool, top: int = 25) -> tuple[dict[str, float], list[list[Any]]]:
+    """Share of kernel (CUDA) or op (CPU) self time by kind (GEMM, attention, everything else),
+    and the `top` kernels by self time as [name (cut to 100 chars), calls, ms, share]."""
     kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    rows = []
     for e in prof.key_averages():
         t = e.self_device_time_total if cuda else e.self_cpu_time_total
         name = e.key.lower()
-        if any(s in name for s in ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cutlass", "xmma",
-                                   "nvjet")):
-            kinds["gemm"] += t
-        elif any(s in name for s in ("flash", "fmha", "attention", "cudnn", "sdpa")):
+        if name.startswith(("profilerstep", "[memory]")) or t <= 0:
+            continue
+        rows.append((t, e.key, e.count))
+        # attention first: cuDNN's and FlashAttention's kernel names also hold "gemm"-like words
+        if any(s in name for s in ("flash", "fmha", "attention", "sdpa", "attn")):
             kinds["attention"] += t
-        elif not name.startswith(("profilerstep", "[memory]")):
+        elif any(s in name for s in ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cutlass", "xmma",
+                                     "nvjet", "cublas")):
+            kinds["gemm"] += t
+        else:
             kinds["other"] += t
     total = sum(kinds.values()) or 1.0
-    return {k: round(v / total, 3) for k, v in kinds.items()}
+    rows.sort(reverse=True)
+    table = [[k[:100], n, round(t / 1e3, 3), round(t / total, 4)] for t, k, n in rows[:top]]
+    return {k: round(v / total, 3) for k, v in kinds.items()}, table
 
 
 def check_compile(z: Sizes) -> dict[str, Any]:
@@ -326,6 +404,7 @@ def check_compile(z: Sizes) -> dict[str, Any]:
     compiled for packs of other lengths after the first (should be 0), outputs equal to eager."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
 
     from training.flow import FlowConfig, flow_loss
     from training.parallel import apply_compile
@@ -362,10 +441,18 @@ def check_compile(z: Sizes) -> dict[str, Any]:
         results[name] = timed(z, step, max(3, z.bench_iters), warmup=0)
         if name == "compiled":
             out["new_graphs_after_first_pack"] = counters["stats"]["unique_graphs"] - graphs
+            with profile(activities=[ProfilerActivity.CUDA if z.cuda else ProfilerActivity.CPU]) as prof:
+                step()
+                sync(z)
+            out["time_split"], out["top_kernels"] = time_split(prof, z.cuda, top=15)
     with torch.no_grad(), torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=z.cuda):
         b = packs[1]
         t = torch.full((b.num_samples,), 0.5, device=z.device)
         err = rel_err(models["compiled"](b.tokens, t, b), models["eager"](b.tokens, t, b))
+    peak = peak_bf16_tflops(torch.cuda.get_device_name()) if z.cuda else None
+    flops = sum(3.0 * forward_flops(cfg, p.lengths, p.text_lengths) for p in packs) / len(packs)
+    if peak:  # forward + backward, no optimizer step (train_step's MFU includes AdamW)
+        out["compiled_mfu"] = round(flops / results["compiled"] / (peak * 1e12), 4)
     out.update(eager_ms=round(results["eager"] * 1e3, 2), compiled_ms=round(results["compiled"] * 1e3, 2),
                speedup=round(results["eager"] / results["compiled"], 3), output_rel_err=err)
     if out["new_graphs_after_first_pack"] or err > (3e-2 if z.cuda else 1e-4):
@@ -480,7 +567,8 @@ def check_sampler(z: Sizes) -> dict[str, Any]:
 
 CHECKS: dict[str, Callable[[Sizes], dict[str, Any]]] = {
     "env": check_env, "attention": check_attention, "dtype_chain": check_dtype_chain, "ema": check_ema,
-    "attention_bench": check_attention_bench, "train_step": check_train_step, "compile": check_compile,
+    "attention_bench": check_attention_bench, "modulation_bench": check_modulation_bench,
+    "train_step": check_train_step, "compile": check_compile,
     "zero": check_zero, "pytest_gpu": check_pytest_gpu, "fvd_features": check_fvd_features,
     "sampler": check_sampler,
 }
@@ -503,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     z = Sizes(cuda=torch.cuda.is_available() and not args.dry)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if z.cuda else "cpu (dry run)",
                               "dry": not z.cuda, "checks": {}}
+    text = json.dumps(report, indent=1)
     for name, fn in CHECKS.items():
         if only and name not in only:
             continue
@@ -517,10 +606,11 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = round(time.perf_counter() - t0, 2)
         report["checks"][name] = result
         log.info("%s: %s", name, json.dumps(result))
+        # Written after every check, so a run cut off by the lease's time limit keeps what it measured.
+        text = json.dumps(report, indent=1)
+        (out_dir / "gpu-check.json").write_text(text)
         if z.cuda:
             torch.cuda.empty_cache()
-    text = json.dumps(report, indent=1)
-    (out_dir / "gpu-check.json").write_text(text)
     print(text)
     return 1 if any(c["status"] == "failed" for c in report["checks"].values()) else 0
 

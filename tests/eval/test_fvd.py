@@ -168,3 +168,18 @@ def test_cli_on_npy_prints_the_report(i3d_weights: Path, bikes_clips: np.ndarray
 def test_gpu_features_match_cpu(i3d_weights: Path, bikes_clips: np.ndarray, bikes_features: Features) -> None:
     gpu = FVD(i3d_weights, device="cuda", batch_size=6).features(bikes_clips)  # resize + I3D on the GPU, TF32 off
     np.testing.assert_allclose(gpu.logits, bikes_features.logits, atol=2e-3)
+
+
+def test_the_fvd_library_imports_without_a_video_decoder() -> None:
+    """FVD of arrays and I3D features need no decoder: the GPU machines have no PyAV, and the prepared
+    GPU check's FVD timing was skipped there while eval.fvd imported the decoders at the top."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['av'] = None\n"  # `import av` now raises ImportError
+            "from eval.fvd import FVD, i3d_features\n"
+            "try:\n    import pipeline.decode\nexcept ImportError:\n    print('no decoder, fvd imported')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no decoder, fvd imported" in proc.stdout

@@ -251,7 +251,11 @@ def test_flop_count_matches_torch_flop_counter():
     d, depth = model.cfg.hidden, model.cfg.depth
     attention = depth * sum(4 * n * n * d + 4 * n * m * d for n, m in zip(batch.lengths, batch.text_lengths))
     assert by_op.get("aten.bmm") == attention  # self + cross attention, every block, seen by the counter
-    assert forward_flops(model.cfg, batch.lengths, batch.text_lengths) == counter.get_total_flops()
+    # The counter also sees the one-hot GEMMs that broadcast each sample's adaLN rows to its tokens
+    # (model.per_token): data movement done on the matrix units, not model FLOPs, so MFU leaves them out.
+    n, rows = len(batch.tokens), batch.num_samples + 1
+    broadcast = depth * 2 * n * rows * 6 * d + 2 * n * rows * 2 * d
+    assert forward_flops(model.cfg, batch.lengths, batch.text_lengths) + broadcast == counter.get_total_flops()
 
 
 def test_attention_gets_one_dtype_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
