@@ -60,7 +60,7 @@ class TrainerState:
     data_uri: str
     world_size: int
     zero_stage: int
-    model: dict[str, Any]  # DiTConfig fields, for loading weights without the run config
+    model: dict[str, Any]  # DiTConfig fields, or {kind: wan, source, config}: rebuilds the module without the run config
     weights: str  # EMA_FILE or MODEL_FILE
     code_version: str
 

@@ -1,7 +1,7 @@
 """The Ray Train worker: DeepSpeed ZeRO over the deterministic loader, one global step at a time.
 
 `train_loop_per_worker(config)` is what `training/train.py` hands to `TorchTrainer`; the pieces
-it uses are plain functions a unit test can call without Ray or DeepSpeed (`model_config_for`,
+it uses are plain functions a unit test can call without Ray or DeepSpeed (`input_widths`,
 `step_generator`, `pack_loss_weight`, `filler_pack`, `progress_line`).
 
 Checkpoints (training/checkpoint.py) are saved after every `run.checkpoint_every` steps and
@@ -28,9 +28,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,9 +42,7 @@ from training import checkpoint as ckpt
 from training.cache import ShardCache
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
 from training.index import DATA_ERRORS, DataError, ShardIndex
-from training.flops import train_step_flops
 from training.metrics import RunLog, StepClock, mfu, peak_memory_gb, peak_tflops, read_later
-from training.model import DiTConfig, dit_config
 from training.ema import EMA, gather
 from training.packing import PackedBatch, pack, to_device
 from training.settings import TrainConfig
@@ -57,14 +55,14 @@ log = get_logger("training")
 # ---------------------------------------------------------------------------
 
 
-def model_config_for(cfg: TrainConfig, manifest: dict[str, Any]) -> DiTConfig:
-    """The registry size with config overrides, input widths taken from the shards' manifest."""
+def input_widths(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(latent channels, text width) of the shards, from their manifest: the model is built to match."""
     buckets = manifest["buckets"].values()
     channels = {b["latent_shape"][0] for b in buckets}
     text_dims = {b["text_shape"][-1] for b in buckets}
     if len(channels) != 1 or len(text_dims) != 1:
         raise ValueError(f"shards mix latent channels {sorted(channels)} or text widths {sorted(text_dims)}")
-    return dit_config(cfg.model.name, **cfg.model.overrides, in_channels=channels.pop(), text_dim=text_dims.pop())
+    return channels.pop(), text_dims.pop()
 
 
 def step_generator(seed: int, step: int, pack_index: int) -> torch.Generator:
@@ -109,9 +107,9 @@ def progress_line(row: dict[str, Any], max_steps: int, elapsed_s: float, steps_t
 
 
 
-def pack_flops(model_cfg: DiTConfig, packs: list[PackedBatch]) -> float:
-    """Training FLOPs of these packs' real tokens (MFU numerator)."""
-    return sum(train_step_flops(model_cfg, p.lengths, p.text_lengths) for p in packs)
+def pack_flops(flops: Callable[[list[int], list[int]], float], packs: list[PackedBatch]) -> float:
+    """Training FLOPs (3× the backbone's forward) of these packs' real tokens (MFU numerator)."""
+    return sum(3.0 * flops(p.lengths, p.text_lengths) for p in packs)
 
 
 # ---------------------------------------------------------------------------
@@ -149,8 +147,8 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from training.backbone import build, patch_of
     from training.flow import flow_loss
-    from training.model import VideoDiT
     from training.optim import deepspeed_config, lr_at
     from training.parallel import apply_activation_checkpointing, apply_compile
     from training.zero import master_fragments
@@ -163,14 +161,14 @@ def _train(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     stage3 = cfg.optim.zero_stage == 3
 
-    index = ShardIndex.open(cfg.data.uri, dit_config(cfg.model.name, **cfg.model.overrides).patch, cfg.data.split,
+    index = ShardIndex.open(cfg.data.uri, patch_of(cfg.model), cfg.data.split,
                             cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20), cfg.data.verify)
     if not storage.is_local(cfg.data.uri):
         index.use_cache(ShardCache(cfg.data.cache_dir or str(Path(tempfile.gettempdir()) / "ditharos-shard-cache"),
                                    int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
-    model_cfg = model_config_for(cfg, index.manifest)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = VideoDiT(model_cfg)
+    backbone = build(cfg.model, *input_widths(index.manifest))
+    model = backbone.module
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
     if cfg.run.compile:
         apply_compile(model)
@@ -249,7 +247,7 @@ def _train(config: dict[str, Any]) -> None:
     if rank == 0:
         runlog = RunLog(run_uri, steps_done, cfg.run.tensorboard)
         log.info("%s: %.2fM parameters, %d clips, %d worker(s), ZeRO-%d, %s, from step %d",
-                 model_cfg, num_params / 1e6, len(index.clips), world, cfg.optim.zero_stage, device, steps_done)
+                 backbone.description, num_params / 1e6, len(index.clips), world, cfg.optim.zero_stage, device, steps_done)
 
     def save_checkpoint(step: Step, metrics: dict[str, Any]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="ditharos-ckpt-", dir=os.environ.get("DITHAROS_TMP")))
@@ -264,7 +262,7 @@ def _train(config: dict[str, Any]) -> None:
                 saved = ckpt.TrainerState(
                     steps_done=step.step + 1, loader=step.state, data_fingerprint=index.fingerprint,
                     data_uri=index.data_uri, world_size=world, zero_stage=cfg.optim.zero_stage,
-                    model=asdict(model_cfg), weights=name, code_version=code_version())
+                    model=backbone.record, weights=name, code_version=code_version())
                 (tmp / ckpt.STATE_FILE).write_text(saved.to_json())  # last: marks the part complete
                 runlog.sync()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
@@ -319,7 +317,7 @@ def _train(config: dict[str, Any]) -> None:
             # Loss and FLOPs in one SUM, memory in one MAX, copied to pinned host memory without
             # waiting and read a step later (emit), after this step's end mark: the host queues the
             # next step's kernels instead of waiting for this one's.
-            flops = to_device(torch.tensor(pack_flops(model_cfg, step.packs), dtype=torch.float64), device)
+            flops = to_device(torch.tensor(pack_flops(backbone.flops, step.packs), dtype=torch.float64), device)
             sums = torch.stack([loss_sum, flops])
             dist.all_reduce(sums)
             memory = to_device(torch.tensor([peak_memory_gb(device)], dtype=torch.float64), device)

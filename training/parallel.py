@@ -22,6 +22,9 @@ from training.model import VideoDiT
 
 def apply_compile(model: VideoDiT, backend: str = "inductor") -> VideoDiT:
     """torch.compile every block in place with dynamic shapes (`backend="eager"`: trace only)."""
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"run.compile is not supported for {type(model).__name__} yet (model.kind: wan): "
+                         "set run.compile: false")
     for block in model.blocks:
         inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
         inner.compile(dynamic=True, backend=backend)
@@ -29,7 +32,11 @@ def apply_compile(model: VideoDiT, backend: str = "inductor") -> VideoDiT:
 
 
 def apply_activation_checkpointing(model: VideoDiT, enabled: bool = True) -> VideoDiT:
-    """Wrap (or, with enabled=False, unwrap) every block in non-reentrant activation checkpointing."""
+    """Wrap (or, with enabled=False, unwrap) every block in non-reentrant activation checkpointing.
+    A PackedWan (training/wan.py) runs diffusers' blocks through its own method: it checkpoints that."""
+    if hasattr(model, "checkpointing"):
+        model.checkpointing = enabled
+        return model
     for i, block in enumerate(model.blocks):
         inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
         model.blocks[i] = checkpoint_wrapper(inner) if enabled else inner

@@ -320,6 +320,9 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
     if data_sha != state.data_fingerprint:
         raise SamplerError(f"{checkpoint} was trained on data {state.data_fingerprint[:16]}…, but {data_uri} has "
                            f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
+    if state.model.get("kind", "ditharos") != "ditharos":
+        raise SamplerError(f"{checkpoint} trained a {state.model['kind']} backbone ({state.model.get('source')}): "
+                           "sampling and eval support DiTharos DiT checkpoints only so far")
     clip, vae = load_data_models(data_uri, manifest, dev)
     model_cfg = DiTConfig(**dict(state.model, patch=tuple(state.model["patch"])))
     if model_cfg.text_dim != clip.text_width or model_cfg.in_channels != vae.latent_channels:

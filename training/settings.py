@@ -12,6 +12,7 @@ from typing import Any
 
 from training.flow import FlowConfig
 from training.optim import OptimConfig
+from training.wan import WAN_PRESETS
 
 
 @dataclass
@@ -72,17 +73,40 @@ class DataConfig:
             raise ValueError(f"data.prefetch_depth must be >= 1, got {self.prefetch_depth}")
 
 
+MODEL_KINDS = ("ditharos", "wan")
+
+
 @dataclass
 class ModelConfig:
-    """A registry size (training.model.DIT_SIZES) plus DiTConfig field overrides."""
+    """The network (training/backbone.py): DiTharos's VideoDiT at a registry size
+    (training.model.DIT_SIZES) plus DiTConfig field overrides, or diffusers' Wan transformer."""
 
-    name: str = "DiT-tiny"
+    kind: str = "ditharos"  # ditharos | wan
+    name: str = "DiT-tiny"  # kind ditharos: the registry size
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {attn_backend: sdpa}; not in_channels/text_dim
+    # kind wan: a local diffusers WanTransformer3DModel folder (or one holding transformer/), or a
+    # random-init preset for tests and the demo (then `path` stays empty).
+    path: str = ""
+    preset: str = ""
 
     def validate(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind={self.kind!r} is not one of {list(MODEL_KINDS)}")
         fixed = {"in_channels", "text_dim"} & set(self.overrides)
         if fixed:
             raise ValueError(f"model.overrides: {sorted(fixed)} come from the shards' manifest, not config")
+        if self.kind == "ditharos" and (self.path or self.preset):
+            raise ValueError("model.path / model.preset are for model.kind: wan; a DiTharos DiT is model.name")
+        if self.kind == "wan":
+            if bool(self.path) == bool(self.preset):
+                raise ValueError(f"model.kind: wan needs exactly one of model.path (a local diffusers "
+                                 f"WanTransformer3DModel folder) or model.preset (one of {list(WAN_PRESETS)})")
+            if self.preset and self.preset not in WAN_PRESETS:
+                raise ValueError(f"model.preset={self.preset!r} is not one of {list(WAN_PRESETS)}")
+            extra = set(self.overrides) - {"attn_backend"}
+            if extra:
+                raise ValueError(f"model.overrides {sorted(extra)} do not apply to model.kind: wan (its sizes are "
+                                 f"the checkpoint's); valid: ['attn_backend']")
 
 
 @dataclass
@@ -148,6 +172,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
+        if self.model.kind == "wan" and self.run.compile:
+            raise ValueError("run.compile is not supported with model.kind: wan yet; set run.compile: false")
         if self.data.packs_per_step % self.scaling.num_workers:
             raise ValueError(f"data.packs_per_step={self.data.packs_per_step} must be divisible by "
                              f"scaling.num_workers={self.scaling.num_workers}")

@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = read_metrics(run_uri)
     head, tail = rows[:5], rows[-5:]
     final = ckpt.latest_checkpoint(run_uri)
+    model = cfg.model.name if cfg.model.kind == "ditharos" else f"wan:{cfg.model.preset or cfg.model.path}"
     summary = {
-        "run_dir": run_uri, "data": cfg.data.uri, "model": cfg.model.name,
+        "run_dir": run_uri, "data": cfg.data.uri, "model": model,
         "workers": s.num_workers, "zero_stage": cfg.optim.zero_stage, "steps": len(rows),
         "resumed_from": latest, "checkpoint": final,
         "loss_first5": sum(r["loss"] for r in head) / max(1, len(head)),

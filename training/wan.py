@@ -9,7 +9,7 @@ equal-length text; here clips of different (T, H, W) share packs, and every clip
 * attends only to its own tokens (self-attention) and its own text (cross-attention), through
   `training.attention` (varlen / flash / flex on the GPU, exact SDPA per segment on the CPU);
 * gets RoPE from its own patch coordinates (`batch.positions`) in diffusers' rope tables;
-* has its own timestep, so its own adaLN modulation (gathered per token).
+* has its own timestep, so its own adaLN modulation (broadcast to its tokens, `model.per_token`).
 
 Why not call diffusers' blocks on padded batches: padding a pack of mixed resolutions to the
 largest clip wastes most of the attention FLOPs (NaViT's argument), and diffusers' processor
@@ -22,20 +22,30 @@ matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
 
 Not covered yet (issue 15): image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's
 per-token timesteps, the null text of the real text encoder (a dropped caption sees one zero
-row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), and
-`model.kind: wan` in the training config.
+row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), sampling and
+eval of Wan checkpoints, LoRA, export. Training: `model.kind: wan` (training/backbone.py).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from training.attention import attention
 from training.model import per_token
 from training.packing import PackedBatch, num_patches, text_layout
 
 TIMESTEP_SCALE = 1000.0  # diffusers' Wan timestep for flow time t
+
+# diffusers' own test sizes for WanTransformer3DModel (its tests/models/transformers/test_models_transformer_wan.py);
+# in_channels / out_channels / text_dim come from the shards.
+WAN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, freq_dim=256, ffn_dim=32,
+                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+}
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -63,6 +73,7 @@ class PackedWan(nn.Module):
         self.backend = backend
         self.patch = tuple(cfg.patch_size)
         self.heads = cfg.num_attention_heads
+        self.checkpointing = False  # activation checkpointing per block (training.parallel)
         self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
 
     def rope(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
@@ -74,11 +85,11 @@ class PackedWan(nn.Module):
                              f"is {r.max_seq_len}")
         split = [r.t_dim, r.h_dim, r.w_dim]
 
-        def per_token(table: Tensor) -> Tensor:  # (max_seq_len, Dh) -> (N, 1, Dh): t, h, w parts by coordinate
+        def by_coordinate(table: Tensor) -> Tensor:  # (max_seq_len, Dh) -> (N, 1, Dh): t, h, w parts
             parts = table.split(split, dim=1)
             return torch.cat([part[batch.positions[:, i]] for i, part in enumerate(parts)], -1)[:, None].float()
 
-        return per_token(r.freqs_cos), per_token(r.freqs_sin)
+        return by_coordinate(r.freqs_cos), by_coordinate(r.freqs_sin)
 
     def _attend(self, attn: nn.Module, x: Tensor, ctx: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
                 max_k: int, rope: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -89,6 +100,21 @@ class PackedWan(nn.Module):
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         o = attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=self.backend).flatten(1)  # (N, H·Dh)
         return attn.to_out[1](attn.to_out[0](o.type_as(q)))
+
+    def _block(self, block: nn.Module, h_x: Tensor, tproj: Tensor, onehot: Tensor, text: Tensor,
+               rope: tuple[Tensor, Tensor], seg: tuple[Tensor, int, Tensor, int]) -> Tensor:
+        """diffusers' WanTransformerBlock.forward on packed tokens h_x (N, D); text (M, D) in segment order."""
+        cu_x, max_x, cu_text, max_text = seg
+        # per token: its sample's six modulation vectors, (N, D) each, fp32 as in diffusers
+        rows = (block.scale_shift_table + tproj.float()).flatten(1)  # (B+1, 6·D)
+        shift, scale, gate, c_shift, c_scale, c_gate = per_token(rows, onehot).unflatten(1, (6, -1)).unbind(1)
+        h = (block.norm1(h_x.float()) * (1 + scale) + shift).type_as(h_x)
+        a = self._attend(block.attn1, h, h, cu_x, cu_x, max_x, max_x, rope)
+        h_x = (h_x.float() + a * gate).type_as(h_x)
+        h = block.norm2(h_x.float()).type_as(h_x)
+        h_x = h_x + self._attend(block.attn2, h, text, cu_x, cu_text, max_x, max_text, None)
+        h = (block.norm3(h_x.float()) * (1 + c_scale) + c_shift).type_as(h_x)
+        return (h_x.float() + block.ffn(h).float() * c_gate).type_as(h_x)  # (N, D)
 
     def forward(self, x: Tensor, t: Tensor, batch: PackedBatch, text_drop: Tensor | list[bool] | None = None) -> Tensor:
         """
@@ -114,18 +140,12 @@ class PackedWan(nn.Module):
         tok = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,) sample of each token
         onehot = (tok[:, None] == torch.arange(b + 1, device=tok.device)).float()  # (N, B+1), see per_token
         rope = self.rope(batch)
-        cu_x, max_x = batch.cu_seqlens, batch.max_seqlen
+        seg = (batch.cu_seqlens, batch.max_seqlen, layout.cu_seqlens, layout.max_seqlen)
         for block in m.blocks:
-            # per token: its sample's six modulation vectors, (N, D) each, fp32 as in diffusers
-            rows = (block.scale_shift_table + tproj.float()).flatten(1)  # (B+1, 6·D)
-            shift, scale, gate, c_shift, c_scale, c_gate = per_token(rows, onehot).unflatten(1, (6, -1)).unbind(1)
-            h = (block.norm1(h_x.float()) * (1 + scale) + shift).type_as(h_x)
-            a = self._attend(block.attn1, h, h, cu_x, cu_x, max_x, max_x, rope)
-            h_x = (h_x.float() + a * gate).type_as(h_x)
-            h = block.norm2(h_x.float()).type_as(h_x)
-            h_x = h_x + self._attend(block.attn2, h, text, cu_x, layout.cu_seqlens, max_x, layout.max_seqlen, None)
-            h = (block.norm3(h_x.float()) * (1 + c_scale) + c_shift).type_as(h_x)
-            h_x = (h_x.float() + block.ffn(h).float() * c_gate).type_as(h_x)
+            if self.checkpointing and torch.is_grad_enabled():  # recompute the block's activations in backward
+                h_x = checkpoint(self._block, block, h_x, tproj, onehot, text, rope, seg, use_reentrant=False)
+            else:
+                h_x = self._block(block, h_x, tproj, onehot, text, rope, seg)
         rows = (m.scale_shift_table + temb[:, None]).flatten(1)  # (B+1, 2·D)
         shift, scale = per_token(rows, onehot).chunk(2, dim=1)  # (N, D) each
         h_x = (m.norm_out(h_x.float()) * (1 + scale) + shift).type_as(h_x)

@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from training.packing import pack, unpack
-from training.wan import TIMESTEP_SCALE, PackedWan
+from training.wan import TIMESTEP_SCALE, WAN_PRESETS, PackedWan
 
-# diffusers' own test sizes for WanTransformer3DModel (tests/models/transformers/test_models_transformer_wan.py)
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TINY = dict(WAN_PRESETS["tiny-wan"], in_channels=4, out_channels=4, text_dim=16)
 
 
 def tiny_wan(seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,83 @@
+"""training/backbone.py: `model.kind` picks the network; settings are refused with what would work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import from_dict
+from training.backbone import BackboneError, build, patch_of, wan_forward_flops
+from training.packing import pack
+from training.settings import ModelConfig, TrainConfig
+
+
+def model_cfg(**kw) -> ModelConfig:
+    cfg = ModelConfig(**kw)
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(kind="flux"), r"model.kind='flux' is not one of \['ditharos', 'wan'\]"),
+    (dict(kind="wan"), "needs exactly one of model.path .* or model.preset"),
+    (dict(kind="wan", path="/x", preset="tiny-wan"), "needs exactly one of"),
+    (dict(kind="wan", preset="huge-wan"), r"model.preset='huge-wan' is not one of \['tiny-wan'\]"),
+    (dict(kind="wan", preset="tiny-wan", overrides={"hidden": 64}), r"\['hidden'\] do not apply .*valid: \['attn_backend'\]"),
+    (dict(preset="tiny-wan"), "are for model.kind: wan"),
+])
+def test_model_settings_that_cannot_work_are_refused_naming_the_valid_ones(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        model_cfg(**kw)
+
+
+def test_compile_with_wan_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="run.compile is not supported with model.kind: wan"):
+        from_dict(TrainConfig, {"model": {"kind": "wan", "preset": "tiny-wan"}, "run": {"compile": True}})
+
+
+def test_the_dit_backbone_is_the_registry_model_with_the_shards_widths() -> None:
+    b = build(model_cfg(name="DiT-tiny"), in_channels=4, text_dim=16)
+    assert b.patch == patch_of(model_cfg()) == (1, 2, 2)
+    assert b.record["in_channels"] == 4 and b.record["text_dim"] == 16 and "kind" not in b.record  # old checkpoints' form
+
+
+def test_a_wan_preset_is_built_for_the_shards_and_labelled_random_init() -> None:
+    torch.manual_seed(0)
+    b = build(model_cfg(kind="wan", preset="tiny-wan"), in_channels=4, text_dim=16)
+    assert b.record["kind"] == "wan" and b.record["source"] == "random-init:tiny-wan"
+    assert b.record["config"]["in_channels"] == 4 and b.record["config"]["text_dim"] == 16
+    assert b.patch == patch_of(model_cfg(kind="wan", preset="tiny-wan")) == (1, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(4, 2, 4, 6, generator=g), torch.randn(4, 1, 2, 2, generator=g)]
+    texts = [torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)]
+    batch = pack(latents, texts, b.patch, budget=16)
+    out = b.module(batch.tokens, torch.tensor([0.3, 0.9]), batch)
+    assert out.shape == batch.tokens.shape and torch.isfinite(out).all()
+    # FLOPs: 2 blocks of width 24 (2 heads × 12), FFN 32, samples of 12 and 1 tokens with 3 and 5 text tokens
+    d, f = 24, 32
+    per = lambda n, m: 2 * (6 * d * d + 2 * d * f) * n + 4 * d * d * m + 4 * n * n * d + 4 * n * m * d  # noqa: E731
+    assert b.flops(batch.lengths, batch.text_lengths) == 2 * (per(12, 3) + per(1, 5))
+    assert wan_forward_flops(d, f, 2, [12], [3]) == 2 * per(12, 3)
+
+
+def test_a_wan_folder_is_loaded_and_must_match_the_shards(tmp_path: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    from training.wan import WAN_PRESETS
+
+    torch.manual_seed(0)
+    saved = WanTransformer3DModel(**WAN_PRESETS["tiny-wan"], in_channels=4, out_channels=4, text_dim=16)
+    saved.save_pretrained(tmp_path / "wan" / "transformer")  # a pipeline folder: the transformer/ inside is found
+    cfg = model_cfg(kind="wan", path=str(tmp_path / "wan"))
+    assert patch_of(cfg) == (1, 2, 2)
+    b = build(cfg, in_channels=4, text_dim=16)
+    assert b.record["source"] == str(tmp_path / "wan" / "transformer")
+    for (name, p), q in zip(b.module.model.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name  # the pretrained weights, not a fresh init
+    with pytest.raises(BackboneError, match=r"takes 4 latent channels .* 16-wide text, the shards hold 16 channels "
+                                            r"and 4096-wide text"):
+        build(cfg, in_channels=16, text_dim=4096)
+    with pytest.raises(BackboneError, match="holds no diffusers config.json"):
+        patch_of(model_cfg(kind="wan", path=str(tmp_path)))
