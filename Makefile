@@ -43,12 +43,13 @@ bench: $(STAMP)
 # gpu_check.py puts after the machine's own site-packages (its torch and numpy stay in charge).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_OUT ?= runs/gpu-check
-GPU_WHEELS := deepspeed hjson msgpack ninja packaging psutil py-cpuinfo pydantic pydantic-core annotated-types \
+GPU_ARGS ?=  # e.g. --only=env,wan
+GPU_WHEELS := deepspeed diffusers hjson msgpack ninja packaging psutil py-cpuinfo pydantic pydantic-core annotated-types \
 	typing-extensions typing-inspection tqdm pytest pluggy iniconfig pygments
 gpu-check:
 	@if [ -d .gpu-wheels ] && ! $(GPU_PY) -c "import deepspeed" 2>/dev/null; then \
 		$(GPU_PY) -m pip install --quiet --no-index --no-deps --target .gpu-site .gpu-wheels/*.whl; fi
-	$(GPU_PY) tests/bench/gpu_check.py --out $(GPU_OUT)
+	$(GPU_PY) tests/bench/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
 
 gpu-wheels: $(STAMP)
 	rm -rf .gpu-wheels && mkdir -p .gpu-wheels

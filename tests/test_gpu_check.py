@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_exercises_every_check(tmp_path: Path) -> None:
     assert report["dry"] is True and (tmp_path / "gpu-check.log").stat().st_size > 0
     checks = report["checks"]
     assert list(checks) == ["env", "attention", "dtype_chain", "ema", "attention_bench", "modulation_bench",
-                            "train_step", "compile", "zero", "pytest_gpu", "fvd_features", "sampler"]
+                            "train_step", "compile", "zero", "pytest_gpu", "fvd_features", "sampler", "wan"]
     skipped = {name for name, c in checks.items() if c["status"] == "skipped"}
     assert skipped == {"pytest_gpu"}, {n: checks[n] for n in skipped}  # only what needs a GPU to mean anything
     assert all(c["status"] == "ok" for name, c in checks.items() if name not in skipped)
@@ -39,6 +39,8 @@ def test_gpu_check_dry_run_exercises_every_check(tmp_path: Path) -> None:
     # other attention kernels are timed or reported unavailable, never a crash
     assert set(checks["attention_bench"]["hd72"]) >= {"ms", "sdpa_cudnn", "sdpa_flash", "flex"}
     assert "unavailable" in checks["attention_bench"]["hd72"]["sdpa_cudnn"]
+    # Wan full fine-tuning steps ran with checkpointing off and on (LoRA needs peft, absent from the lock)
+    assert checks["wan"]["tiny_full"]["ms_per_step"] > 0 and checks["wan"]["tiny_full_ckpt"]["ms_per_step"] > 0
     # Unknown check names are refused with the valid ones.
     bad = subprocess.run([sys.executable, "tests/bench/gpu_check.py", "--only", "nope", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -21,10 +21,9 @@ from typing import Any, Callable
 from torch import nn
 
 from training.flops import forward_flops
-from training.model import VideoDiT, dit_config
-from training.settings import ModelConfig
+from training.model import DiTConfig, VideoDiT, dit_config
+from training.settings import MODEL_KINDS, ModelConfig
 from training.wan import WAN_PRESETS, PackedWan
-
 
 
 class BackboneError(ValueError):
@@ -77,12 +76,34 @@ def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
         folder = wan_config_path(cfg.path).parent
         model = WanTransformer3DModel.from_pretrained(str(folder))
         source = str(folder)
+    return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim)
+
+
+def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Backbone:
+    """The module a checkpoint's model record describes, for data of these widths; its weights are a
+    fresh init until the checkpoint's are loaded into it."""
+    kind = record.get("kind", "ditharos")  # DiT records are DiTConfig's fields (checkpoints before kinds)
+    if kind == "ditharos":
+        model_cfg = DiTConfig(**dict(record, patch=tuple(record["patch"])))
+        if (model_cfg.in_channels, model_cfg.text_dim) != (in_channels, text_dim):
+            raise BackboneError(f"the DiT takes {model_cfg.in_channels} latent channels and {model_cfg.text_dim}-wide "
+                                f"text; the data's VAE gives {in_channels} channels, its text encoder {text_dim}")
+        return Backbone(VideoDiT(model_cfg), model_cfg.patch, record, lambda n, m: forward_flops(model_cfg, n, m),
+                        str(model_cfg))
+    if kind == "wan":
+        from diffusers import WanTransformer3DModel
+
+        return _wan(WanTransformer3DModel(**record["config"]), record["source"], "auto", in_channels, text_dim)
+    raise BackboneError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
+
+
+def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim: int) -> Backbone:
     c = model.config
     if (c.in_channels, c.out_channels, c.text_dim) != (in_channels, in_channels, text_dim):
         raise BackboneError(f"{source}: the Wan transformer takes {c.in_channels} latent channels (out "
                             f"{c.out_channels}) and {c.text_dim}-wide text, the shards hold {in_channels} channels "
                             f"and {text_dim}-wide text: encode the data with this model's VAE and text encoder")
-    module = PackedWan(model.float(), backend=cfg.overrides.get("attn_backend", "auto"))
+    module = PackedWan(model.float(), backend=backend)
     record = {"kind": "wan", "source": source, "config": {k: v for k, v in dict(c).items() if not k.startswith("_")}}
     d, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
 

@@ -139,6 +139,18 @@ def save_weights(path: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
+def resolve(uri: str) -> str:
+    """A checkpoint dir as given, or the latest checkpoint of a run dir; FileNotFoundError naming which."""
+    if storage.exists(storage.join(uri, STATE_FILE)):
+        return uri
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
+    latest = latest_checkpoint(uri)
+    if latest is None:
+        raise FileNotFoundError(f"{uri!r} is neither a checkpoint (no {STATE_FILE}) nor a run dir with checkpoints")
+    return latest
+
+
 def load_weights(checkpoint_uri: str) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """The checkpoint's state and its plain weights (EMA when it was kept)."""
     state = read_state(checkpoint_uri)

@@ -186,7 +186,7 @@ def sample(
     copies = 2 if guided else 1
     lat, txt = noise * copies, list(text) * copies
     mask = None if text_mask is None else list(text_mask) * copies
-    patch = model.cfg.patch
+    patch = model.patch
     if budget is None:  # one sequence holding everything
         budget = sum(math.prod(s.shape[1:]) // math.prod(patch) for s in lat)
     batch = pack(lat, txt, patch, budget, text_mask=mask).to(device)

@@ -274,6 +274,14 @@ class VideoDiT(nn.Module):
         self.final_layer = FinalLayer(cfg.hidden, cfg.patch_dim)
         self.initialize_weights()
 
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return self.cfg.patch
+
+    def activation_floats_per_token(self) -> int:
+        """Widths alive at once in one block (modulation 6·D + MLP hidden): the sampler's memory estimate."""
+        return 6 * self.cfg.hidden + int(self.cfg.hidden * self.cfg.mlp_ratio)
+
     def initialize_weights(self) -> None:
         # Initialize transformer layers:
         def _basic_init(module: nn.Module) -> None:

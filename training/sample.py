@@ -37,6 +37,7 @@ import av
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
 from pipeline import storage
 from pipeline.clip_model import ClipConfig, ClipModel, load_clip
@@ -46,8 +47,8 @@ from pipeline.manifest import read_manifest
 from pipeline.vae import VAEConfig, VideoVAE, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
+from training.backbone import BackboneError, from_record
 from training.flow import FlowConfig, sample
-from training.model import DiTConfig, VideoDiT
 from training.packing import num_patches
 
 log = get_logger("training.sample")
@@ -67,14 +68,10 @@ class SamplerError(ValueError):
 
 def resolve_checkpoint(uri: str) -> str:
     """A checkpoint dir as given, or the latest checkpoint of a run dir."""
-    if storage.exists(storage.join(uri, ckpt.STATE_FILE)):
-        return uri
-    if not storage.exists(uri):
-        raise SamplerError(f"checkpoint {uri!r} does not exist")
-    latest = ckpt.latest_checkpoint(uri)
-    if latest is None:
-        raise SamplerError(f"{uri!r} is neither a checkpoint (no {ckpt.STATE_FILE}) nor a run dir with checkpoints")
-    return latest
+    try:
+        return ckpt.resolve(uri)
+    except FileNotFoundError as e:
+        raise SamplerError(str(e)) from None
 
 
 def _section(data: dict[str, Any], path: str, cls: type, where: str) -> Any:
@@ -102,7 +99,7 @@ def _check_weights(what: str, loaded: dict[str, Any], recorded: dict[str, Any]) 
 class Sampler:
     """A checkpoint's EMA DiT with the exact text encoder and VAE its training data was made with."""
 
-    model: VideoDiT
+    model: nn.Module  # training.backbone's module: VideoDiT or PackedWan
     flow: FlowConfig
     clip: ClipModel
     vae: VideoVAE
@@ -130,7 +127,7 @@ class Sampler:
 
     def latent_shape(self, width_px: int, height_px: int, num_frames: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of a video this model can make; SamplerError naming valid sizes otherwise."""
-        pt, ph, pw = self.model.cfg.patch
+        pt, ph, pw = self.model.patch
         fs = self.vae.spatial_factor
         for name, value, p in (("width", width_px, pw), ("height", height_px, ph)):
             step = fs * p
@@ -157,9 +154,8 @@ class Sampler:
         0.95 MB per frame (100 → 1,600 frames) against 1.06 MB estimated, plus ~270 MB fixed.
         """
         shape = self.latent_shape(width_px, height_px, num_frames)
-        tokens = math.prod(num_patches(shape, self.model.cfg.patch))
-        d = self.model.cfg.hidden
-        dit = 2 * tokens * (6 * d + int(d * self.model.cfg.mlp_ratio)) * 4
+        tokens = math.prod(num_patches(shape, self.model.patch))
+        dit = 2 * tokens * self.model.activation_floats_per_token() * 4
         video = num_frames * height_px * width_px * 3 * (4 + 4 + 1)
         return FIXED_SAMPLING_BYTES + dit + video
 
@@ -229,7 +225,7 @@ class Sampler:
         """Everything that determines one generated video (written beside it as JSON)."""
         f = self.flow
         shape = self.latent_shape(width_px, height_px, num_frames)
-        tokens = math.prod(num_patches(shape, self.model.cfg.patch))
+        tokens = math.prod(num_patches(shape, self.model.patch))
         fp = self.manifest["fingerprint"]
         return {
             "checkpoint": self.checkpoint_uri,
@@ -320,15 +316,11 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
     if data_sha != state.data_fingerprint:
         raise SamplerError(f"{checkpoint} was trained on data {state.data_fingerprint[:16]}…, but {data_uri} has "
                            f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
-    if state.model.get("kind", "ditharos") != "ditharos":
-        raise SamplerError(f"{checkpoint} trained a {state.model['kind']} backbone ({state.model.get('source')}): "
-                           "sampling and eval support DiTharos DiT checkpoints only so far")
     clip, vae = load_data_models(data_uri, manifest, dev)
-    model_cfg = DiTConfig(**dict(state.model, patch=tuple(state.model["patch"])))
-    if model_cfg.text_dim != clip.text_width or model_cfg.in_channels != vae.latent_channels:
-        raise SamplerError(f"model expects text width {model_cfg.text_dim} / {model_cfg.in_channels} latent channels; "
-                           f"the data's CLIP gives {clip.text_width}, its VAE {vae.latent_channels}")
-    model = VideoDiT(model_cfg)
+    try:
+        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=clip.text_width).module
+    except BackboneError as e:
+        raise SamplerError(f"{checkpoint}: {e}") from None
     model.load_state_dict(tensors, strict=True)
     model = model.to(dev).eval().requires_grad_(False)
     saved = storage.join(checkpoint, "config.yaml")

@@ -76,6 +76,11 @@ class PackedWan(nn.Module):
         self.checkpointing = False  # activation checkpointing per block (training.parallel)
         self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
 
+    def activation_floats_per_token(self) -> int:
+        """Widths alive at once in one block (modulation 6·D + FFN hidden): the sampler's memory estimate."""
+        c = self.model.config
+        return 6 * c.num_attention_heads * c.attention_head_dim + c.ffn_dim
+
     def rope(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         """Each token's (t, h, w) patch coordinates → (N, 1, Dh) cos and sin from diffusers' rope tables."""
         r = self.model.rope

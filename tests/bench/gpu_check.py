@@ -546,6 +546,87 @@ def check_fvd_features(z: Sizes) -> dict[str, Any]:
             "seconds": round(s, 2), "seconds_for_2048": round(s / z.fvd_clips * 2048, 1)}
 
 
+# diffusers' configs of the released Wan 2.1 T2V transformers (transformer/config.json); random-init here.
+WAN_SIZES: dict[str, dict[str, Any]] = {
+    "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                  freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def check_wan(z: Sizes) -> dict[str, Any]:
+    """Wan on packed sequences (training/wan.py): full fine-tuning steps of Wan 2.1 1.3B (bf16 autocast,
+    fp32 weights, fused AdamW; activation checkpointing off and on) and LoRA steps of the 14B (bf16
+    weights, peft LoRA r=16 on the attention and FFN projections, checkpointing on): ms/step, MFU,
+    peak memory — the figures behind the README's Wan memory table. Random-init weights (speed only)."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise Skip("diffusers is not installed here (make gpu-wheels carries it)")
+    from diffusers import WanTransformer3DModel
+
+    from training.backbone import wan_forward_flops
+    from training.flow import FlowConfig, flow_loss
+    from training.wan import WAN_PRESETS, PackedWan
+
+    out: dict[str, Any] = {"status": "ok", "weights": "random-init", "tokens_per_pack": z.tokens}
+    peak = peak_bf16_tflops(torch.cuda.get_device_name()) if z.cuda else None
+    runs = [("1.3B", "full", False), ("1.3B", "full", True), ("14B", "lora", True)] if z.cuda else \
+        [("tiny", "full", False), ("tiny", "full", True), ("tiny", "lora", True)]
+    for size, mode, ckpt in runs:
+        key = f"{size}_{mode}" + ("_ckpt" if ckpt else "")
+        if mode == "lora" and importlib.util.find_spec("peft") is None:
+            out[key] = "skipped: peft is not installed here"
+            continue
+        torch.manual_seed(0)
+        sizes = dict(WAN_COMMON, **WAN_SIZES[size]) if z.cuda else dict(
+            WAN_PRESETS["tiny-wan"], in_channels=16, out_channels=16, text_dim=64)
+        if z.cuda:
+            torch.cuda.empty_cache()
+        with torch.device(z.device):  # built where it runs: a 14B fp32 init on the host would take minutes
+            model = WanTransformer3DModel(**sizes)
+        if mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            model = model.to(torch.bfloat16 if z.cuda else torch.float32).requires_grad_(False)
+            targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+            inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=targets), model)
+            for p in model.parameters():  # LoRA factors in fp32 (the optimizer's), the base frozen in bf16
+                if p.requires_grad:
+                    p.data = p.data.float()
+        packed = PackedWan(model, backend="auto")
+        packed.checkpointing = ckpt
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=z.cuda)
+        c = model.config
+        shape_cfg = DiTConfig(in_channels=c.in_channels, text_dim=c.text_dim, patch=tuple(c.patch_size))
+        packs = [packed_batch(z, shape_cfg, seed=i) for i in range(2)]
+        state = {"i": 0}
+        if z.cuda:  # from here: weights, optimizer state and the steps (not the 14B's fp32 init before its cast)
+            torch.cuda.reset_peak_memory_stats()
+
+        def step() -> None:
+            batch = packs[state["i"] % len(packs)]
+            state["i"] += 1
+            with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=z.cuda):
+                loss, _ = flow_loss(packed, batch, FlowConfig(), torch.Generator().manual_seed(state["i"]))  # noqa: B023
+            loss.backward()
+            opt.step()  # noqa: B023
+            opt.zero_grad(set_to_none=True)  # noqa: B023
+
+        s = timed(z, step, 3 if z.cuda else 1, warmup=1)
+        d = c.num_attention_heads * c.attention_head_dim
+        flops = sum(3.0 * wan_forward_flops(d, c.ffn_dim, c.num_layers, p.lengths, p.text_lengths)
+                    for p in packs) / len(packs)
+        out[key] = {"ms_per_step": round(s * 1e3, 1), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                    "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
+                    "real_tokens": round(sum(sum(p.lengths) for p in packs) / len(packs)),
+                    "mfu": None if peak is None else round(flops / s / (peak * 1e12), 4),
+                    "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if z.cuda else None}
+        log.info("wan %s: %s", key, json.dumps(out[key]))  # in the log even if a later size is cut off
+        model = packed = opt = params = None  # free before the next size is built
+    return out
+
+
 def check_sampler(z: Sizes) -> dict[str, Any]:
     """Euler + CFG steps of a random-init DiT on one video's latent (bf16 autocast on CUDA)."""
     from training.flow import FlowConfig, sample
@@ -570,7 +651,7 @@ CHECKS: dict[str, Callable[[Sizes], dict[str, Any]]] = {
     "attention_bench": check_attention_bench, "modulation_bench": check_modulation_bench,
     "train_step": check_train_step, "compile": check_compile,
     "zero": check_zero, "pytest_gpu": check_pytest_gpu, "fvd_features": check_fvd_features,
-    "sampler": check_sampler,
+    "sampler": check_sampler, "wan": check_wan,
 }
 
 

@@ -81,3 +81,29 @@ def test_a_wan_folder_is_loaded_and_must_match_the_shards(tmp_path: Path) -> Non
         build(cfg, in_channels=16, text_dim=4096)
     with pytest.raises(BackboneError, match="holds no diffusers config.json"):
         patch_of(model_cfg(kind="wan", path=str(tmp_path)))
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path: Path) -> None:
+    """A DiT checkpoint is not a diffusers model; a non-empty --out is never mixed into; a missing one is named."""
+    from safetensors.torch import save_file
+
+    from training import checkpoint as ckpt
+    from training.data import LoaderState
+    from training.export import ExportError, export, main
+
+    dit = tmp_path / "run" / ckpt.checkpoint_name(2)
+    dit.mkdir(parents=True)
+    b = build(model_cfg(name="DiT-tiny"), in_channels=4, text_dim=16)
+    state = ckpt.TrainerState(steps_done=2, loader=LoaderState(), data_fingerprint="f" * 64, data_uri="d", world_size=1,
+                              zero_stage=2, model=b.record, weights=ckpt.EMA_FILE, code_version="test")
+    save_file({k: v.contiguous() for k, v in b.module.state_dict().items()}, str(dit / ckpt.EMA_FILE))
+    (dit / ckpt.STATE_FILE).write_text(state.to_json())
+    with pytest.raises(ExportError, match="DiTharos DiT checkpoint: not a diffusers model"):
+        export(str(tmp_path / "run"), tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="busy exists and is not an empty folder"):
+        export(str(dit), tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match="error: checkpoint .*nowhere' does not exist"):
+        main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])

@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -394,11 +396,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_the_workers_too(demo_data: Pa
 
 def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path, tmp_path: Path) -> None:
     """model.kind: wan (a random-init tiny Wan preset) through the same loop: ZeRO-2 on 2 workers, exact
-    resume, and a checkpoint whose weights load into diffusers' WanTransformer3DModel as they are."""
+    resume, a checkpoint whose weights load into diffusers' WanTransformer3DModel as they are, and the
+    sampler on that checkpoint."""
     from diffusers import WanTransformer3DModel
 
     from training import checkpoint as ckpt
     from training.sample import SamplerError, load_sampler
+    from training.packing import pack, unpack
+    from training.wan import PackedWan
 
     wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
            "optim.warmup_steps=1", "run.activation_checkpointing=true"]
@@ -419,5 +424,27 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
     assert state.model["kind"] == "wan" and state.model["source"] == "random-init:tiny-wan"
     model = WanTransformer3DModel(**state.model["config"])
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True)
-    with pytest.raises(SamplerError, match="wan backbone .*DiTharos DiT checkpoints only"):
-        load_sampler(str(checkpoint))
+
+    # Sampling (and so the nightly eval) loads the same backbone from the record, EMA weights in place.
+    sampler = load_sampler(str(checkpoint), "cpu")
+    assert isinstance(sampler.model, PackedWan)
+    assert all(torch.equal(p, tensors[f"model.{n}"]) for n, p in sampler.model.model.named_parameters())
+    videos = sampler.generate(["a dog", "a cat"], 64, 32, 3, steps=2, guidance_scale=3.0, seed=5)
+    assert videos.shape == (2, 3, 32, 64, 3) and videos.dtype == np.uint8 and videos[0].std() > 0
+    assert not np.array_equal(videos[0], videos[1])
+    with pytest.raises(SamplerError, match="multiples of"):
+        sampler.generate(["a dog"], 63, 32, 3)
+
+    # Export to diffusers: from_pretrained gives the EMA weights, whose dense forward equals ours packed.
+    from training.export import export
+
+    record = export(str(split), tmp_path / "export")  # a run dir: its latest checkpoint
+    assert record["checkpoint"] == str(checkpoint) and record["ema"] and record["random_init"]
+    exported = WanTransformer3DModel.from_pretrained(str(tmp_path / "export" / "transformer")).eval()
+    latent, text = torch.randn(sampler.vae.latent_channels, 2, 4, 6), torch.randn(5, sampler.clip.text_width)
+    batch = pack([latent], [text], (1, 2, 2), budget=12)
+    t = torch.tensor([0.4])
+    with torch.no_grad():
+        ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]  # (C, T, H, W)
+        theirs = exported(latent[None], t * 1000, text[None], return_dict=False)[0][0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
