@@ -56,6 +56,34 @@ def patch_of(cfg: ModelConfig) -> tuple[int, int, int]:
     return tuple(json.loads(wan_config_path(cfg.path).read_text())["patch_size"])
 
 
+def input_widths(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(latent channels, text width) of the shards, from their manifest: the model is built to match."""
+    buckets = manifest["buckets"].values()
+    channels = {b["latent_shape"][0] for b in buckets}
+    text_dims = {b["text_shape"][-1] for b in buckets}
+    if len(channels) != 1 or len(text_dims) != 1:
+        raise BackboneError(f"shards mix latent channels {sorted(channels)} or text widths {sorted(text_dims)}")
+    return channels.pop(), text_dims.pop()
+
+
+def check(cfg: ModelConfig, manifest: dict[str, Any]) -> None:
+    """On the driver, before any worker starts: BackboneError when this model cannot train on these
+    shards (a Wan folder without a config, or whose widths differ). Reads config.json only."""
+    channels, text_dim = input_widths(manifest)
+    patch_of(cfg)
+    if cfg.kind == "wan" and cfg.path:
+        c = json.loads(wan_config_path(cfg.path).read_text())
+        _check_wan_widths(c["in_channels"], c.get("out_channels") or c["in_channels"], c["text_dim"], cfg.path,
+                          channels, text_dim)
+
+
+def _check_wan_widths(c_in: int, c_out: int, c_text: int, source: str, in_channels: int, text_dim: int) -> None:
+    if (c_in, c_out, c_text) != (in_channels, in_channels, text_dim):
+        raise BackboneError(f"{source}: the Wan transformer takes {c_in} latent channels (out {c_out}) and "
+                            f"{c_text}-wide text, the shards hold {in_channels} channels and {text_dim}-wide "
+                            f"text: encode the data with this model's VAE and text encoder")
+
+
 def build(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
     """The run's network for shards of `in_channels` latent channels and `text_dim`-wide text states."""
     if cfg.kind == "ditharos":
@@ -93,16 +121,15 @@ def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Back
     if kind == "wan":
         from diffusers import WanTransformer3DModel
 
-        return _wan(WanTransformer3DModel(**record["config"]), record["source"], "auto", in_channels, text_dim)
+        # from_config, not **config: keys of another diffusers version are ignored with a warning
+        return _wan(WanTransformer3DModel.from_config(record["config"]), record["source"], "auto", in_channels,
+                    text_dim)
     raise BackboneError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
 
 
 def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim: int) -> Backbone:
     c = model.config
-    if (c.in_channels, c.out_channels, c.text_dim) != (in_channels, in_channels, text_dim):
-        raise BackboneError(f"{source}: the Wan transformer takes {c.in_channels} latent channels (out "
-                            f"{c.out_channels}) and {c.text_dim}-wide text, the shards hold {in_channels} channels "
-                            f"and {text_dim}-wide text: encode the data with this model's VAE and text encoder")
+    _check_wan_widths(c.in_channels, c.out_channels, c.text_dim, source, in_channels, text_dim)
     module = PackedWan(model.float(), backend=backend)
     record = {"kind": "wan", "source": source, "config": {k: v for k, v in dict(c).items() if not k.startswith("_")}}
     d, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads

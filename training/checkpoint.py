@@ -122,13 +122,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+def resume_changes(saved: dict[str, Any], now: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """(refused, allowed): config keys that differ between a run's saved config and a relaunch.
 
     Refused keys change what the run is (model, data order, seeds, ZeRO layout); allowed ones
-    (worker count, step budget, logging, ...) are reported so the log says what changed.
+    (worker count, step budget, logging, ...) are reported so the log says what changed. A key
+    the saved config lacks (written by a version before the key existed) counts as its value in
+    `defaults` (the current TrainConfig's), so runs of older versions resume unless it changed.
     """
-    a, b = _flatten(saved), _flatten(now)
+    a, b = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(now)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     refused = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME)]
     return refused, [k for k in changed if k not in refused]

@@ -1,8 +1,8 @@
 """The Ray Train worker: DeepSpeed ZeRO over the deterministic loader, one global step at a time.
 
 `train_loop_per_worker(config)` is what `training/train.py` hands to `TorchTrainer`; the pieces
-it uses are plain functions a unit test can call without Ray or DeepSpeed (`input_widths`,
-`step_generator`, `pack_loss_weight`, `filler_pack`, `progress_line`).
+it uses are plain functions a unit test can call without Ray or DeepSpeed (`step_generator`,
+`pack_loss_weight`, `filler_pack`, `progress_line`).
 
 Checkpoints (training/checkpoint.py) are saved after every `run.checkpoint_every` steps and
 the last one: DeepSpeed `save_checkpoint` on every rank into a temp folder, rank 0 adds the
@@ -41,9 +41,16 @@ from pipeline.version import code_version
 from training import checkpoint as ckpt
 from training.cache import ShardCache
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
-from training.index import DATA_ERRORS, DataError, ShardIndex
-from training.metrics import RunLog, StepClock, mfu, peak_memory_gb, peak_tflops, read_later
 from training.ema import EMA, gather
+from training.index import DATA_ERRORS, DataError, ShardIndex
+from training.metrics import (
+    RunLog,
+    StepClock,
+    mfu,
+    peak_memory_gb,
+    peak_tflops,
+    read_later,
+)
 from training.packing import PackedBatch, pack, to_device
 from training.settings import TrainConfig
 
@@ -53,16 +60,6 @@ log = get_logger("training")
 # ---------------------------------------------------------------------------
 # Plain pieces
 # ---------------------------------------------------------------------------
-
-
-def input_widths(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(latent channels, text width) of the shards, from their manifest: the model is built to match."""
-    buckets = manifest["buckets"].values()
-    channels = {b["latent_shape"][0] for b in buckets}
-    text_dims = {b["text_shape"][-1] for b in buckets}
-    if len(channels) != 1 or len(text_dims) != 1:
-        raise ValueError(f"shards mix latent channels {sorted(channels)} or text widths {sorted(text_dims)}")
-    return channels.pop(), text_dims.pop()
 
 
 def step_generator(seed: int, step: int, pack_index: int) -> torch.Generator:
@@ -147,7 +144,7 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from training.backbone import build, patch_of
+    from training.backbone import build, input_widths, patch_of
     from training.flow import flow_loss
     from training.optim import deepspeed_config, lr_at
     from training.parallel import apply_activation_checkpointing, apply_compile

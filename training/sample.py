@@ -97,7 +97,7 @@ def _check_weights(what: str, loaded: dict[str, Any], recorded: dict[str, Any]) 
 
 @dataclass
 class Sampler:
-    """A checkpoint's EMA DiT with the exact text encoder and VAE its training data was made with."""
+    """A checkpoint's EMA backbone (DiT or Wan) with the exact text encoder and VAE its training data was made with."""
 
     model: nn.Module  # training.backbone's module: VideoDiT or PackedWan
     flow: FlowConfig

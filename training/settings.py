@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from training.attention import BACKENDS
 from training.flow import FlowConfig
 from training.optim import OptimConfig
 from training.wan import WAN_PRESETS
@@ -107,6 +108,9 @@ class ModelConfig:
             if extra:
                 raise ValueError(f"model.overrides {sorted(extra)} do not apply to model.kind: wan (its sizes are "
                                  f"the checkpoint's); valid: ['attn_backend']")
+            backend = self.overrides.get("attn_backend", "auto")
+            if backend not in BACKENDS:
+                raise ValueError(f"model.overrides.attn_backend={backend!r} is not one of {list(BACKENDS)}")
 
 
 @dataclass

@@ -36,21 +36,21 @@ if __package__ in (None, ""):  # `python training/train.py`: import the package,
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
-
 import yaml
+from ray.train.torch import TorchTrainer
 
 from pipeline import storage
 from pipeline.config import ConfigError, dump_yaml, load_config, to_dict
 from pipeline.logs import get_logger
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.shards import ShardError
+from training import backbone
 from training import checkpoint as ckpt
 from training.data import FingerprintMismatch, check_fingerprint
 from training.index import DataError, check_data
-from training.preflight import check_resources
 from training.loop import data_error_uri, train_loop_per_worker
 from training.metrics import read_metrics
+from training.preflight import check_resources
 from training.settings import TrainConfig
 
 log = get_logger("training")
@@ -129,7 +129,7 @@ def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
     saved_uri = storage.join(run_uri, "config.yaml")
     if storage.exists(saved_uri):
         saved = yaml.safe_load(storage.read_bytes(saved_uri).decode())
-        refused, allowed = ckpt.resume_changes(saved, to_dict(cfg))
+        refused, allowed = ckpt.resume_changes(saved, to_dict(cfg), to_dict(TrainConfig()))
         if refused:
             sys.exit(f"{run_uri} holds a run whose {', '.join(refused)} differ from this config; these define "
                      f"the run and cannot change on resume (valid to change: anything else). "
@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     cfg.data.uri = storage.canonical(cfg.data.uri)  # workers may start in another directory
     run_uri = cfg.run.dir = storage.canonical(cfg.run.dir)
-    try:  # a data problem is one line here, not a traceback in every worker after retries
+    if cfg.model.path:  # a folder every node sees at the same path (shared storage)
+        cfg.model.path = str(Path(cfg.model.path).resolve())
+    try:  # a data or model problem is one line here, not a traceback in every worker after retries
         check_data(cfg.data.uri, cfg.data.split)
-    except (ShardError, ManifestError, DataError, FileNotFoundError) as e:
+        backbone.check(cfg.model, read_manifest(cfg.data.uri))
+    except (ShardError, ManifestError, DataError, FileNotFoundError, backbone.BackboneError) as e:
         sys.exit(f"error: {e}")
     latest = check_resume(cfg, run_uri)
     storage.makedirs(run_uri)

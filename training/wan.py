@@ -74,6 +74,10 @@ class PackedWan(nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.heads = cfg.num_attention_heads
         self.checkpointing = False  # activation checkpointing per block (training.parallel)
+        # fp32 copies of diffusers' rope tables, kept outside the module's buffers: DeepSpeed's bf16
+        # mode casts every buffer, and cos/sin in bf16 would misplace positions (diffusers keeps rope fp32).
+        self._rope_tables = (model.rope.freqs_cos.detach().float().clone(),
+                             model.rope.freqs_sin.detach().float().clone())
         self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
 
     def activation_floats_per_token(self) -> int:
@@ -89,12 +93,15 @@ class PackedWan(nn.Module):
             raise ValueError(f"a clip is {longest} patches long on one axis; this Wan's rope_max_seq_len "
                              f"is {r.max_seq_len}")
         split = [r.t_dim, r.h_dim, r.w_dim]
+        device = batch.positions.device
+        if self._rope_tables[0].device != device:
+            self._rope_tables = tuple(t.to(device) for t in self._rope_tables)
 
         def by_coordinate(table: Tensor) -> Tensor:  # (max_seq_len, Dh) -> (N, 1, Dh): t, h, w parts
             parts = table.split(split, dim=1)
-            return torch.cat([part[batch.positions[:, i]] for i, part in enumerate(parts)], -1)[:, None].float()
+            return torch.cat([part[batch.positions[:, i]] for i, part in enumerate(parts)], -1)[:, None]
 
-        return by_coordinate(r.freqs_cos), by_coordinate(r.freqs_sin)
+        return by_coordinate(self._rope_tables[0]), by_coordinate(self._rope_tables[1])
 
     def _attend(self, attn: nn.Module, x: Tensor, ctx: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
                 max_k: int, rope: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -103,6 +110,9 @@ class PackedWan(nn.Module):
         v = attn.to_v(ctx).unflatten(-1, (self.heads, -1))  # (M, H, Dh)
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
+        # Under CUDA autocast RMSNorm runs in fp32 while v is bf16; attention kernels take one dtype
+        # (diffusers' own call goes through autocast's SDPA, which casts all three to bf16).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         o = attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=self.backend).flatten(1)  # (N, H·Dh)
         return attn.to_out[1](attn.to_out[0](o.type_as(q)))
 
@@ -111,7 +121,7 @@ class PackedWan(nn.Module):
         """diffusers' WanTransformerBlock.forward on packed tokens h_x (N, D); text (M, D) in segment order."""
         cu_x, max_x, cu_text, max_text = seg
         # per token: its sample's six modulation vectors, (N, D) each, fp32 as in diffusers
-        rows = (block.scale_shift_table + tproj.float()).flatten(1)  # (B+1, 6·D)
+        rows = (block.scale_shift_table.float() + tproj.float()).flatten(1)  # (B+1, 6·D)
         shift, scale, gate, c_shift, c_scale, c_gate = per_token(rows, onehot).unflatten(1, (6, -1)).unbind(1)
         h = (block.norm1(h_x.float()) * (1 + scale) + shift).type_as(h_x)
         a = self._attend(block.attn1, h, h, cu_x, cu_x, max_x, max_x, rope)
@@ -151,7 +161,7 @@ class PackedWan(nn.Module):
                 h_x = checkpoint(self._block, block, h_x, tproj, onehot, text, rope, seg, use_reentrant=False)
             else:
                 h_x = self._block(block, h_x, tproj, onehot, text, rope, seg)
-        rows = (m.scale_shift_table + temb[:, None]).flatten(1)  # (B+1, 2·D)
+        rows = (m.scale_shift_table.float() + temb.float()[:, None]).flatten(1)  # (B+1, 2·D), fp32 as in diffusers
         shift, scale = per_token(rows, onehot).chunk(2, dim=1)  # (N, D) each
         h_x = (m.norm_out(h_x.float()) * (1 + scale) + shift).type_as(h_x)
         return m.proj_out(h_x)  # (N, pt·ph·pw·C_out)

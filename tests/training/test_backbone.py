@@ -26,6 +26,7 @@ def model_cfg(**kw) -> ModelConfig:
     (dict(kind="wan", preset="huge-wan"), r"model.preset='huge-wan' is not one of \['tiny-wan'\]"),
     (dict(kind="wan", preset="tiny-wan", overrides={"hidden": 64}), r"\['hidden'\] do not apply .*valid: \['attn_backend'\]"),
     (dict(preset="tiny-wan"), "are for model.kind: wan"),
+    (dict(kind="wan", preset="tiny-wan", overrides={"attn_backend": "fast"}), r"attn_backend='fast' is not one of \["),
 ])
 def test_model_settings_that_cannot_work_are_refused_naming_the_valid_ones(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -107,3 +108,24 @@ def test_export_refuses_what_it_cannot_write(tmp_path: Path) -> None:
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit, match="error: checkpoint .*nowhere' does not exist"):
         main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
+def test_the_driver_check_names_a_wan_folder_that_does_not_fit_the_shards(tmp_path: Path) -> None:
+    """training/train.py runs backbone.check before any worker: config.json only, no weights read."""
+    from diffusers import WanTransformer3DModel
+
+    from training.backbone import check
+    from training.wan import WAN_PRESETS
+
+    WanTransformer3DModel(**WAN_PRESETS["tiny-wan"], in_channels=4, out_channels=4, text_dim=16).save_pretrained(
+        tmp_path / "wan")
+    manifest = {"buckets": {"a": {"latent_shape": [16, 5, 32, 32], "text_shape": [77, 4096]},
+                            "b": {"latent_shape": [16, 1, 32, 56], "text_shape": [77, 4096]}}}
+    with pytest.raises(BackboneError, match=r"takes 4 latent channels \(out 4\) and 16-wide text, the shards hold "
+                                            r"16 channels and 4096-wide text"):
+        check(model_cfg(kind="wan", path=str(tmp_path / "wan")), manifest)
+    check(model_cfg(kind="wan", preset="tiny-wan"), manifest)  # a preset is built to the shards' widths
+    check(model_cfg(), manifest)
+    mixed = {"buckets": {**manifest["buckets"], "c": {"latent_shape": [4, 1, 8, 8], "text_shape": [77, 4096]}}}
+    with pytest.raises(BackboneError, match=r"shards mix latent channels \[4, 16\]"):
+        check(model_cfg(), mixed)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import to_dict
+from pipeline.config import from_dict, to_dict
 from training import checkpoint as ckpt
 from training.data import LoaderState
 from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
@@ -58,6 +58,19 @@ def test_resume_changes_split_fixed_from_free_keys() -> None:
     refused, allowed = ckpt.resume_changes(saved, now)
     assert refused == ["data.seed", "model.overrides", "optim.zero_stage"]
     assert allowed == ["run.max_steps", "scaling.num_workers"]
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes() -> None:
+    """Runs saved before model.kind / path / preset existed: those keys are absent, not changed."""
+    defaults = to_dict(TrainConfig())
+    saved = to_dict(TrainConfig())
+    for key in ("kind", "path", "preset"):
+        del saved["model"][key]
+    assert ckpt.resume_changes(saved, to_dict(TrainConfig()), defaults) == ([], [])
+    wan = from_dict(TrainConfig, {"model": {"kind": "wan", "preset": "tiny-wan"}})
+    refused, _ = ckpt.resume_changes(saved, to_dict(wan), defaults)
+    assert refused == ["model.kind", "model.preset"]  # an old DiT run is not resumed as a Wan one
+    assert ckpt.resume_changes(saved, to_dict(TrainConfig()))[0] == ["model.kind", "model.path", "model.preset"]
 
 
 def test_keep_rows_before() -> None:

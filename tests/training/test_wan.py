@@ -106,3 +106,45 @@ def test_the_platform_flow_loss_trains_packed_wan() -> None:
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses  # measured 2.52 -> 1.25
+
+
+def test_attention_gets_one_dtype_when_autocast_keeps_rmsnorm_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, autocast runs RMSNorm in fp32 while v comes out of a bf16 linear: q and k reached
+    attention as fp32 with bf16 v, which the fused kernels refuse. CPU autocast keeps RMSNorm in bf16,
+    so the CUDA behaviour is imitated here by norms that return fp32."""
+    import training.wan as wan_module
+
+    model = tiny_wan()
+    for block in model.blocks:
+        for attn in (block.attn1, block.attn2):
+            for norm in (attn.norm_q, attn.norm_k):
+                monkeypatch.setattr(norm, "forward", lambda x, f=norm.forward: f(x).float())
+    seen = []
+    real = wan_module.attention
+
+    def spy(q, k, v, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(wan_module, "attention", spy)
+    latents, texts, t = samples()
+    packed = PackedWan(model, backend="sdpa_segments")
+    batch = pack(latents, texts, packed.patch, budget=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed(batch.tokens, t, batch)
+    assert len(seen) == 4 and all(d == (torch.bfloat16,) * 3 for d in seen)  # self + cross, 2 blocks
+    assert torch.isfinite(out).all()
+
+
+def test_rope_stays_fp32_when_the_module_is_cast_to_bf16() -> None:
+    """DeepSpeed's bf16 mode casts every buffer, diffusers' rope tables too; positions far along an
+    axis then rotate by visibly wrong angles. PackedWan keeps its own fp32 tables."""
+    model = tiny_wan()
+    packed = PackedWan(model, backend="sdpa_segments")
+    latents, texts, _ = samples()
+    batch = pack(latents, texts, packed.patch, budget=64)
+    before = packed.rope(batch)
+    packed.bfloat16()
+    after = packed.rope(batch)
+    assert model.rope.freqs_cos.dtype == torch.bfloat16  # what the cast did to diffusers' buffers
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(after, before))
