@@ -38,7 +38,7 @@ bench: $(STAMP)
 # a dry run at tiny sizes elsewhere. It needs only torch + einops + numpy, so it runs with the venv
 # when there is one and otherwise with the machine's own python3 (GPU machines come with torch).
 # GPU machines have torch but no DeepSpeed or pytest, and no network: `make gpu-wheels` (here) puts
-# their locked wheels for Python 3.12 into .gpu-wheels/ (git-ignored, ~8 MB; the device tool
+# their locked wheels for Python 3.12 into .gpu-wheels/ (git-ignored, ~14 MB with diffusers; the device tool
 # carries it: carry [".gpu-wheels"]), and gpu-check installs them into .gpu-site/ there, which
 # gpu_check.py puts after the machine's own site-packages (its torch and numpy stay in charge).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
