@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_exercises_every_check(tmp_path: Path) -> None:
     # the one-hot broadcast's gradient equals the exact per-row sums (fp32 on the CPU)
     assert checks["modulation_bench"]["onehot_gemm_grad_rel_err"] < 1e-6
     # other attention kernels are timed or reported unavailable, never a crash
-    assert set(checks["attention_bench"]["hd72"]) >= {"ms", "sdpa_cudnn", "sdpa_flash", "flex"}
+    assert set(checks["attention_bench"]["hd72"]) >= {"ms", "sdpa_cudnn", "sdpa_flash", "flex", "cudnn_varlen"}
     assert "unavailable" in checks["attention_bench"]["hd72"]["sdpa_cudnn"]
     # Wan full fine-tuning steps ran with checkpointing off and on (LoRA needs peft, absent from the lock)
     assert checks["wan"]["tiny_full"]["ms_per_step"] > 0 and checks["wan"]["tiny_full_ckpt"]["ms_per_step"] > 0

@@ -294,8 +294,17 @@ def alternative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu:
     def flex() -> None:
         attention(q, k, v, cu, cu, max(lengths), max(lengths), "flex").sum().backward()
 
+    def cudnn_varlen() -> None:
+        """The packed (cumulative-lengths) cuDNN kernels that newer torch's varlen_attn calls, called
+        directly: measures them under a torch whose varlen_attn still runs FlashAttention-2."""
+        n = max(lengths)
+        fwd = torch.ops.aten._cudnn_attention_forward(q.detach(), k.detach(), v.detach(), None, cu, cu, n, n, True)
+        out, lse, seed = fwd[0], fwd[1], fwd[6]
+        torch.ops.aten._cudnn_attention_backward(torch.ones_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                                 seed, seed, None, cu, cu, n, n, 0.0, False)
+
     return {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-            "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "flex": flex}
+            "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "flex": flex, "cudnn_varlen": cudnn_varlen}
 
 
 def check_modulation_bench(z: Sizes) -> dict[str, Any]:
