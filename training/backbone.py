@@ -87,10 +87,13 @@ def _check_wan_widths(c_in: int, c_out: int, c_text: int, source: str, in_channe
 def build(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
     """The run's network for shards of `in_channels` latent channels and `text_dim`-wide text states."""
     if cfg.kind == "ditharos":
-        model_cfg = dit_config(cfg.name, **cfg.overrides, in_channels=in_channels, text_dim=text_dim)
-        return Backbone(VideoDiT(model_cfg), model_cfg.patch, asdict(model_cfg),
-                        lambda n, m: forward_flops(model_cfg, n, m), str(model_cfg))
+        return _dit(dit_config(cfg.name, **cfg.overrides, in_channels=in_channels, text_dim=text_dim))
     return _build_wan(cfg, in_channels, text_dim)
+
+
+def _dit(model_cfg: DiTConfig) -> Backbone:
+    return Backbone(VideoDiT(model_cfg), model_cfg.patch, asdict(model_cfg),
+                    lambda n, m: forward_flops(model_cfg, n, m), str(model_cfg))
 
 
 def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
@@ -116,8 +119,7 @@ def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Back
         if (model_cfg.in_channels, model_cfg.text_dim) != (in_channels, text_dim):
             raise BackboneError(f"the DiT takes {model_cfg.in_channels} latent channels and {model_cfg.text_dim}-wide "
                                 f"text; the data's VAE gives {in_channels} channels, its text encoder {text_dim}")
-        return Backbone(VideoDiT(model_cfg), model_cfg.patch, record, lambda n, m: forward_flops(model_cfg, n, m),
-                        str(model_cfg))
+        return _dit(model_cfg)
     if kind == "wan":
         from diffusers import WanTransformer3DModel
 

@@ -47,7 +47,7 @@ def export(checkpoint: str, out: str | Path) -> dict[str, Any]:
     if kind != "wan":
         raise ExportError(f"{checkpoint} is a DiTharos DiT checkpoint: not a diffusers model; its {state.weights} and "
                           f"{ckpt.STATE_FILE} already are its standalone weights and config")
-    model = WanTransformer3DModel(**state.model["config"])
+    model = WanTransformer3DModel.from_config(state.model["config"])  # as backbone.from_record reads it
     # PackedWan holds diffusers' module as `.model`: its keys are diffusers' own under that prefix.
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True)
     model.save_pretrained(out / "transformer", safe_serialization=True)

@@ -75,6 +75,13 @@ def per_token(rows: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         return onehot.to(rows.dtype) @ rows
 
 
+def sample_onehot(batch: PackedBatch, dtype: torch.dtype) -> torch.Tensor:
+    """(N, B+1) one-hot of each token's sample for `per_token`; padding tokens pick row B."""
+    b = batch.num_samples
+    token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
+    return (token_sample[:, None] == torch.arange(b + 1, device=token_sample.device)).to(dtype)  # (N, B+1)
+
+
 def segment_mean(x: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Mean of the rows of x (M, D) per id in [0, num_segments); rows with other ids are ignored.
 
@@ -337,8 +344,7 @@ class VideoDiT(nn.Module):
         context, pooled = self.y_embedder(text, layout.sample_ids, b)  # (M, D), (B, D)
         c = self.t_embedder(t) + pooled  # (B, D)
         c = torch.cat([c, c.new_zeros(1, c.shape[1])])  # (B+1, D): row B conditions padding tokens
-        token_sample = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,)
-        onehot = (token_sample[:, None] == torch.arange(b + 1, device=token_sample.device)).to(c.dtype)  # (N, B+1)
+        onehot = sample_onehot(batch, c.dtype)  # (N, B+1)
         angles = rope_angles(batch.positions, self.cfg.hidden // self.cfg.heads, self.cfg.rope_theta)  # (N, Dh/2)
         rope = (angles.cos()[:, None], angles.sin()[:, None])  # (N, 1, Dh/2) each
         h = self.x_embedder(x.to(dtype))  # (N, D)

@@ -22,8 +22,8 @@ matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
 
 Not covered yet (issue 15): image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's
 per-token timesteps, the null text of the real text encoder (a dropped caption sees one zero
-row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), sampling and
-eval of Wan checkpoints, LoRA, export. Training: `model.kind: wan` (training/backbone.py).
+row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), LoRA. Training,
+sampling and eval: `model.kind: wan` (training/backbone.py); export: training/export.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from training.attention import attention
-from training.model import per_token
+from training.model import per_token, sample_onehot
 from training.packing import PackedBatch, num_patches, text_layout
 
 TIMESTEP_SCALE = 1000.0  # diffusers' Wan timestep for flow time t
@@ -140,7 +140,6 @@ class PackedWan(nn.Module):
         """
         m = self.model
         emb = m.condition_embedder
-        b = batch.num_samples
         drop = None if text_drop is None else [bool(d) for d in text_drop]
         layout = text_layout(batch, drop, self.null_text.shape[0])
         # Conv3d with kernel = stride = patch is a linear map of each patch; tokens are (pt ph pw c).
@@ -152,8 +151,7 @@ class PackedWan(nn.Module):
         tproj = emb.time_proj(emb.act_fn(temb)).unflatten(1, (6, -1))  # (B+1, 6, D)
         text = torch.cat([batch.text.to(h_x.dtype), self.null_text.to(h_x.dtype)])[layout.index]  # (M, Dt)
         text = emb.text_embedder(text)  # (M, D)
-        tok = torch.where(batch.sample_ids < 0, b, batch.sample_ids)  # (N,) sample of each token
-        onehot = (tok[:, None] == torch.arange(b + 1, device=tok.device)).float()  # (N, B+1), see per_token
+        onehot = sample_onehot(batch, torch.float32)  # (N, B+1), see per_token
         rope = self.rope(batch)
         seg = (batch.cu_seqlens, batch.max_seqlen, layout.cu_seqlens, layout.max_seqlen)
         for block in m.blocks:

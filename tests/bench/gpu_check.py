@@ -560,6 +560,7 @@ WAN_SIZES: dict[str, dict[str, Any]] = {
     "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
 }
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")  # both attentions + FFN
 WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
@@ -597,8 +598,7 @@ def check_wan(z: Sizes) -> dict[str, Any]:
             from peft import LoraConfig, inject_adapter_in_model
 
             model = model.to(torch.bfloat16 if z.cuda else torch.float32).requires_grad_(False)
-            targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-            inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=targets), model)
+            inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=list(WAN_LORA_TARGETS)), model)
             for p in model.parameters():  # LoRA factors in fp32 (the optimizer's), the base frozen in bf16
                 if p.requires_grad:
                     p.data = p.data.float()

@@ -34,13 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.gpu_check import WAN_COMMON, WAN_SIZES  # noqa: E402
+from tests.bench.gpu_check import WAN_COMMON, WAN_LORA_TARGETS, WAN_SIZES  # noqa: E402
 from training.packing import pack  # noqa: E402
 from training.attention import attention as _REAL_ATTENTION  # noqa: E402
 from training.wan import PackedWan  # noqa: E402
 
 GB = 1e9
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 BUCKET_BYTES = 2 * 2e8 * 2  # DeepSpeed's reduce + allgather buckets (2e8 elements, bf16)
 GPU_GB = {"H100 80GB": 80, "H200 141GB": 141}
 
@@ -61,7 +60,7 @@ def wan(size: str, layers: int | None = None, device: str = "meta") -> torch.nn.
 def lora_params(model: torch.nn.Module, rank: int = 16) -> int:
     """Parameters of LoRA factors (A: r×in, B: out×r) on every targeted Linear."""
     return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
+               if isinstance(m, torch.nn.Linear) and name.endswith(WAN_LORA_TARGETS))
 
 
 class _FlashLike(torch.autograd.Function):
