@@ -33,7 +33,9 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.shards import SCORE_COLUMNS
 
-RECORD_VERSION = 4  # 2: curation scores, crop, filter score/value; 3: text_area; 4: phash of the mean frame
+# 2: curation scores, crop, filter score/value; 3: text_area; 4: phash of the mean frame;
+# 5: one clip per record batch, with its byte range in the shard (batch_offset, batch_bytes)
+RECORD_VERSION = 5
 RECORDS_DIR = "_state/records"
 
 # Columns of a record (and, for kind == "clip", of the clip index). Every column is nullable:
@@ -48,7 +50,9 @@ RECORD_SCHEMA = pa.schema([
     ("split", pa.string()),
     ("bucket", pa.string()),
     ("shard", pa.string()),  # path relative to the output root
-    ("row", pa.int64()),  # row inside the shard
+    ("row", pa.int64()),  # row inside the shard (= its record batch, pipeline.shards.ROWS_PER_BATCH)
+    ("batch_offset", pa.int64()),  # the clip's record batch message: first byte in the shard …
+    ("batch_bytes", pa.int64()),  # … and length (metadata + body): one ranged read fetches the clip
     ("shard_bytes", pa.int64()),
     ("shard_sha256", pa.string()),
     ("num_frames", pa.int32()),
@@ -84,8 +88,8 @@ RECORD_SCHEMA = pa.schema([
     ("keyframe_jpeg", pa.binary()),  # stage filter, a sample of them (filter.example_fraction): for contact sheets
 ])
 INDEX_COLUMNS = [
-    "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "shard_bytes", "shard_sha256",
-    "num_frames", "height_px",
+    "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "batch_offset", "batch_bytes",
+    "shard_bytes", "shard_sha256", "num_frames", "height_px",
     "width_px", "fps", "start_s", "end_s", "latent_shape", "num_tokens", "caption", "caption_source",
     "clip_score", "clip_bytes", "source_meta", "crop_px", "phash", *SCORE_COLUMNS,
 ]

@@ -31,8 +31,9 @@ class OutputConfig:
     # Shards roll over at this size. 512 MB: 50 TB of latents is ~100k files (one LIST page per
     # 1,000, and far below a default vm.max_map_count of 65,530 once the loader bounds its open
     # maps); an object-store GET of a whole shard runs at full bandwidth (>= 64 MB objects), and
-    # training reads single record batches (64 rows) by range, so a large shard costs no extra
-    # reads. A writer buffers up to compute.writer_open_mb of open shards on local disk.
+    # each clip is its own record batch whose byte range the clip index records, so training in
+    # a uniform order reads single clips by range (data.remote_reads) and a large shard costs no
+    # extra reads. A writer buffers up to compute.writer_open_mb of open shards on local disk.
     shard_target_mb: float = 512.0
 
     def validate(self) -> None:

@@ -133,11 +133,18 @@ def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
+# One clip per record batch. A reader on object storage can then fetch one clip with one range
+# request (`read_clip`) instead of its whole shard, which is what a uniform order over remote
+# data needs. Cost: ~2 KB of batch metadata per clip (< 1% of a clip's latents, ~3% of an
+# image's); a local reader maps the file either way.
+ROWS_PER_BATCH = 1
+
+
 def table_bytes(table: pa.Table) -> bytes:
     """Serialise as an Arrow IPC *file* (random access, memory-mappable)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=256)
+        writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
     return sink.getvalue().to_pybytes()
 
 
@@ -152,15 +159,55 @@ def read_shard(uri: str) -> pa.Table:
     """Read a shard (memory-mapped when local) and check its schema version."""
     fs, path = storage.resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-    else:
-        with fs.open_input_file(path) as f:
-            table = pa.ipc.open_file(f).read_all()
-    meta = table.schema.metadata or {}
-    version = meta.get(b"ditharos.schema_version")
+        return open_reader(uri, pa.memory_map(path)).read_all()
+    with fs.open_input_file(path) as f:
+        return open_reader(uri, f).read_all()
+
+
+def open_reader(uri: str, source: Any) -> pa.ipc.RecordBatchFileReader:
+    """The Arrow file reader of a shard opened as `source` (reads its footer only), version-checked."""
+    try:
+        reader = pa.ipc.open_file(source)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{uri}: not a readable Arrow shard ({e}); {REDO}") from None
+    version = (reader.schema.metadata or {}).get(b"ditharos.schema_version")
     if version != str(SCHEMA_VERSION).encode():
         raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
-    return table
+    return reader
+
+
+def read_clip(reader: pa.ipc.RecordBatchFileReader, uri: str, row: int, clip_id: str) -> pa.RecordBatch | None:
+    """Row `row` of a shard as its own record batch (one ranged read), or None when the shard's
+    layout does not hold one clip per batch (written before ROWS_PER_BATCH): read it whole then.
+
+    The batch must hold exactly the clip the index names; anything else is a damaged shard.
+    """
+    if reader.num_record_batches <= row:
+        return None
+    try:
+        batch = reader.get_batch(row)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{uri}: record batch {row} unreadable ({e}); {REDO}") from None
+    return _the_clip(batch, uri, row, clip_id) if batch.num_rows == 1 else None
+
+
+def decode_clip(message: pa.Buffer, schema: pa.Schema, uri: str, row: int, clip_id: str) -> pa.RecordBatch:
+    """A clip's record batch from the bytes of its IPC message (the clip index's batch_offset /
+    batch_bytes range of the shard), decoded with its bucket's schema; it must hold that clip."""
+    try:
+        batch = pa.ipc.read_record_batch(pa.ipc.read_message(message), schema)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{uri}: the bytes of row {row} are not its record batch ({e}); {REDO}") from None
+    if batch.num_rows != 1:
+        raise ShardError(f"{uri}: the record batch of row {row} holds {batch.num_rows} rows, not one clip; {REDO}")
+    return _the_clip(batch, uri, row, clip_id)
+
+
+def _the_clip(batch: pa.RecordBatch, uri: str, row: int, clip_id: str) -> pa.RecordBatch:
+    found = batch.column(batch.schema.get_field_index("clip_id"))[0].as_py()
+    if found != clip_id:
+        raise ShardError(f"{uri}: row {row} holds clip {found!r}, the clip index says {clip_id!r}; {REDO}")
+    return batch
 
 
 def read_columns(uri: str, columns: list[str]) -> pa.Table:
@@ -172,10 +219,7 @@ def read_columns(uri: str, columns: list[str]) -> pa.Table:
     fs, path = storage.resolve(uri)
     src = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
     with src:
-        schema = pa.ipc.open_file(src).schema
-        version = (schema.metadata or {}).get(b"ditharos.schema_version")
-        if version != str(SCHEMA_VERSION).encode():
-            raise ShardError(f"{uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}")
+        schema = open_reader(uri, src).schema
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise ShardError(f"{uri}: no column(s) {missing}; the shard has {schema.names}")

@@ -35,7 +35,7 @@ from pipeline import storage
 from pipeline.faults import fault_point
 from pipeline.logs import get_logger
 from pipeline.records import RECORDS_DIR, of_kind, read_record, write_record
-from pipeline.shards import SCALAR_COLUMNS, SCORE_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
+from pipeline.shards import ROWS_PER_BATCH, SCALAR_COLUMNS, SCORE_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
 
 log = get_logger("writer")
 SHARD_COLUMNS = list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
@@ -137,7 +137,11 @@ class ShardWriter:
             shard = _OpenShard(path, sink, pa.ipc.new_file(sink, table.schema), table.schema)
             self.open[bucket] = shard
         first_row = len(shard.index_rows)
-        shard.writer.write_table(table, max_chunksize=64)
+        ranges = []
+        for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
+            shard.writer.write_batch(batch)
+            size = pa.ipc.get_record_batch_size(batch)  # what the writer just wrote (the schema goes first, lazily)
+            ranges.append((shard.sink.tell() - size, size))
         fault_point("mid_write")
         latents = cols["latents"]
         for j in range(table.num_rows):
@@ -146,7 +150,9 @@ class ShardWriter:
             shard.index_rows.append({
                 "kind": "clip", "clip_id": str(cols["clip_id"][j]), "source_id": str(cols["source_id"][j]),
                 "source_uri": str(cols["source_uri"][j]), "split": str(cols["split"][j]), "bucket": bucket,
-                "row": first_row + j, "num_frames": int(cols["num_frames"][j]),
+                "row": first_row + j, "batch_offset": ranges[j][0] if len(ranges) == table.num_rows else None,
+                "batch_bytes": ranges[j][1] if len(ranges) == table.num_rows else None,
+                "num_frames": int(cols["num_frames"][j]),
                 "height_px": int(cols["height_px"][j]), "width_px": int(cols["width_px"][j]),
                 "fps": float(cols["fps"][j]), "start_s": float(cols["start_s"][j]), "end_s": float(cols["end_s"][j]),
                 "latent_shape": shape, "num_tokens": t * (h // DIT_PATCH_HW) * (w // DIT_PATCH_HW),

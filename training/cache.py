@@ -1,7 +1,8 @@
 """Node-local cache of remote shards: shared by a node's workers, filled ahead of need, bounded in bytes.
 
-Shards on object storage (s3://, gs://) are downloaded whole into `cache_dir` once per node and
-then memory-mapped like local ones. The loader knows which shards the next steps read (the
+Shards on object storage (s3://, gs://) read whole (`data.remote_reads`; clip-by-clip reads are
+training/clipreads.py) are downloaded into `cache_dir` once per node and then memory-mapped like
+local ones. The loader knows which shards the next steps read (the
 step plan is deterministic) and asks for them ahead (`prefetch`), so at steady state a step
 finds its shards on local disk.
 

@@ -268,6 +268,7 @@ class Loader:
             while len(window) <= self.fetch_ahead:
                 plan = next(plans)  # endless: epochs roll on
                 self.index.prefetch(self.files(plan))
+                self.index.prefetch_clips([i for pack in plan.packs[self.slots] for i in pack])
                 window.append(plan)
             yield window.popleft()
 

@@ -29,6 +29,7 @@ from pipeline.manifest import ManifestError, index_dataset, read_index, read_man
 from pipeline.shards import REDO, ShardError, as_float32, read_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
+from training.clipreads import ClipLoc, ClipReads
 from training.packing import Patch, num_patches
 
 class DataError(ValueError):
@@ -50,6 +51,7 @@ class ClipRef:
     file: int  # index into ShardIndex.files
     row: int
     num_tokens: int
+    position: int = -1  # in the index (ClipList order); -1: made elsewhere
 
 
 class ClipList(Sequence):
@@ -69,7 +71,7 @@ class ClipList(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(f"clip {i} of {len(self)}")
         return ClipRef(x.clip_ids[i].as_py(), x.bucket_names[x.bucket_code[i]], int(x.file_of[i]), int(x.row_of[i]),
-                       int(x.num_tokens[i]))
+                       int(x.num_tokens[i]), i if i >= 0 else i + len(self))
 
     def __iter__(self) -> Iterator[ClipRef]:
         return (self[i] for i in range(len(self)))
@@ -92,6 +94,9 @@ class ShardIndex:
         self.row_of = np.zeros(0, np.int64)
         self.num_tokens = np.zeros(0, np.int64)
         self.num_frames = np.zeros(0, np.int64)  # 1 = an image (or a 1-frame clip of a video)
+        # Remote data only: each clip's record batch byte range (-1: not in the index, older data)
+        self.batch_offset = np.zeros(0, np.int64)
+        self.batch_bytes = np.zeros(0, np.int64)
         self.scalars: pa.Table | None = None  # SCALAR_COLUMNS asked for at open, same row order
         self.bucket_names: list[str] = []
         # One entry per shard file, sorted by path (relative to data_uri):
@@ -104,6 +109,7 @@ class ShardIndex:
         self._verified: set[int] = set()  # files whose sha256 matched (a re-open after eviction skips it)
         self.opened = 0  # shard opens so far (re-opens after eviction count again)
         self.cache: ShardCache | None = None  # remote shards through a node-local cache (use_cache)
+        self.clip_reads: ClipReads | None = None  # remote clips one by one, by range (use_clip_reads)
         self._lock = threading.Lock()  # the prefetch thread and the main thread may both open files
 
     @classmethod
@@ -122,8 +128,10 @@ class ShardIndex:
                 tokens[i] = math.prod(num_patches(tuple(manifest["buckets"][bucket]["latent_shape"]), index.patch))
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
+        remote = not storage.is_local(data_uri)
         columns = ["clip_id", "bucket", "shard", "row", "num_frames"] + (
-            [c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else [])
+            [c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
+            ["batch_offset", "batch_bytes"] if remote else [])
         table = read_index(data_uri, manifest, columns, split=split).sort_by([("clip_id", "ascending")])
         ids = table["clip_id"].cast(pa.large_string()).combine_chunks()  # > 2 GiB of ids past ~48M clips
         same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
@@ -139,6 +147,9 @@ class ShardIndex:
         index.num_tokens = tokens[index.bucket_code]
         index.num_frames = table["num_frames"].to_numpy().astype(np.int64)
         index.row_of = table["row"].to_numpy().astype(np.int64)
+        if remote:
+            index.batch_offset = pc.fill_null(table["batch_offset"], -1).to_numpy().astype(np.int64)
+            index.batch_bytes = pc.fill_null(table["batch_bytes"], 0).to_numpy().astype(np.int64)
         index._files_from(table["shard"], split)
         if scalars:
             index.scalars = table.select(list(SCALAR_COLUMNS))
@@ -191,10 +202,34 @@ class ShardIndex:
         """Read remote shards through a node-local cache (local data never goes through one)."""
         self.cache = cache if not storage.is_local(self.data_uri) else None
 
+    def use_clip_reads(self, reads: ClipReads | None) -> None:
+        """Read remote clips one record batch at a time (a shard without that layout: through the cache)."""
+        self.clip_reads = reads if not storage.is_local(self.data_uri) else None
+
+    def prefetch_clips(self, clips: list[int]) -> None:
+        """Start fetching these clips (indices into `clips`) by range; no-op without clip reads."""
+        if self.clip_reads is None:
+            return
+        for i in clips:
+            self.clip_reads.prefetch(self._loc(int(i)))
+
+    def _loc(self, i: int) -> ClipLoc:
+        return self._loc_of(self.clips[i])
+
+    def _loc_of(self, clip: ClipRef) -> ClipLoc:
+        f, i = clip.file, clip.position
+        ranged = i >= 0 and len(self.batch_offset)
+        return ClipLoc(f, storage.join(self.data_uri, self.files[f]), self.file_bytes[f], clip.row, clip.clip_id,
+                       clip.bucket, int(self.batch_offset[i]) if ranged else -1,
+                       int(self.batch_bytes[i]) if ranged else 0)
+
     def prefetch(self, files: list[int]) -> None:
-        """Start fetching these shards into the cache (no-op without one, or when open/cached)."""
+        """Start fetching these shards into the cache (no-op without one, or when open/cached, or
+        when their clips are read one by one)."""
         if self.cache is None:
             return
+        if self.clip_reads is not None:
+            files = [f for f in files if f in self.clip_reads.whole_files]
         for f in files:
             if f not in self._open:
                 self.cache.prefetch(storage.join(self.data_uri, self.files[f]), self.file_bytes[f],
@@ -256,9 +291,17 @@ class ShardIndex:
         c = int(np.searchsorted(starts, row, side="right")) - 1
         return arrays[c][row - starts[c]]
 
+    def _value(self, clip: ClipRef, name: str) -> np.ndarray:
+        """One clip's value of a tensor column: from its own record batch with clip reads, else its open shard."""
+        if self.clip_reads is not None and clip.file not in self.clip_reads.whole_files:
+            batch = self.clip_reads.get(self._loc_of(clip))
+            if batch is not None:
+                return batch.column(batch.schema.get_field_index(name)).to_numpy_ndarray()[0]
+        return self._row(clip.file, name, clip.row)
+
     def latents(self, clip: ClipRef) -> torch.Tensor:
         """A clip's latents (C, T', H', W') float32 (a copy); non-finite values are refused naming file and row."""
-        latents = torch.from_numpy(as_float32(self._row(clip.file, "latents", clip.row)))
+        latents = torch.from_numpy(as_float32(self._value(clip, "latents")))
         if not torch.isfinite(latents).all():
             raise ShardError(f"{storage.join(self.data_uri, self.files[clip.file])} row {clip.row} "
                              f"(clip {clip.clip_id}): latents hold NaN or inf; refusing to use them")
@@ -267,8 +310,8 @@ class ShardIndex:
     def load(self, clip: ClipRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents (C, T', H', W') float32, text (77, D) float32, text_mask (77,) bool) of one clip (copies)."""
         latents = self.latents(clip)
-        text = torch.from_numpy(as_float32(self._row(clip.file, "text_embedding", clip.row)))
-        mask = torch.from_numpy(self._row(clip.file, "text_mask", clip.row).astype(bool))
+        text = torch.from_numpy(as_float32(self._value(clip, "text_embedding")))
+        mask = torch.from_numpy(self._value(clip, "text_mask").astype(bool))
         return latents, text, mask
 
 

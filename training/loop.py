@@ -40,6 +40,7 @@ from pipeline.logs import get_logger
 from pipeline.version import code_version
 from training import checkpoint as ckpt
 from training.cache import ShardCache
+from training.clipreads import ClipReads
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
 from training.ema import EMA, gather
 from training.index import DATA_ERRORS, DataError, ShardIndex
@@ -163,6 +164,8 @@ def _train(config: dict[str, Any]) -> None:
     if not storage.is_local(cfg.data.uri):
         index.use_cache(ShardCache(cfg.data.cache_dir or str(Path(tempfile.gettempdir()) / "ditharos-shard-cache"),
                                    int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
+        if cfg.data.reads_clips():
+            index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     backbone = build(cfg.model, *input_widths(index.manifest))
     model = backbone.module
@@ -345,6 +348,11 @@ def _train(config: dict[str, Any]) -> None:
             index.cache.close()
             log.info("rank %d shard cache: %d download(s), %.1f MB, %d hit(s), %.2f s waited", rank,
                      index.cache.downloads, index.cache.downloaded_bytes / 2**20, index.cache.hits, index.cache.wait_s)
+        if index.clip_reads is not None:
+            index.clip_reads.close()
+            log.info("rank %d clip reads: %d clip(s), %d request(s), %.1f MB, %.2f s waited", rank,
+                     index.clip_reads.fetched, index.clip_reads.requests, index.clip_reads.downloaded_bytes / 2**20,
+                     index.clip_reads.wait_s)
         if runlog is not None:
             runlog.close()
 

@@ -33,16 +33,18 @@ class DataConfig:
     # Also check each shard's committed sha256 when a worker first opens it (reads the shard once
     # more). Sizes, Arrow footers and finite latents are always checked; `--verify` sets this.
     verify: bool = False
-    # Remote shards (s3://, gs://) are downloaded whole into a node-local cache shared by the
-    # node's workers (training/cache.py), `fetch_ahead_steps` steps before a step reads them.
+    # Remote shards (s3://, gs://) read whole (remote_reads below) are downloaded into a node-local
+    # cache shared by the node's workers (training/cache.py), `fetch_ahead_steps` steps before a
+    # step reads them.
     # Size it for (fetch_ahead_steps + 1) steps' shards of the node's workers plus two shuffle
     # windows (smaller: fetched shards are evicted before use and fetched again); disk in use
     # can exceed cache_mb by the evicted shards workers still hold open (≤ max_open_mb each).
     # "" = the system temp folder. Local data is memory-mapped in place and never cached.
-    # 0: each epoch is one uniform permutation of all clips (best for local, memory-mapped data).
+    # 0: each epoch is one uniform permutation of all clips (local data; remote data is then read
+    # clip by clip, one ranged GET each — see remote_reads).
     # W > 0: shard files permuted and cut into windows of W, clips permuted within a window —
-    # for remote data, so that a node cache of ~2 windows downloads each shard once per epoch
-    # (training/data.py epoch_order). Part of the data order: fixed for a run.
+    # for remote data read in whole shards, so that a node cache of ~2 windows downloads each
+    # shard once per epoch (training/data.py epoch_order). Part of the data order: fixed for a run.
     shuffle_window_shards: int = 0
     # Share of each epoch's clips drawn from 1-frame buckets (images and 1-frame clips), e.g. 0.5
     # for Open-Sora-style joint image-video training; images are repeated or left out to meet it.
@@ -50,6 +52,12 @@ class DataConfig:
     image_fraction: float | None = None
     cache_dir: str = ""
     cache_mb: float = 65536.0
+    # How remote clips are read: "shards" — whole shards through the node cache above; "clips" —
+    # each clip's own record batch by one ranged GET into the worker's memory (≤ clip_reads_mb,
+    # training/clipreads.py), what a uniform order over remote data needs; "auto" — "clips" when
+    # shuffle_window_shards is 0 and verify is off (a sha256 needs the whole file), else "shards".
+    remote_reads: str = "auto"
+    clip_reads_mb: float = 4096.0
     fetch_ahead_steps: int = 4
     fetch_threads: int = 8
     # Resuming a checkpoint on shards with another manifest fingerprint changes what the saved
@@ -72,8 +80,19 @@ class DataConfig:
                              f"{self.cache_mb}, {self.fetch_ahead_steps}, {self.fetch_threads}")
         if self.prefetch_depth < 1:
             raise ValueError(f"data.prefetch_depth must be >= 1, got {self.prefetch_depth}")
+        if self.remote_reads not in REMOTE_READS:
+            raise ValueError(f"data.remote_reads must be one of {list(REMOTE_READS)}, got {self.remote_reads!r}")
+        if self.clip_reads_mb <= 0:
+            raise ValueError(f"data.clip_reads_mb must be > 0, got {self.clip_reads_mb}")
+
+    def reads_clips(self) -> bool:
+        """Remote data read clip by clip (else whole shards through the node cache)."""
+        if self.remote_reads == "auto":
+            return self.shuffle_window_shards == 0 and not self.verify
+        return self.remote_reads == "clips"
 
 
+REMOTE_READS = ("auto", "shards", "clips")
 MODEL_KINDS = ("ditharos", "wan")
 
 

@@ -18,7 +18,9 @@
    `remote_data_wait_fraction` (time blocked on data after the first 5 steps ÷ wall; goal ≤ 0.01)
    and `download_amplification` (bytes downloaded ÷ bytes of the shards each epoch's steps
    read, a shard counted once per epoch; goal ≤ 1.05), for the shuffle window given and for a
-   uniform order (window 0) on the same data and cache.
+   uniform order (window 0) on the same data and cache, through the cache and clip by clip
+   (`data.remote_reads: clips`: each clip's record batch by one ranged GET; amplification is
+   then bytes downloaded ÷ bytes of the clips' stored batches, a clip counted once per epoch).
 Not a pass/fail test.
 """
 
@@ -84,7 +86,10 @@ def synthetic_index(out: Path, num_clips: int, num_shards: int, seed: int = 0, b
         "caption": [f"caption {i}" for i in range(n)], "caption_source": np.full(n, "clip", dtype=object),
         "clip_score": rng.uniform(15, 35, n), "clip_bytes": np.full(n, 40000), "source_meta": np.full(n, "", dtype=object),
     }
-    table = pa.table({f.name: pa.array(cols[f.name], f.type) for f in INDEX_SCHEMA}, schema=INDEX_SCHEMA)
+    missing = [f for f in INDEX_SCHEMA if f.name not in cols]  # curation scores: nulls, as on old data
+    table = pa.table({f.name: pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type)
+                      for f in INDEX_SCHEMA}, schema=INDEX_SCHEMA)
+    assert all(f.nullable for f in missing), [f.name for f in missing if not f.nullable]
     digest = hashlib.sha256(f"synthetic {num_clips} {num_shards} {seed}".encode()).hexdigest()
     counts = np.bincount(bucket, minlength=len(names))
     totals = {"sources": n, "sources_with_clips": n, "clips": n,
@@ -173,32 +178,75 @@ def remote_reads(tmp: Path, num_shards: int, clips_per_shard: int, cache_fractio
         fs.create_dir("bench")
         pafs.copy_files(str(local), "bench/data", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         dataset_bytes = sum(p.stat().st_size for p in local.glob("shards/*/*.arrow"))
-        return {f"shuffle_window_shards={w}": consume(tmp / f"cache-{w}", dataset_bytes, cache_fraction, tokens_per_s,
-                                                      steps, max_open, w) for w in windows}
+        out = {f"shuffle_window_shards={w}": consume(tmp / f"cache-{w}", dataset_bytes, cache_fraction, tokens_per_s,
+                                                     steps, max_open, w) for w in windows}
+        out["shuffle_window_shards=0, remote_reads=clips"] = consume(
+            tmp / "cache-clips", dataset_bytes, cache_fraction, tokens_per_s, steps, max_open, 0, batch_bytes(local))
+        return out
     finally:
         server.stop()
 
 
+def batch_bytes(local: Path) -> dict[tuple[str, int], int]:
+    """(shard path relative to the dataset, row) → bytes of that clip's record batch as stored."""
+    class Counted:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            self.n += len(data)
+            return data
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def tell(self):
+            return self.f.tell()
+
+        closed = property(lambda self: self.f.closed)
+
+    out = {}
+    for path in sorted(local.glob("shards/*/*.arrow")):
+        with open(path, "rb") as f:
+            counted = Counted(f)
+            reader = pa.ipc.open_file(counted)
+            for row in range(reader.num_record_batches):
+                counted.n = 0
+                reader.get_batch(row)
+                out[(str(path.relative_to(local)), row)] = counted.n
+    return out
+
+
 def consume(cache_dir: Path, dataset_bytes: int, cache_fraction: float, tokens_per_s: float, steps: int,
-            max_open: int, window: int) -> dict:
-    """One pass of `steps` steps over s3://bench/data with a fresh cache; wait and download figures."""
+            max_open: int, window: int, clip_batch_bytes: dict | None = None) -> dict:
+    """One pass of `steps` steps over s3://bench/data with a fresh cache; wait and download figures.
+
+    With `clip_batch_bytes`, clips are read one by one by range (training/clipreads.py, memory
+    bound = the cache size) and amplification is bytes downloaded ÷ bytes of the clips' batches.
+    """
     from training.cache import ShardCache
+    from training.clipreads import ClipReads
     from training.data import Loader, Prefetcher
     from training.index import ShardIndex
 
     index = ShardIndex.open("s3://bench/data", PATCH, split=None, max_open_shards=max_open)
     cache = ShardCache(str(cache_dir), int(cache_fraction * dataset_bytes))
     index.use_cache(cache)
+    reads = ClipReads(int(cache_fraction * dataset_bytes)) if clip_batch_bytes is not None else None
+    index.use_clip_reads(reads)
     budget, packs = 128 * 8, 4
     loader = Loader(index, seed=0, packs_per_step=packs, token_budget=budget, fetch_ahead=4,
                     window_shards=window)
     needed: dict[int, set[int]] = {}  # epoch → shards its steps read
+    needed_clips: dict[int, set[int]] = {}  # epoch → clips its steps read
     position = {cid: i for i, cid in enumerate(index.clip_ids.to_pylist())}
     stream = Prefetcher(iter(loader), depth=2)
     t0, waits, steps_clips = time.perf_counter(), [], 0
     for k, step in zip(range(steps), stream):
         needed.setdefault(step.epoch, set()).update(
             int(index.file_of[position[c]]) for ids in step.clip_ids for c in ids)
+        needed_clips.setdefault(step.epoch, set()).update(position[c] for ids in step.clip_ids for c in ids)
         steps_clips += sum(map(len, step.clip_ids))
         waits.append(stream.last_wait_s)
         time.sleep(sum(p.num_real_tokens for p in step.packs) / tokens_per_s)  # the consumer's compute
@@ -206,15 +254,26 @@ def consume(cache_dir: Path, dataset_bytes: int, cache_fraction: float, tokens_p
     stream.close()
     cache.close()
     needed_bytes = sum(index.file_bytes[f] for files in needed.values() for f in files)
+    downloaded = cache.downloaded_bytes
+    extra = {}
+    if reads is not None:
+        reads.close()
+        needed_bytes = sum(clip_batch_bytes[(index.files[int(index.file_of[i])], int(index.row_of[i]))]
+                           for clips in needed_clips.values() for i in clips)
+        downloaded += reads.downloaded_bytes
+        extra = {"clip_reads": {"clips_fetched": reads.fetched, "requests": reads.requests,
+                                "requests_per_clip": round(reads.requests / max(1, reads.fetched), 2),
+                                "shards_read_whole": len(reads.whole_files),
+                                "memory_bound_mb": round(reads.max_bytes / 2**20, 1)}}
     steady = waits[5:]  # after the first fetch_ahead + 1 steps
     return {"shards": len(index.files), "dataset_mb": round(dataset_bytes / 2**20, 1),
             "cache_mb": round(cache.max_bytes / 2**20, 1), "steps": len(waits),
             "consumer_tokens_per_s": tokens_per_s,
             "remote_data_wait_fraction": round(sum(steady) / max(1e-9, wall), 4),
             "first_steps_wait_s": round(sum(waits[:5]), 3),
-            "download_amplification": round(cache.downloaded_bytes / max(1, needed_bytes), 3),
+            "download_amplification": round(downloaded / max(1, needed_bytes), 3),
             "shards_needed_per_epoch": [len(f) for _, f in sorted(needed.items())], "downloads": cache.downloads, "max_open_shards": max_open,
-            "epochs": round(steps_clips / len(index.clips), 2)}
+            "epochs": round(steps_clips / len(index.clips), 2), **extra}
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.records import (
     RECORDS_DIR, duplicate_clip_ids, of_kind, read_record, record_table, shards_named, source_status,
 )
-from pipeline.shards import ShardError, read_shard, tensor
+from pipeline.shards import ShardError, clips_table, decode_clip, read_shard, tensor
 from pipeline.writer import ShardWriter
 
 from tests.datasets import stream_batch
@@ -67,6 +67,13 @@ def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path) -> N
         assert table["clip_id"][r["row"]].as_py() == r["clip_id"]
         np.testing.assert_array_equal(tensor(table, "latents")[r["row"]], latents[r["clip_id"]])
         assert r["latent_shape"] == [4, 5, 8, 14] and r["num_tokens"] == 5 * 4 * 7
+        # one clip per record batch, and the record's byte range is exactly that batch's message
+        data = (tmp_path / r["shard"]).read_bytes()
+        assert pa.ipc.open_file(pa.py_buffer(data)).num_record_batches == table.num_rows
+        one = decode_clip(pa.py_buffer(data[r["batch_offset"]:r["batch_offset"] + r["batch_bytes"]]), table.schema,
+                          r["shard"], r["row"], r["clip_id"])
+        np.testing.assert_array_equal(one.column(one.schema.get_field_index("latents")).to_numpy_ndarray()[0],
+                                      latents[r["clip_id"]])
     status = source_status(records).to_pylist()
     assert len(status) == len(sources) and all(s["complete"] for s in status)
     assert not list(tmp_path.rglob("*.tmp-*"))  # no half-written files
@@ -108,7 +115,7 @@ def test_restarted_writer_skips_what_it_committed_and_numbers_on(tmp_path: Path)
 
 def test_open_bytes_bound_commits_the_largest_shard_early(tmp_path: Path) -> None:
     a, b = columns(8, seed=1), columns(2, bucket="96p_1x1_9f", seed=2)
-    per_clip = sum(np.asarray(a[c][0]).nbytes for c in ("latents", "text_embedding", "image_embedding"))
+    per_clip = max(pa.ipc.get_record_batch_size(r) for r in clips_table(BUCKET, a).to_batches(max_chunksize=1))
     w = ShardWriter(str(tmp_path), "r-w002", target_bytes=9 * per_clip, max_open_bytes=9 * per_clip)
     w.append(stream_batch(b))
     w.append(stream_batch({k: v[:6] for k, v in a.items()}))

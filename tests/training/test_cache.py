@@ -14,6 +14,7 @@ import torch
 from pipeline.shards import ShardError
 from tests import datasets
 from training.cache import ShardCache
+from training.clipreads import ClipReads
 from training.data import Loader
 from training.index import ShardIndex
 
@@ -182,3 +183,128 @@ def test_half_downloads_of_dead_processes_are_removed_and_live_ones_counted(tmp_
     cache._make_room(300)  # 300 in flight + 500 cached + 300 new > 1000: the cached shard goes
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [f"b.arrow.part-{os.getpid()}-1"]
     cache.close()
+
+
+# -- clip by clip: one ranged read per clip (training/clipreads.py) ---------------------------
+
+
+def test_a_uniform_order_reads_each_clip_by_range_never_a_whole_shard(remote: tuple) -> None:
+    uri, want, local = remote
+    index = ShardIndex.open(uri, PATCH, split=None)
+    reads = ClipReads(1 << 30, threads=4)
+    index.use_clip_reads(reads)
+    loader = Loader(index, seed=3, packs_per_step=2, token_budget=24, fetch_ahead=2, window_shards=0)
+    seen: dict[str, int] = {}
+    for step in loader:
+        for ids in step.clip_ids:
+            for cid in ids:
+                seen[cid] = seen.get(cid, 0) + 1
+        if step.state.epoch > 0:
+            break
+    assert sorted(seen) == sorted(want) and set(seen.values()) == {1}
+    for clip in index.clips:
+        latents, _, _ = index.load(clip)
+        assert torch.equal(latents, torch.from_numpy(want[clip.clip_id].astype(np.float32)))
+    assert index.opened == 0 and not reads.whole_files  # no shard was read whole
+    assert reads.fetched == len(want) == 36  # each clip fetched once (the second pass hit memory)
+    # one GET per clip (its byte range) + one HEAD per shard + the bucket's schema (HEAD, two footer reads)
+    assert reads.requests == 36 + 12 + 3
+    batches = sum(int(n) for n in index.batch_bytes)
+    assert 0 < reads.downloaded_bytes - batches < 8192  # the clips' bytes + one footer; less than the shards
+    assert reads.downloaded_bytes < sum(shard_bytes(local))
+    reads.close()
+
+    index.batch_offset = index.batch_bytes = np.zeros(0, np.int64)  # as an index without byte ranges (older data)
+    few = ClipReads(1 << 30, threads=4, max_open=2)  # per shard footer; readers come and go: footers read again
+    index.use_clip_reads(few)
+    for i in np.random.default_rng(0).permutation(36):
+        latents, _, _ = index.load(index.clips[int(i)])
+        assert torch.equal(latents, torch.from_numpy(want[index.clips[int(i)].clip_id].astype(np.float32)))
+    assert few.fetched == 36 and 36 + 3 * 12 < few.requests <= 36 + 3 * 36
+    few.close()
+
+
+def test_clip_reads_stay_within_their_bytes_and_are_fetched_ahead(remote: tuple) -> None:
+    uri, want, _ = remote
+    index = ShardIndex.open(uri, PATCH, split=None)
+    one = index.clips[0]
+    reads = ClipReads(1, threads=2)  # holds a single clip at a time
+    index.use_clip_reads(reads)
+    index.prefetch_clips([0])
+    pending = reads._pending.get((one.file, one.row))
+    if pending is not None:
+        pending.result()
+    before = reads.requests
+    latents, _, _ = index.load(one)  # fetched ahead: no read now
+    assert reads.requests == before and reads.fetched == 1
+    assert torch.equal(latents, torch.from_numpy(want[one.clip_id].astype(np.float32)))
+    for clip in index.clips[1:4]:
+        index.load(clip)
+    assert len(reads._batches) == 1  # the byte bound evicts all but the newest
+    index.load(one)
+    assert reads.fetched == 5  # evicted, so fetched again
+    reads.close()
+
+
+def test_shards_of_the_old_layout_are_read_whole_through_the_cache(s3_env: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.writer
+
+    monkeypatch.setattr(pipeline.writer, "ROWS_PER_BATCH", 64)  # as shards were written before one clip per batch
+    parts = datasets.one_bucket_parts(3, 3, SHAPE)
+    datasets.write_dataset(tmp_path / "old", parts, FINGERPRINT)
+    uri = upload(tmp_path / "old", "clipreads-old")
+    index = ShardIndex.open(uri, PATCH, split=None)
+    cache, reads = ShardCache(str(tmp_path / "cache"), 1 << 30), ClipReads(1 << 30)
+    index.use_cache(cache)
+    index.use_clip_reads(reads)
+    want = datasets.latents_by_clip(parts)
+    for clip in index.clips:
+        latents, _, _ = index.load(clip)
+        assert torch.equal(latents, torch.from_numpy(want[clip.clip_id].astype(np.float32)))
+    assert reads.whole_files == {0, 1, 2} and reads.fetched == 0 and cache.downloads == 3
+    cache.close()
+    reads.close()
+
+
+def test_clip_reads_name_a_missing_resized_or_swapped_shard(remote: tuple, tmp_path: Path) -> None:
+    from tests.conftest import s3fs
+
+    uri, _, local = remote
+    copy = upload(local, "clipreads-damaged")
+    fs = s3fs()
+    index = ShardIndex.open(copy, PATCH, split=None)
+    index.use_clip_reads(ClipReads(1 << 30))
+    gone, short, a = index.files[:3]
+    fs.delete_file(f"clipreads-damaged/data/{gone}")
+    with fs.open_output_stream(f"clipreads-damaged/data/{short}") as f:
+        f.write(b"x" * 100)
+    by_file = {c.file: c for c in index.clips}
+    wrong = by_file[2].clip_id[:-1] + ("0" if by_file[2].clip_id[-1] != "0" else "1")
+    data = (local / a).read_bytes().replace(by_file[2].clip_id.encode(), wrong.encode())  # same size, other clip
+    with fs.open_output_stream(f"clipreads-damaged/data/{a}") as f:
+        f.write(data)
+    with pytest.raises(ShardError, match=rf"{gone}: shard missing"):
+        index.load(by_file[0])
+    with pytest.raises(ShardError, match=rf"{short}: 100 bytes, committed with \d+"):
+        index.load(by_file[1])
+    with pytest.raises(ShardError, match=rf"{a}: row \d+ holds clip '{wrong}', the clip index says"):
+        index.load(by_file[2])
+    index.load(by_file[4])  # the others still load
+    index.clip_reads.close()
+
+
+def test_remote_reads_setting_picks_clips_for_a_uniform_order_and_names_its_values() -> None:
+    from pipeline.config import from_dict
+    from training.settings import TrainConfig
+
+    def data(**kw):
+        return from_dict(TrainConfig, {"data": kw}).data
+
+    assert data().reads_clips()  # uniform order (window 0)
+    assert not data(shuffle_window_shards=16).reads_clips()
+    assert not data(verify=True).reads_clips()  # a sha256 needs the whole file
+    assert data(remote_reads="clips", shuffle_window_shards=16).reads_clips()
+    assert not data(remote_reads="shards").reads_clips()
+    with pytest.raises(ValueError, match=r"data.remote_reads must be one of \['auto', 'shards', 'clips'\], got 'fast'"):
+        data(remote_reads="fast")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.data import LoaderState, plan_step
-from training.ffd import GrowingFFD
+from training.ffd import _NO_RUNS, GrowingFFD, _new_packs_bound, _place, _place_runs
 from training.packing import plan_packs
 
 
@@ -97,3 +97,36 @@ def test_the_half_budget_shortcut_never_disagrees_with_ffd() -> None:
                 break
             sizes.append(s)
         assert len(plan_packs(sizes, budget)) <= packs if sizes else True
+
+
+def test_run_length_placement_equals_the_per_pack_placement() -> None:
+    """`_place_runs` is `_place` on run-length coded rooms: the same rooms, pack by pack."""
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        budget = int(rng.integers(2, 80))
+        rooms, runs = np.zeros(0, np.int64), _NO_RUNS
+        for size in sorted(rng.integers(1, budget + 1, size=int(rng.integers(1, 9))).tolist(), reverse=True):
+            count = int(rng.integers(1, 30))
+            rooms, _ = _place(rooms, size, count, budget)
+            runs = _place_runs(runs, size, count, budget)
+            assert np.repeat(runs[0], runs[1]).tolist() == rooms.tolist()
+            assert (runs[1] > 0).all()
+
+
+def test_the_new_packs_bound_holds_for_first_fit() -> None:
+    """However items at most `largest` arrive, first fit opens no more packs than the bound."""
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        budget = int(rng.integers(2, 60))
+        largest = int(rng.integers(1, budget + 1))
+        sizes = rng.integers(1, largest + 1, size=int(rng.integers(1, 40))).tolist()
+        if rng.random() < 0.5:
+            sizes.sort(reverse=True)
+        packs: list[int] = []  # free room of each opened pack
+        for s in sizes:
+            at = next((i for i, r in enumerate(packs) if r >= s), None)
+            if at is None:
+                packs.append(budget - s)
+            else:
+                packs[at] -= s
+        assert len(packs) <= _new_packs_bound(sum(sizes), largest, budget), (budget, largest, sizes)
