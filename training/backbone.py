@@ -4,7 +4,8 @@
 * `wan` — diffusers' `WanTransformer3DModel` run on packed sequences (`training.wan.PackedWan`):
   pretrained weights from a local diffusers folder (`model.path`, the `transformer/` folder of a
   Wan 2.1 / 2.2 T2V checkpoint or the folder itself), or a random-init preset (`model.preset`,
-  for tests and the demo: labelled `random-init` in checkpoints).
+  for tests and the demo: labelled `random-init` in checkpoints); fully, or as LoRA
+  (`model.lora_rank` > 0: only the adapter trains and is checkpointed, `load_trained`).
 
 Both take `model(x, t, batch, text_drop)` on a `PackedBatch`, so the loop, DeepSpeed, the EMA and
 the checkpoints treat them alike. Input widths come from the shards' manifest: a DiT is built to
@@ -18,12 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
+from training.ema import param_items
 from training.flops import forward_flops
 from training.model import DiTConfig, VideoDiT, dit_config
 from training.settings import MODEL_KINDS, ModelConfig
-from training.wan import WAN_PRESETS, PackedWan
+from training.wan import LORA_BASE_SEED, WAN_PRESETS, PackedWan, add_lora
 
 
 class BackboneError(ValueError):
@@ -97,17 +100,29 @@ def _dit(model_cfg: DiTConfig) -> Backbone:
 
 
 def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
+    lora = ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or float(cfg.lora_rank), "targets": list(cfg.lora_targets)}
+            if cfg.lora_rank else None)
+    source = f"random-init:{cfg.preset}" if cfg.preset else str(wan_config_path(cfg.path).parent)
+    model = _wan_base(source, in_channels, text_dim, seeded=lora is not None)
+    return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim, lora)
+
+
+def _wan_base(source: str, in_channels: int, text_dim: int, seeded: bool) -> nn.Module:
+    """diffusers' Wan from a local folder, or a preset's random init (from LORA_BASE_SEED when
+    `seeded`: a LoRA run saves no base weights, so its base must be rebuilt the same)."""
     from diffusers import WanTransformer3DModel
 
-    if cfg.preset:
-        model = WanTransformer3DModel(**WAN_PRESETS[cfg.preset], in_channels=in_channels, out_channels=in_channels,
-                                      text_dim=text_dim)
-        source = f"random-init:{cfg.preset}"
-    else:
-        folder = wan_config_path(cfg.path).parent
-        model = WanTransformer3DModel.from_pretrained(str(folder))
-        source = str(folder)
-    return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim)
+    if not source.startswith("random-init:"):
+        if not (Path(source) / "config.json").is_file():
+            raise BackboneError(f"the Wan base {source} is not a diffusers folder here (a LoRA checkpoint holds "
+                                "only its adapter: the base folder must be where the run found it)")
+        return WanTransformer3DModel.from_pretrained(source)
+    preset = source.removeprefix("random-init:")
+    with torch.random.fork_rng(devices=[]):
+        if seeded:
+            torch.manual_seed(LORA_BASE_SEED)
+        return WanTransformer3DModel(**WAN_PRESETS[preset], in_channels=in_channels, out_channels=in_channels,
+                                     text_dim=text_dim)
 
 
 def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Backbone:
@@ -123,24 +138,53 @@ def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Back
     if kind == "wan":
         from diffusers import WanTransformer3DModel
 
+        if record.get("lora"):  # the checkpoint holds the adapter only: the base comes from where it came from
+            return _wan(_wan_base(record["source"], in_channels, text_dim, seeded=True), record["source"], "auto",
+                        in_channels, text_dim, record["lora"])
         # from_config, not **config: keys of another diffusers version are ignored with a warning
         return _wan(WanTransformer3DModel.from_config(record["config"]), record["source"], "auto", in_channels,
                     text_dim)
     raise BackboneError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
 
 
-def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim: int) -> Backbone:
+def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim: int,
+         lora: dict[str, Any] | None = None) -> Backbone:
     c = model.config
     _check_wan_widths(c.in_channels, c.out_channels, c.text_dim, source, in_channels, text_dim)
-    module = PackedWan(model.float(), backend=backend)
+    model = model.float()
+    if lora:
+        add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
+    module = PackedWan(model, backend=backend)
     record = {"kind": "wan", "source": source, "config": {k: v for k, v in dict(c).items() if not k.startswith("_")}}
+    if lora:
+        record["lora"] = dict(lora)
     d, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
 
     def flops(lengths: list[int], text_lengths: list[int]) -> float:
         return wan_forward_flops(d, c.ffn_dim, c.num_layers, lengths, text_lengths)
 
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return Backbone(module, tuple(c.patch_size), record, flops,
-                    f"Wan ({source}): {c.num_layers} blocks, width {d}, {heads} heads, ffn {c.ffn_dim}")
+                    f"Wan ({source}): {c.num_layers} blocks, width {d}, {heads} heads, ffn {c.ffn_dim}"
+                    + (f"; LoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {lora['targets']}: "
+                       f"{trained / 1e6:.2f}M trained parameters" if lora else ""))
+
+
+def trained_names(module: nn.Module) -> list[str]:
+    """State-dict names of the parameters a run trains (all of them, or LoRA's factors only)."""
+    return [n for n, _ in param_items(module)]
+
+
+def load_trained(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A checkpoint's weights into the module its model record rebuilt: exactly its trained parameters
+    (under LoRA, the frozen base is the module's own and the checkpoint holds the adapter only)."""
+    want = set(trained_names(module))
+    missing, unexpected = sorted(want - tensors.keys()), sorted(tensors.keys() - want)
+    if missing or unexpected:
+        raise BackboneError(f"{where}: its weights do not fit the model its record describes: missing "
+                            f"{missing[:4]}{'…' if len(missing) > 4 else ''}, unexpected "
+                            f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
+    module.load_state_dict(tensors, strict=False)
 
 
 def wan_forward_flops(d: int, ffn: int, layers: int, lengths: list[int], text_lengths: list[int]) -> float:

@@ -43,9 +43,11 @@ class Fragment:
 
 
 def param_items(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """named_parameters under state-dict names (activation-checkpoint wrappers add a prefix)."""
+    """The trained parameters (requires_grad: all, or a LoRA adapter's only) under state-dict names
+    (activation-checkpoint wrappers add a prefix). Frozen ones have no master weights and no EMA."""
     for n, p in model.named_parameters():
-        yield n.replace("._checkpoint_wrapped_module", ""), p
+        if p.requires_grad:
+            yield n.replace("._checkpoint_wrapped_module", ""), p
 
 
 def whole_fragments(model: nn.Module) -> tuple[list[Fragment], list[torch.Tensor]]:

@@ -165,7 +165,8 @@ def _train(config: dict[str, Any]) -> None:
         index.use_cache(ShardCache(cfg.data.cache_dir or str(Path(tempfile.gettempdir()) / "ditharos-shard-cache"),
                                    int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
         if cfg.data.reads_clips():
-            index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads))
+            index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads,
+                                           max_open=cfg.data.max_open_shards))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     backbone = build(cfg.model, *input_widths(index.manifest))
     model = backbone.module
@@ -205,7 +206,9 @@ def _train(config: dict[str, Any]) -> None:
             raise RuntimeError(f"{d} was saved without an EMA (optim.ema_decay was 0); keep it 0 to resume")
         ema_file = str(Path(d) / ckpt.EMA_FILE)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, cfg.optim), betas=tuple(cfg.optim.betas),
+    lora = bool(backbone.record.get("lora"))  # only the adapter trains, is optimised and is checkpointed
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_at(0, cfg.optim),
+                                  betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     ds_config = deepspeed_config(cfg.optim, world, cfg.micro_batches, on_gpu)
     if universal:
@@ -216,7 +219,7 @@ def _train(config: dict[str, Any]) -> None:
     state, steps_done = LoaderState(), 0
     if saved is not None:
         path, _ = engine.load_checkpoint(ds_dir, tag=ds_tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+                                         load_lr_scheduler_states=False, load_module_strict=not lora)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {ds_tag} in {ds_dir}")
         state, steps_done = saved.loader, saved.steps_done
@@ -252,7 +255,8 @@ def _train(config: dict[str, Any]) -> None:
     def save_checkpoint(step: Step, metrics: dict[str, Any]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="ditharos-ckpt-", dir=os.environ.get("DITHAROS_TMP")))
         try:
-            engine.save_checkpoint(str(tmp / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG)
+            engine.save_checkpoint(str(tmp / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG,
+                                   exclude_frozen_parameters=lora)
             # Whole fp32 weights on rank 0: the EMA, or without one the master weights (a collective).
             weights = gather(fragments, ema.shadow if ema is not None else masters, device, dist)
             if rank == 0:

@@ -47,7 +47,7 @@ from pipeline.manifest import read_manifest
 from pipeline.vae import VAEConfig, VideoVAE, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.backbone import BackboneError, from_record
+from training.backbone import BackboneError, from_record, load_trained
 from training.flow import FlowConfig, sample
 from training.packing import num_patches
 
@@ -319,9 +319,9 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
     clip, vae = load_data_models(data_uri, manifest, dev)
     try:
         model = from_record(state.model, in_channels=vae.latent_channels, text_dim=clip.text_width).module
+        load_trained(model, tensors, checkpoint)
     except BackboneError as e:
         raise SamplerError(f"{checkpoint}: {e}") from None
-    model.load_state_dict(tensors, strict=True)
     model = model.to(dev).eval().requires_grad_(False)
     saved = storage.join(checkpoint, "config.yaml")
     if storage.exists(saved):  # only the flow section: the sampler needs its shift settings and defaults

@@ -13,7 +13,7 @@ from typing import Any
 from training.attention import BACKENDS
 from training.flow import FlowConfig
 from training.optim import OptimConfig
-from training.wan import WAN_PRESETS
+from training.wan import WAN_LORA_TARGETS, WAN_PRESETS
 
 
 @dataclass
@@ -108,10 +108,24 @@ class ModelConfig:
     # random-init preset for tests and the demo (then `path` stays empty).
     path: str = ""
     preset: str = ""
+    # kind wan: LoRA (peft, diffusers' adapter format) of this rank on the `lora_targets`
+    # projections of every block; 0 = full fine-tuning. Only the LoRA factors train, sit in the
+    # optimizer and in checkpoints; the frozen base is rebuilt from model.path (or, for a preset,
+    # from a fixed seed). lora_alpha 0 = the rank (scale 1).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(WAN_LORA_TARGETS))
 
     def validate(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"model.kind={self.kind!r} is not one of {list(MODEL_KINDS)}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"model.lora_rank and model.lora_alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_rank and self.kind != "wan":
+            raise ValueError("model.lora_rank is for model.kind: wan (fine-tuning a pretrained model); "
+                             "a DiTharos DiT trains in full")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError(f"model.lora_targets is empty; e.g. {list(WAN_LORA_TARGETS)}")
         fixed = {"in_channels", "text_dim"} & set(self.overrides)
         if fixed:
             raise ValueError(f"model.overrides: {sorted(fixed)} come from the shards' manifest, not config")

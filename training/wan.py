@@ -20,10 +20,12 @@ equals diffusers' forward of each clip alone (tests/training/test_wan.py, fp32, 
 Time: DiTharos's rectified flow (x_t = (1 − t)·x0 + t·noise, target noise − x0) is Wan's flow
 matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
 
-Not covered yet (issue 15): image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's
-per-token timesteps, the null text of the real text encoder (a dropped caption sees one zero
-row here; WanPipeline's negative prompt is umT5's encoding of "" zero-padded), LoRA. Training,
-sampling and eval: `model.kind: wan` (training/backbone.py); export: training/export.py.
+LoRA (`add_lora`): peft adapters through diffusers' own `add_adapter`, so the factors are
+diffusers' LoRA layers and export as a WanPipeline LoRA file. Not covered yet (issue 15):
+image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's per-token timesteps, the null
+text of the real text encoder (a dropped caption sees one zero row here; WanPipeline's negative
+prompt is umT5's encoding of "" zero-padded). Training, sampling and eval: `model.kind: wan`
+(training/backbone.py); export: training/export.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, freq_dim=256, ffn_dim=32,
                      num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
 }
+
+
+# LoRA targets (peft module-name suffixes): q, k, v, out of self- and cross-attention and both
+# FFN matrices of every block — what Wan LoRA trainers (musubi-tuner, diffusers' scripts) adapt.
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+LORA_BASE_SEED = 0  # a random-init preset's frozen base under LoRA is rebuilt from this seed (not saved)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Freeze diffusers' Wan and add a trainable LoRA adapter (diffusers' `add_adapter`, i.e. peft)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -560,7 +560,6 @@ WAN_SIZES: dict[str, dict[str, Any]] = {
     "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
 }
-WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")  # both attentions + FFN
 WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
@@ -576,7 +575,7 @@ def check_wan(z: Sizes) -> dict[str, Any]:
 
     from training.backbone import wan_forward_flops
     from training.flow import FlowConfig, flow_loss
-    from training.wan import WAN_PRESETS, PackedWan
+    from training.wan import WAN_LORA_TARGETS, WAN_PRESETS, PackedWan
 
     out: dict[str, Any] = {"status": "ok", "weights": "random-init", "tokens_per_pack": z.tokens}
     peak = peak_bf16_tflops(torch.cuda.get_device_name()) if z.cuda else None

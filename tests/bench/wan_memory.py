@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.gpu_check import WAN_COMMON, WAN_LORA_TARGETS, WAN_SIZES  # noqa: E402
+from tests.bench.gpu_check import WAN_COMMON, WAN_SIZES  # noqa: E402
+from training.wan import WAN_LORA_TARGETS  # noqa: E402
 from training.packing import pack  # noqa: E402
 from training.attention import attention as _REAL_ATTENTION  # noqa: E402
 from training.wan import PackedWan  # noqa: E402

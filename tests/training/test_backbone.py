@@ -27,6 +27,9 @@ def model_cfg(**kw) -> ModelConfig:
     (dict(kind="wan", preset="tiny-wan", overrides={"hidden": 64}), r"\['hidden'\] do not apply .*valid: \['attn_backend'\]"),
     (dict(preset="tiny-wan"), "are for model.kind: wan"),
     (dict(kind="wan", preset="tiny-wan", overrides={"attn_backend": "fast"}), r"attn_backend='fast' is not one of \["),
+    (dict(lora_rank=8), "model.lora_rank is for model.kind: wan"),
+    (dict(kind="wan", preset="tiny-wan", lora_rank=-1), "must be >= 0"),
+    (dict(kind="wan", preset="tiny-wan", lora_rank=4, lora_targets=[]), r"model.lora_targets is empty; e.g. \['to_q'"),
 ])
 def test_model_settings_that_cannot_work_are_refused_naming_the_valid_ones(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -129,3 +132,50 @@ def test_the_driver_check_names_a_wan_folder_that_does_not_fit_the_shards(tmp_pa
     mixed = {"buckets": {**manifest["buckets"], "c": {"latent_shape": [4, 1, 8, 8], "text_shape": [77, 4096]}}}
     with pytest.raises(BackboneError, match=r"shards mix latent channels \[4, 16\]"):
         check(model_cfg(), mixed)
+
+
+def test_wan_lora_trains_only_its_adapter_and_a_record_rebuilds_the_same_base() -> None:
+    from training.backbone import from_record, load_trained, trained_names
+
+    cfg = model_cfg(kind="wan", preset="tiny-wan", lora_rank=4)
+    torch.manual_seed(123)  # the run seed: it must not change a LoRA run's base (rebuilt from LORA_BASE_SEED)
+    b = build(cfg, in_channels=4, text_dim=16)
+    names = trained_names(b.module)
+    assert names and all(".lora_A.default." in n or ".lora_B.default." in n for n in names)
+    # q, k, v, out of both attentions and both FFN matrices, in each of 2 blocks, A and B each
+    assert len(names) == 2 * (2 * 4 + 2) * 2
+    assert b.record["lora"] == {"rank": 4, "alpha": 4.0, "targets": list(cfg.lora_targets)}
+    assert "LoRA rank 4" in b.description
+    g = torch.Generator().manual_seed(0)
+    batch = pack([torch.randn(4, 2, 4, 6, generator=g)], [torch.randn(3, 16, generator=g)], b.patch, budget=16)
+    t = torch.tensor([0.3])
+    plain = build(model_cfg(kind="wan", preset="tiny-wan"), in_channels=4, text_dim=16)  # run seed 123's init
+    with torch.no_grad():
+        out = b.module(batch.tokens, t, batch)
+        b.module.model.disable_adapters()
+        assert torch.equal(out, b.module(batch.tokens, t, batch))  # LoRA B starts at 0: the base's output
+        b.module.model.enable_adapters()
+        assert not torch.equal(out, plain.module(batch.tokens, t, batch))  # the base is not the run seed's init
+        for n, p in b.module.named_parameters():
+            if ".lora_B." in n:
+                p.add_(0.1)
+        trained = {n: p.detach().clone() for n, p in b.module.named_parameters() if n in names}
+        moved = b.module(batch.tokens, t, batch)
+    torch.manual_seed(7)
+    again = from_record(b.record, in_channels=4, text_dim=16).module
+    load_trained(again, trained, "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch.tokens, t, batch), moved, rtol=0, atol=0)
+    with pytest.raises(BackboneError, match=r"ckpt: its weights do not fit .*missing \['model.blocks.0"):
+        load_trained(again, {k: v for k, v in trained.items() if "blocks.0." not in k}, "ckpt")
+    with pytest.raises(BackboneError, match=r"unexpected \['model.proj_out.weight'\]"):
+        load_trained(again, dict(trained, **{"model.proj_out.weight": torch.zeros(1)}), "ckpt")
+
+
+def test_a_lora_record_whose_base_folder_is_gone_is_named(tmp_path: Path) -> None:
+    from training.backbone import from_record
+
+    record = {"kind": "wan", "source": str(tmp_path / "gone"), "config": {}, "lora": {"rank": 4, "alpha": 4.0,
+                                                                                      "targets": ["to_q"]}}
+    with pytest.raises(BackboneError, match=r"gone is not a diffusers folder here \(a LoRA checkpoint holds only"):
+        from_record(record, in_channels=4, text_dim=16)
