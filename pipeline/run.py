@@ -91,11 +91,13 @@ def model_fingerprints(cfg: PipelineConfig) -> dict:
     from pipeline.clip_model import load_clip
     from pipeline.vae import load_vae
 
+    from pipeline.text_encoder import describe
     from pipeline.text_overlay import load_text_detector
 
     clip = load_clip(cfg.caption.clip)
     out = {"clip": clip.fingerprint(), "vae": load_vae(cfg.vae).fingerprint(),
            "text": load_text_detector(cfg.filter.text.detector, cfg.filter.text.model).fingerprint()}
+    out["text_encoder"] = describe(cfg.text_encoder, out["clip"])
     if cfg.caption.aesthetic.enabled:
         from pipeline.aesthetic import Aesthetic
 
@@ -306,7 +308,8 @@ def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dic
                                                  "expected_sha256": fingerprints["clip"]["weights_sha256"],
                                                  "aesthetic_sha256": fingerprints.get("aesthetic", {}).get(
                                                      "weights_sha256", ""),
-                                                 "text_sha256": fingerprints["text"]["weights_sha256"]},
+                                                 "text_sha256": fingerprints["text"]["weights_sha256"],
+                                                 "encoder_sha256": fingerprints["text_encoder"]["weights_sha256"]},
             batch_size=cfg.compute.caption_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.caption_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",

@@ -18,6 +18,7 @@ from pipeline.filters import FilterConfig
 from pipeline.neardup import DedupConfig
 from pipeline.probe import ProbeConfig
 from pipeline.scenes import SceneConfig
+from pipeline.text_encoder import TextEncoderConfig
 from pipeline.vae import VAEConfig
 
 
@@ -114,6 +115,8 @@ class PipelineConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    # the per-token text states the DiT is conditioned on: clip (the captioner's) | umt5 (Wan's)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)  # when the index is built; shards stay as they are
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -130,7 +133,7 @@ class PipelineConfig:
 
 
 # Sections that change what the shards contain; compute/placement settings do not.
-DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "filter", "caption", "vae")
+DATA_SECTIONS = ("probe", "decode", "scenes", "buckets", "filter", "caption", "text_encoder", "vae")
 
 
 def data_config(cfg: PipelineConfig) -> dict:

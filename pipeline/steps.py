@@ -30,6 +30,7 @@ from pipeline.aesthetic import Aesthetic
 from pipeline.buckets import SourceBucketing, choose_source_bucket
 from pipeline.captions import keyframe_indices, make_captioner
 from pipeline.clip_model import load_clip
+from pipeline.text_encoder import load_umt5
 from pipeline.config import to_dict
 from pipeline.cutting import Clip, cut_image, cut_source
 from pipeline.discover import content_id, is_image, sniff_other
@@ -290,10 +291,14 @@ class CaptionStage:
     """
 
     def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "",
-                 aesthetic_sha256: str = "", text_sha256: str = "") -> None:
+                 aesthetic_sha256: str = "", text_sha256: str = "", encoder_sha256: str = "") -> None:
         self.cfg = cfg
         self.clip = load_clip(cfg.caption.clip, _device(num_gpus))
         _check_fingerprint(self.clip.fingerprint(), expected_sha256, "CLIP")
+        self.encoder = self.clip  # text_encoder.kind clip: the captioner's CLIP encodes the captions too
+        if cfg.text_encoder.kind == "umt5":
+            self.encoder = load_umt5(cfg.text_encoder, _device(num_gpus))
+            _check_fingerprint(self.encoder.fingerprint(), encoder_sha256, "umT5 text encoder")
         self.captioner = make_captioner(cfg.caption, self.clip)
         self.aesthetic = None
         if cfg.caption.aesthetic.enabled:
@@ -310,7 +315,7 @@ class CaptionStage:
         sidecars = [json.loads(batch["sidecars"][i]) if self.cfg.caption.use_sidecar else [] for i in idx]
         results = self.captioner.caption(keyframes, sidecars) if idx else []
         if idx:
-            tokens, mask = self.clip.text_tokens([r.caption for r in results])  # (N, L, D), (N, L)
+            tokens, mask = self.encoder.text_tokens([r.caption for r in results])  # (N, L, D), (N, L)
             tokens, mask = tokens.cpu().numpy().astype(np.float16), mask.cpu().numpy().astype(np.uint8)
         jpegs = [keyframe_jpeg(c, self.cfg.output.keyframe_jpeg_quality) for c in clips]
         aesthetic = [0.0] * len(idx)

@@ -160,8 +160,8 @@ def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim
         record["lora"] = dict(lora)
     d, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
 
-    def flops(lengths: list[int], text_lengths: list[int]) -> float:
-        return wan_forward_flops(d, c.ffn_dim, c.num_layers, lengths, text_lengths)
+    def flops(lengths: list[int], text_lengths: list[int]) -> float:  # the text is padded to WAN_TEXT_LEN rows
+        return wan_forward_flops(d, c.ffn_dim, c.num_layers, lengths, [max(m, module.text_len) for m in text_lengths])
 
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return Backbone(module, tuple(c.patch_size), record, flops,

@@ -256,12 +256,14 @@ class TextLayout:
     max_seqlen: int
 
 
-def text_layout(batch: PackedBatch, drop: list[bool] | None, null_len: int) -> TextLayout:
+def text_layout(batch: PackedBatch, drop: list[bool] | None, null_len: int, pad_to: int = 0) -> TextLayout:
     """For each attention segment, the text rows its queries attend to.
 
     A sample's segment sees its own real text tokens, or the `null_len` null-text rows
     (appended after `batch.text`) when `drop[i]` is set (classifier-free guidance). A
-    padding segment sees the null text too, so no key segment is ever empty.
+    padding segment sees the null text too, so no key segment is ever empty. With `pad_to`,
+    every segment's rows are followed by the first null row repeated up to `pad_to` rows (a
+    zero row, for a model trained on zero-padded text: Wan).
     """
     num_text = batch.text.shape[0]
     null = list(range(num_text, num_text + null_len))
@@ -274,6 +276,8 @@ def text_layout(batch: PackedBatch, drop: list[bool] | None, null_len: int) -> T
             rows = null
         else:
             rows = range(batch.text_offsets[s], batch.text_offsets[s] + batch.text_lengths[s])
+        if pad_to > len(rows):
+            rows = list(rows) + [num_text] * (pad_to - len(rows))
         index.extend(rows)
         owners.extend([s if s >= 0 else b] * len(rows))
         seqlens.append(len(rows))

@@ -44,6 +44,7 @@ from pipeline.clip_model import ClipConfig, ClipModel, load_clip
 from pipeline.config import ConfigError, from_dict
 from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
+from pipeline.text_encoder import config_of, load_umt5
 from pipeline.vae import VAEConfig, VideoVAE, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
@@ -108,6 +109,11 @@ class Sampler:
     data_uri: str
     manifest: dict[str, Any]
     device: torch.device
+    encoder: Any = None  # what encodes prompts for the model: the data's text encoder (None: its CLIP)
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            self.encoder = self.clip
 
     @property
     def fps(self) -> float:
@@ -180,15 +186,18 @@ class Sampler:
             return False
 
     def truncated_prompts(self, prompts: list[str]) -> list[int]:
-        """Indices of prompts longer than the text encoder reads (CLIP: 77 tokens with SOT/EOT)."""
-        encode = getattr(self.clip.tokenizer, "encode", None)
+        """Indices of prompts longer than the text encoder reads (CLIP: 77 tokens with SOT/EOT; umT5: max_tokens)."""
+        if hasattr(self.encoder, "token_count"):
+            return [i for i, p in enumerate(prompts) if self.encoder.token_count(p) > self.encoder.context_length]
+        encode = getattr(self.encoder.tokenizer, "encode", None)
         if encode is None:
             return []
-        return [i for i, p in enumerate(prompts) if len(encode(p)) + 2 > self.clip.context_length]
+        return [i for i, p in enumerate(prompts) if len(encode(p)) + 2 > self.encoder.context_length]
 
     def encode_prompts(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-prompt CLIP token states (L, D) and masks (L,), rounded through float16 as the shards store them."""
-        states, mask = self.clip.text_tokens(prompts)  # (N, L, D), (N, L)
+        """Per-prompt token states (L, D) and masks (L,) of the data's text encoder, rounded through
+        float16 as the shards store them."""
+        states, mask = self.encoder.text_tokens(prompts)  # (N, L, D), (N, L)
         states = states.half().float().cpu()  # what training read back from the float16 shard column
         return list(states), list(mask.cpu())
 
@@ -208,7 +217,7 @@ class Sampler:
         self.check_fits(width_px, height_px, num_frames)
         for i in self.truncated_prompts(prompts):
             log.warning("prompt %d (%d characters) is longer than the text encoder's %d tokens; the rest is cut",
-                        i, len(prompts[i]), self.clip.context_length)
+                        i, len(prompts[i]), self.encoder.context_length)
         videos = []
         for i, prompt in enumerate(prompts):
             text, mask = self.encode_prompts([prompt])
@@ -297,6 +306,21 @@ def load_data_models(data_uri: str, manifest: dict[str, Any],
     return clip, vae
 
 
+def load_text_encoder(data_uri: str, manifest: dict[str, Any], clip: ClipModel,
+                      device: str | torch.device = "cpu") -> Any:
+    """The text encoder whose states the shards at `data_uri` hold (the manifest's record; data made
+    before the choice existed: its CLIP), checked by hash like the other models."""
+    recorded = manifest["fingerprint"]["models"].get("text_encoder", {"kind": "clip"})
+    if recorded.get("kind", "clip") == "clip":
+        return clip
+    try:
+        encoder = load_umt5(config_of(recorded), device)
+    except (OSError, ValueError) as e:
+        raise SamplerError(f"{data_uri}: its text encoder {recorded.get('weights')} cannot be loaded here: {e}") from None
+    _check_weights("umT5 text encoder", encoder.fingerprint(), recorded)
+    return encoder
+
+
 def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = None) -> Sampler:
     """Load a checkpoint's EMA weights and the text encoder + VAE of the data it was trained on.
 
@@ -317,8 +341,9 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
         raise SamplerError(f"{checkpoint} was trained on data {state.data_fingerprint[:16]}…, but {data_uri} has "
                            f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
     clip, vae = load_data_models(data_uri, manifest, dev)
+    encoder = load_text_encoder(data_uri, manifest, clip, dev)
     try:
-        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=clip.text_width).module
+        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=encoder.text_width).module
         load_trained(model, tensors, checkpoint)
     except BackboneError as e:
         raise SamplerError(f"{checkpoint}: {e}") from None
@@ -329,7 +354,7 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
     else:
         flow = FlowConfig()
         log.warning("%s has no config.yaml: using the default flow settings", checkpoint)
-    return Sampler(model, flow, clip, vae, state, checkpoint, data_uri, manifest, dev)
+    return Sampler(model, flow, clip, vae, state, checkpoint, data_uri, manifest, dev, encoder)
 
 
 # ---------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Only the forward is ours, with the native DiT's signature (`model(x, t, batch, t
 `training.packing.PackedBatch`): diffusers runs a batch of equal-shaped clips against
 equal-length text; here clips of different (T, H, W) share packs, and every clip
 
-* attends only to its own tokens (self-attention) and its own text (cross-attention), through
-  `training.attention` (varlen / flash / flex on the GPU, exact SDPA per segment on the CPU);
+* attends only to its own tokens (self-attention) and its own text (cross-attention), zero-padded
+  to 512 rows as Wan was trained (`WAN_TEXT_LEN`), through `training.attention` (varlen / flash /
+  flex on the GPU, exact SDPA per segment on the CPU);
 * gets RoPE from its own patch coordinates (`batch.positions`) in diffusers' rope tables;
 * has its own timestep, so its own adaLN modulation (broadcast to its tokens, `model.per_token`).
 
@@ -23,8 +24,8 @@ matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
 LoRA (`add_lora`): peft adapters through diffusers' own `add_adapter`, so the factors are
 diffusers' LoRA layers and export as a WanPipeline LoRA file. Not covered yet (issue 15):
 image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's per-token timesteps, the null
-text of the real text encoder (a dropped caption sees one zero row here; WanPipeline's negative
-prompt is umT5's encoding of "" zero-padded). Training, sampling and eval: `model.kind: wan`
+text of the real text encoder (a dropped caption sees 512 zero rows here; WanPipeline's default
+negative prompt is umT5's encoding of "", its end token then 511 zero rows). Training, sampling and eval: `model.kind: wan`
 (training/backbone.py); export: training/export.py.
 """
 
@@ -41,6 +42,10 @@ from training.model import per_token, sample_onehot
 from training.packing import PackedBatch, num_patches, text_layout
 
 TIMESTEP_SCALE = 1000.0  # diffusers' Wan timestep for flow time t
+# Wan attends to its text context zero-padded to 512 rows (the original code's text_len, WanPipeline's
+# max_sequence_length): the zero rows are keys and values too (to_k / to_v biases), so a clip's text is
+# padded the same here, else a pretrained Wan would see another context than the one it learned.
+WAN_TEXT_LEN = 512
 
 # diffusers' own test sizes for WanTransformer3DModel (its tests/models/transformers/test_models_transformer_wan.py);
 # in_channels / out_channels / text_dim come from the shards.
@@ -77,7 +82,8 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class PackedWan(nn.Module):
     """diffusers' `WanTransformer3DModel` weights, run on a PackedBatch like `training.model.VideoDiT`."""
 
-    def __init__(self, model: nn.Module, backend: str = "auto", null_text_len: int = 1) -> None:
+    def __init__(self, model: nn.Module, backend: str = "auto", null_text_len: int = 1,
+                 text_len: int = WAN_TEXT_LEN) -> None:
         super().__init__()
         cfg = model.config
         if cfg.added_kv_proj_dim is not None or cfg.image_dim is not None:
@@ -95,6 +101,7 @@ class PackedWan(nn.Module):
         self._rope_tables = (model.rope.freqs_cos.detach().float().clone(),
                              model.rope.freqs_sin.detach().float().clone())
         self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
+        self.text_len = text_len  # each clip's text is zero-padded to this many rows, as Wan was trained
 
     def activation_floats_per_token(self) -> int:
         """Widths alive at once in one block (modulation 6·D + FFN hidden): the sampler's memory estimate."""
@@ -157,7 +164,7 @@ class PackedWan(nn.Module):
         m = self.model
         emb = m.condition_embedder
         drop = None if text_drop is None else [bool(d) for d in text_drop]
-        layout = text_layout(batch, drop, self.null_text.shape[0])
+        layout = text_layout(batch, drop, self.null_text.shape[0], pad_to=self.text_len)
         # Conv3d with kernel = stride = patch is a linear map of each patch; tokens are (pt ph pw c).
         w = m.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, pt·ph·pw·C)
         h_x = nn.functional.linear(x.to(w.dtype), w, m.patch_embedding.bias)  # (N, D)

@@ -623,7 +623,8 @@ def check_wan(z: Sizes) -> dict[str, Any]:
 
         s = timed(z, step, 3 if z.cuda else 1, warmup=1)
         d = c.num_attention_heads * c.attention_head_dim
-        flops = sum(3.0 * wan_forward_flops(d, c.ffn_dim, c.num_layers, p.lengths, p.text_lengths)
+        flops = sum(3.0 * wan_forward_flops(d, c.ffn_dim, c.num_layers, p.lengths,
+                                            [max(m, packed.text_len) for m in p.text_lengths])  # text padded
                     for p in packs) / len(packs)
         out[key] = {"ms_per_step": round(s * 1e3, 1), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                     "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),

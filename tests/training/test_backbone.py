@@ -59,10 +59,10 @@ def test_a_wan_preset_is_built_for_the_shards_and_labelled_random_init() -> None
     batch = pack(latents, texts, b.patch, budget=16)
     out = b.module(batch.tokens, torch.tensor([0.3, 0.9]), batch)
     assert out.shape == batch.tokens.shape and torch.isfinite(out).all()
-    # FLOPs: 2 blocks of width 24 (2 heads × 12), FFN 32, samples of 12 and 1 tokens with 3 and 5 text tokens
+    # FLOPs: 2 blocks of width 24 (2 heads × 12), FFN 32, samples of 12 and 1 tokens, text padded to 512 rows
     d, f = 24, 32
     per = lambda n, m: 2 * (6 * d * d + 2 * d * f) * n + 4 * d * d * m + 4 * n * n * d + 4 * n * m * d  # noqa: E731
-    assert b.flops(batch.lengths, batch.text_lengths) == 2 * (per(12, 3) + per(1, 5))
+    assert b.flops(batch.lengths, batch.text_lengths) == 2 * (per(12, 512) + per(1, 512))  # text padded as Wan's
     assert wan_forward_flops(d, f, 2, [12], [3]) == 2 * per(12, 3)
 
 

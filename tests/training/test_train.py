@@ -405,7 +405,7 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
     from training.packing import pack, unpack
     from training.sample import SamplerError, load_sampler
     from training.settings import ModelConfig
-    from training.wan import PackedWan
+    from training.wan import WAN_TEXT_LEN, PackedWan
 
     wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
            "optim.warmup_steps=1", "run.activation_checkpointing=true"]
@@ -452,7 +452,8 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
     t = torch.tensor([0.4])
     with torch.no_grad():
         ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]  # (C, T, H, W)
-        theirs = exported(latent[None], t * 1000, text[None], return_dict=False)[0][0]
+        padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])  # as WanPipeline pads
+        theirs = exported(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -468,6 +469,7 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
     from training.backbone import _wan_base
     from training.packing import pack, unpack
     from training.sample import load_sampler
+    from training.wan import WAN_TEXT_LEN
 
     lora = ["model.kind=wan", "model.preset=tiny-wan", "model.lora_rank=4", "model.lora_alpha=8",
             "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1", "optim.lr=0.01",
@@ -509,8 +511,9 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
     t = torch.tensor([0.4])
     with torch.no_grad():
         ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]  # (C, T, H, W)
-        theirs = pipe.transformer.eval()(latent[None], t * 1000, text[None], return_dict=False)[0][0]
+        padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])  # as WanPipeline pads
+        theirs = pipe.transformer.eval()(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
         pipe.transformer.disable_lora()
-        plain = pipe.transformer(latent[None], t * 1000, text[None], return_dict=False)[0][0]
+        plain = pipe.transformer(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - plain).abs().max() > 1e-4  # the adapter changes the output: it was applied

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.packing import pack, unpack
-from training.wan import TIMESTEP_SCALE, WAN_PRESETS, PackedWan
+from training.wan import TIMESTEP_SCALE, WAN_PRESETS, WAN_TEXT_LEN, PackedWan
 
 TINY = dict(WAN_PRESETS["tiny-wan"], in_channels=4, out_channels=4, text_dim=16)
 
@@ -31,8 +31,10 @@ def samples(seed: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor], torc
 
 
 def dense(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """diffusers' own forward of one clip alone: (C, T, H, W)."""
-    return model(x[None], (t * TIMESTEP_SCALE)[None], text[None], return_dict=False)[0][0]
+    """diffusers' own forward of one clip alone: (C, T, H, W), its text zero-padded to 512 rows as
+    WanPipeline.encode_prompt pads it."""
+    padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])
+    return model(x[None], (t * TIMESTEP_SCALE)[None], padded[None], return_dict=False)[0][0]
 
 
 def test_packed_forward_and_gradients_equal_diffusers_per_clip() -> None:

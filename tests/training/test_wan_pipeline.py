@@ -9,7 +9,7 @@ import torch
 
 from pipeline.vae import VAEConfig, load_vae
 from training.flow import FlowConfig, sample, shift_timesteps
-from training.wan import PackedWan
+from training.wan import WAN_TEXT_LEN, PackedWan
 
 from .test_wan import tiny_wan
 
@@ -43,7 +43,8 @@ def test_wan_sampling_and_latent_normalisation_equal_diffusers_wan_pipeline() ->
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=vae.model,
                        scheduler=OurGrid(shift=1.0))
     with torch.no_grad():
-        theirs = pipe(prompt_embeds=text[None], negative_prompt_embeds=torch.zeros(1, 1, 16),  # DiTharos's null text
+        padded = torch.cat([text, torch.zeros(WAN_TEXT_LEN - len(text), 16)])  # as WanPipeline.encode_prompt pads
+        theirs = pipe(prompt_embeds=padded[None], negative_prompt_embeds=torch.zeros(1, WAN_TEXT_LEN, 16),
                       latents=noise[None], num_frames=5, height=32, width=48, num_inference_steps=steps,
                       guidance_scale=scale, output_type="np").frames[0]  # (T, H, W, 3) float in [0, 1]
     assert theirs.shape == ours.shape == (5, 32, 48, 3)
