@@ -25,8 +25,9 @@ sizes D (≤ the bucket count) however many clips k it takes:
   groups leave at most 4·D runs, and a placement costs O(D) however many packs a step has.
 
 Cost per step: O(k · D · R) with R ≤ 4·D runs in the worst case — linear in the clips k and
-independent of the pack count; measured ~35 µs per clip (`tests/bench/plan_step.py`:
-0.15 s for 4,590 clips at 1,024 packs, 0.74 s for 18,427 clips at 4,096). The final plan
+independent of the pack count; measured 40–70 µs per clip on a 2-core box
+(`tests/bench/plan_step.py`: 0.31 s for 4,590 clips at 1,024 packs, 0.73 s for 18,427 at 4,096;
+the per-clip FFD re-run of the first definition took 3.2 s for 1,128 clips at 256 packs). The final plan
 (`plan`) places the groups once more pack by pack, O(D · packs).
 """
 
