@@ -28,6 +28,7 @@ def test_demo_yaml_equals_defaults() -> None:
 def test_production_uses_wan_frame_counts() -> None:
     prod = load_config(PipelineConfig, [p for p in CONFIGS if p.name == "production.yaml"][0])
     assert prod.vae.kind == "wan" and all((n - 1) % 4 == 0 for n in prod.buckets.num_frames)
+    assert prod.text_encoder.kind == "umt5" and prod.text_encoder.max_tokens == 512  # what Wan conditions on
 
 
 def test_wan_vae_requires_4k_plus_1_frames() -> None:
