@@ -394,6 +394,24 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_the_workers_too(demo_data: Pa
     assert [r["loss"] for r in again[2:4]] == [r["loss"] for r in first[2:4]]  # 2-3 redone, exactly
 
 
+def ours_and_diffusers(sampler, transformer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, T, H, W) outputs for one seeded clip: DiTharos's packed forward of the sampler's model, and
+    diffusers' dense forward of `transformer` with the text zero-padded as WanPipeline pads it."""
+    from training.packing import pack, unpack
+    from training.wan import WAN_TEXT_LEN
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(sampler.vae.latent_channels, 2, 4, 6, generator=g)
+    text = torch.randn(5, sampler.encoder.text_width, generator=g)
+    batch = pack([latent], [text], (1, 2, 2), budget=12)
+    t = torch.tensor([0.4])
+    padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])
+    with torch.no_grad():
+        ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]
+        theirs = transformer.eval()(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
+    return ours, theirs
+
+
 def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path, tmp_path: Path) -> None:
     """model.kind: wan (a random-init tiny Wan preset) through the same loop: ZeRO-2 on 2 workers, exact
     resume, a checkpoint whose weights load into diffusers' WanTransformer3DModel as they are, and the
@@ -402,10 +420,9 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
 
     from training import checkpoint as ckpt
     from training.backbone import build
-    from training.packing import pack, unpack
     from training.sample import SamplerError, load_sampler
     from training.settings import ModelConfig
-    from training.wan import WAN_TEXT_LEN, PackedWan
+    from training.wan import PackedWan
 
     wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
            "optim.warmup_steps=1", "run.activation_checkpointing=true"]
@@ -446,15 +463,8 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
 
     record = export(str(split), tmp_path / "export")  # a run dir: its latest checkpoint
     assert record["checkpoint"] == str(checkpoint) and record["ema"] and record["random_init"]
-    exported = WanTransformer3DModel.from_pretrained(str(tmp_path / "export" / "transformer")).eval()
-    latent, text = torch.randn(sampler.vae.latent_channels, 2, 4, 6), torch.randn(5, sampler.clip.text_width)
-    batch = pack([latent], [text], (1, 2, 2), budget=12)
-    t = torch.tensor([0.4])
-    with torch.no_grad():
-        ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]  # (C, T, H, W)
-        padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])  # as WanPipeline pads
-        theirs = exported(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    exported = WanTransformer3DModel.from_pretrained(str(tmp_path / "export" / "transformer"))
+    torch.testing.assert_close(*ours_and_diffusers(sampler, exported), rtol=1e-5, atol=1e-5)
 
 
 def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_exports(demo_data: Path,
@@ -466,9 +476,7 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
 
     from training import checkpoint as ckpt
     from training.backbone import _wan_base
-    from training.packing import pack, unpack
     from training.sample import load_sampler
-    from training.wan import WAN_TEXT_LEN
 
     lora = ["model.kind=wan", "model.preset=tiny-wan", "model.lora_rank=4", "model.lora_alpha=8",
             "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1", "optim.lr=0.01",
@@ -510,14 +518,8 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
     base = _wan_base("random-init:tiny-wan", *widths, seeded=True)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=base)
     pipe.load_lora_weights(str(tmp_path / "export" / "lora"))
-    latent, text = torch.randn(sampler.vae.latent_channels, 2, 4, 6), torch.randn(5, sampler.clip.text_width)
-    batch = pack([latent], [text], (1, 2, 2), budget=12)
-    t = torch.tensor([0.4])
-    with torch.no_grad():
-        ours = unpack(sampler.model(batch.tokens, t, batch), batch)[0]  # (C, T, H, W)
-        padded = torch.cat([text, text.new_zeros(WAN_TEXT_LEN - len(text), text.shape[1])])  # as WanPipeline pads
-        theirs = pipe.transformer.eval()(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
-        pipe.transformer.disable_lora()
-        plain = pipe.transformer(latent[None], t * 1000, padded[None], return_dict=False)[0][0]
+    ours, theirs = ours_and_diffusers(sampler, pipe.transformer)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    pipe.transformer.disable_lora()
+    _, plain = ours_and_diffusers(sampler, pipe.transformer)
     assert (ours - plain).abs().max() > 1e-4  # the adapter changes the output: it was applied
