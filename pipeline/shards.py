@@ -164,6 +164,16 @@ def read_shard(uri: str) -> pa.Table:
         return open_reader(uri, f).read_all()
 
 
+def missing_shard(uri: str) -> ShardError:
+    """The error for a shard the clip index points at that is not there."""
+    return ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}")
+
+
+def resized_shard(uri: str, size: int, committed: int) -> ShardError:
+    """The error for a shard whose size is not the committed one."""
+    return ShardError(f"{uri}: {size} bytes, committed with {committed} (truncated or overwritten); {REDO}")
+
+
 def open_reader(uri: str, source: Any) -> pa.ipc.RecordBatchFileReader:
     """The Arrow file reader of a shard opened as `source` (reads its footer only), version-checked."""
     try:

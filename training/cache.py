@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.shards import REDO, ShardError
+from pipeline.shards import missing_shard, resized_shard
 
 CHUNK_BYTES = 8 << 20
 
@@ -117,11 +117,11 @@ class ShardCache:
                     out.write(chunk)
                     written += len(chunk)
             if written != size:
-                raise ShardError(f"{uri}: {written} bytes, committed with {size} (truncated or overwritten); {REDO}")
+                raise resized_shard(uri, written, size)
             os.replace(tmp, path)
         except OSError:
             if storage.file_size(uri) is None:  # object stores say "path does not exist" in their own words
-                raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}") from None
+                raise missing_shard(uri) from None
             raise
         finally:
             tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.shards import REDO, ShardError, decode_clip, open_reader, read_clip
+from pipeline.shards import REDO, ShardError, decode_clip, missing_shard, open_reader, read_clip, resized_shard
 
 Key = tuple[int, int]  # (file, row)
 
@@ -193,11 +193,11 @@ class ClipReads:
         try:
             f = fs.open_input_file(path)
         except FileNotFoundError:
-            raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}") from None
+            raise missing_shard(uri) from None
         with self._lock:
             self.requests += 1
         if f.size() != size:  # a footer or byte range of another file would misplace every batch
-            raise ShardError(f"{uri}: {f.size()} bytes, committed with {size} (truncated or overwritten); {REDO}")
+            raise resized_shard(uri, f.size(), size)
         return f
 
     def _schema(self, loc: ClipLoc) -> pa.Schema:

@@ -26,7 +26,7 @@ import torch
 
 from pipeline import storage
 from pipeline.manifest import ManifestError, index_dataset, read_index, read_manifest
-from pipeline.shards import REDO, ShardError, as_float32, read_shard
+from pipeline.shards import REDO, ShardError, as_float32, missing_shard, read_shard, resized_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
 from training.clipreads import ClipLoc, ClipReads
@@ -211,10 +211,7 @@ class ShardIndex:
         if self.clip_reads is None:
             return
         for i in clips:
-            self.clip_reads.prefetch(self._loc(int(i)))
-
-    def _loc(self, i: int) -> ClipLoc:
-        return self._loc_of(self.clips[i])
+            self.clip_reads.prefetch(self._loc_of(self.clips[int(i)]))
 
     def _loc_of(self, clip: ClipRef) -> ClipLoc:
         f, i = clip.file, clip.position
@@ -242,10 +239,9 @@ class ShardIndex:
             return self._open_cached(file, uri)
         size = storage.file_size(uri)
         if size is None:
-            raise ShardError(f"{uri}: shard missing (the clip index points at it); {REDO}")
+            raise missing_shard(uri)
         if size != self.file_bytes[file]:
-            raise ShardError(f"{uri}: {size} bytes, committed with {self.file_bytes[file]} (truncated or "
-                             f"overwritten); {REDO}")
+            raise resized_shard(uri, size, self.file_bytes[file])
         self._verify(file, uri, uri)
         try:
             return read_shard(uri)
@@ -291,28 +287,32 @@ class ShardIndex:
         c = int(np.searchsorted(starts, row, side="right")) - 1
         return arrays[c][row - starts[c]]
 
-    def _value(self, clip: ClipRef, name: str) -> np.ndarray:
-        """One clip's value of a tensor column: from its own record batch with clip reads, else its open shard."""
+    def _values(self, clip: ClipRef, names: tuple[str, ...]) -> list[np.ndarray]:
+        """One clip's values of tensor columns: from its own record batch with clip reads (one lookup),
+        else its open shard."""
         if self.clip_reads is not None and clip.file not in self.clip_reads.whole_files:
             batch = self.clip_reads.get(self._loc_of(clip))
             if batch is not None:
-                return batch.column(batch.schema.get_field_index(name)).to_numpy_ndarray()[0]
-        return self._row(clip.file, name, clip.row)
+                return [batch.column(batch.schema.get_field_index(n)).to_numpy_ndarray()[0] for n in names]
+        return [self._row(clip.file, n, clip.row) for n in names]
 
-    def latents(self, clip: ClipRef) -> torch.Tensor:
-        """A clip's latents (C, T', H', W') float32 (a copy); non-finite values are refused naming file and row."""
-        latents = torch.from_numpy(as_float32(self._value(clip, "latents")))
+    def _finite(self, clip: ClipRef, stored: np.ndarray) -> torch.Tensor:
+        """Stored latents → float32 (a copy); non-finite values are refused naming file and row."""
+        latents = torch.from_numpy(as_float32(stored))
         if not torch.isfinite(latents).all():
             raise ShardError(f"{storage.join(self.data_uri, self.files[clip.file])} row {clip.row} "
                              f"(clip {clip.clip_id}): latents hold NaN or inf; refusing to use them")
         return latents
 
+    def latents(self, clip: ClipRef) -> torch.Tensor:
+        """A clip's latents (C, T', H', W') float32 (a copy); non-finite values are refused naming file and row."""
+        return self._finite(clip, self._values(clip, ("latents",))[0])
+
     def load(self, clip: ClipRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents (C, T', H', W') float32, text (77, D) float32, text_mask (77,) bool) of one clip (copies)."""
-        latents = self.latents(clip)
-        text = torch.from_numpy(as_float32(self._value(clip, "text_embedding")))
-        mask = torch.from_numpy(self._value(clip, "text_mask").astype(bool))
-        return latents, text, mask
+        """(latents (C, T', H', W') float32, text (L, D) float32, text_mask (L,) bool) of one clip (copies)."""
+        latents, text, mask = self._values(clip, ("latents", "text_embedding", "text_mask"))
+        return (self._finite(clip, latents), torch.from_numpy(as_float32(text)),
+                torch.from_numpy(mask.astype(bool)))
 
 
 def per_file(data_uri: str, manifest: dict[str, Any], split: str | None, columns: list[str]) -> dict[str, tuple]:
