@@ -32,12 +32,10 @@ import resource
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -58,10 +56,11 @@ from pipeline.records import (INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_
                               record_shard)
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
-from pipeline.shards import TENSOR_COLUMNS, read_shard
+from pipeline.shards import column_shapes, read_shard
 from pipeline.state import add_totals, check_shards, drop_near_duplicates, status_block, totals_block, totals_json
 from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
 from pipeline.version import code_version
+from pipeline.writer_actors import Router, Stalled, flush_writers, run_streaming, start_writers
 
 log = get_logger("pipeline")
 PARALLEL_READ_OVER = 64  # more records than this are read by Ray tasks, fewer by the driver
@@ -249,25 +248,6 @@ def committed_rows(status_table: pa.Table) -> pa.Table:
     }, schema=DEDUPE_INPUT_SCHEMA)
 
 
-class Router:
-    """Last stage: hand each row to its shard writer (clips by bucket + source, side rows by source)."""
-
-    def __init__(self, writers: list) -> None:
-        self.writers = writers
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        n = len(batch["kind"])
-        key = [f"{b}|{s}" if k == "clip" else f"|{u}" for k, b, s, u in
-               zip(batch["kind"], batch["bucket"], batch["source_id"], batch["source_uri"])]
-        target = np.array([zlib.crc32(k.encode()) % len(self.writers) for k in key])
-        calls = [self.writers[w].append.remote({c: v[target == w] for c, v in batch.items()})
-                 for w in sorted(set(target.tolist()))]
-        ray.get(calls)
-        return {"rows": np.array([n])}
-
-
 def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
     """Listing ∪ committed sources → dedupe → the rows this pass must process (materialized).
 
@@ -321,103 +301,10 @@ def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dic
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
         )
         # Writers are long-lived actors made by the driver; this task stage only routes to them.
-        .map_batches(Router, fn_constructor_args=(writers,), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
-                     batch_format="numpy")
+        # A writer that stays unreachable is waited for as long as a stall (writer_actors.hand_off).
+        .map_batches(Router, fn_constructor_args=(writers, cfg.compute.stall_timeout_s),
+                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_format="numpy")
     )
-
-
-class Stalled(RuntimeError):
-    """No row reached the writers for compute.stall_timeout_s."""
-
-
-def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
-    """Drain the plan in a thread; stop with Stalled when the writers see nothing new for too long."""
-    done: dict[str, BaseException | None] = {}
-
-    def drain() -> None:
-        try:
-            for _ in ds.iter_internal_ref_bundles():
-                pass
-            done["error"] = None
-        except BaseException as e:  # noqa: BLE001 — re-raised in the main thread
-            done["error"] = e
-
-    thread = threading.Thread(target=drain, daemon=True, name="ditharos-plan")
-    thread.start()
-    seen, last_change = None, time.monotonic()
-    poll_s = min(5.0, stall_timeout_s / 4)
-    while thread.is_alive():
-        thread.join(poll_s)
-        try:
-            stats = ray.get([w.progress.remote() for w in writers])
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError) as e:
-            # A writer on a lost node restarts (or is gone: the flush after the pass sees it and a
-            # repair pass redoes its sources). Not progress, not a crash: the stall clock runs on.
-            log.warning("a shard writer did not answer the progress check (%s); still waiting", type(e).__name__)
-            stats = seen
-        if stats != seen:
-            seen, last_change = stats, time.monotonic()
-        elif time.monotonic() - last_change > stall_timeout_s:
-            raise Stalled(f"no clip or source reached the shard writers for {stall_timeout_s:g} s "
-                          f"(writers so far: {sum(s['rows'] for s in stats)} row(s)); a stage upstream is stuck "
-                          "(a lost node, a hung decoder); re-run to resume from what was committed")
-    if done.get("error") is not None:
-        raise done["error"]
-
-
-def flush_writers(ray, writers: list, wait_s: float = 60.0) -> list[dict]:
-    """Each writer's flush stats; a writer restarting after its node was lost is waited for, one that
-    is gone counts as nothing committed (its sources stay incomplete and a repair pass redoes them)."""
-    out = []
-    for w in writers:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                out.append(ray.get(w.flush.remote()))
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    out.append({})
-                    break
-                time.sleep(1.0)
-            except ray.exceptions.RayActorError as e:
-                log.warning("a shard writer was lost (%s): its uncommitted sources are redone", type(e).__name__)
-                out.append({})
-                break
-    return out
-
-
-class WriterActor:
-    """Ray actor around `pipeline.writer.ShardWriter` (made with ray.remote in `start_writers`)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        from pipeline.writer import ShardWriter
-
-        self.writer = ShardWriter(*args, **kwargs)
-        self.rows = 0
-
-    def append(self, batch: dict) -> None:
-        self.rows += len(batch["kind"])
-        self.writer.append(batch)
-
-    def progress(self) -> dict:
-        return {"rows": self.rows}
-
-    def flush(self) -> dict:
-        stats = self.writer.flush()
-        self.writer.close()
-        return stats
-
-
-def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
-    """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3, scheduling_strategy=here)(WriterActor)
-    return [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
-                         int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
-            for i in range(cfg.compute.writer_actors)]
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +375,7 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
         shard_files[bucket] = shard_files.get(bucket, 0) + 1
         if bucket not in shapes:  # one footer per bucket
             schema = read_shard(storage.join(out, path)).schema
-            shapes[bucket] = {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+            shapes[bucket] = column_shapes(schema)
     fault_point("during_index")
     manifest = build_manifest(digest=digest, totals=totals, fingerprint=fingerprint, bucket_specs=specs,
                               bucket_shapes=shapes, shard_files=shard_files)

@@ -1,0 +1,182 @@
+"""The Ray edge of the shard writers: the writer actors, the stage that routes rows to them, the
+drain loop with its stall watchdog, and the end-of-pass flush (the writer itself is plain Python,
+`pipeline/writer.py`).
+
+Fault model (one place): a writer holds uncommitted rows in open local files; when its node is
+lost they are lost with it, the actor restarts (up to `WRITER_RESTARTS` times) and reads its own
+records back, so any row re-sent to it is committed at most once. A source is complete only when
+its committed clips number what its source row promised (`pipeline.records`), so a row that never
+reaches a writer — dropped here, or lost in a dead writer's open file — leaves its source
+incomplete, and the driver's repair pass redoes that source. Hence the router may always re-send,
+and may drop (with a warning) rather than fail the whole pass when a writer stays unreachable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from pipeline.logs import get_logger
+from pipeline.settings import PipelineConfig
+
+log = get_logger("pipeline")
+WRITER_RESTARTS = 3
+
+
+class WriterActor:
+    """Ray actor around `pipeline.writer.ShardWriter` (made with ray.remote in `start_writers`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from pipeline.writer import ShardWriter
+
+        self.writer = ShardWriter(*args, **kwargs)
+        self.rows = 0
+
+    def append(self, batch: dict) -> None:
+        self.rows += len(batch["kind"])
+        self.writer.append(batch)
+
+    def progress(self) -> dict:
+        return {"rows": self.rows}
+
+    def flush(self) -> dict:
+        stats = self.writer.flush()
+        self.writer.close()
+        return stats
+
+
+def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
+    """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=WRITER_RESTARTS, max_task_retries=WRITER_RESTARTS,
+                       scheduling_strategy=here)(WriterActor)
+    return [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
+                         int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
+            for i in range(cfg.compute.writer_actors)]
+
+
+def writer_of(batch: dict[str, np.ndarray], num_writers: int) -> np.ndarray:
+    """Each row's writer: clips by bucket + source (a source's clips of one bucket share shards),
+    side rows by source URI (stable across runs and passes: crc32, not Python's salted hash)."""
+    key = [f"{b}|{s}" if k == "clip" else f"|{u}" for k, b, s, u in
+           zip(batch["kind"], batch["bucket"], batch["source_id"], batch["source_uri"])]
+    return np.array([zlib.crc32(k.encode()) % num_writers for k in key], dtype=np.int64)
+
+
+def hand_off(ray, writers: list, parts: dict[int, dict], wait_s: float, retry_s: float = 1.0) -> int:
+    """Send `parts[w]` to `writers[w]` for each w; the number of rows dropped.
+
+    A writer that is unavailable (its node lost, the actor restarting) is retried until it answers
+    or `wait_s` has passed: the call may or may not have run, and a re-sent row is committed at most
+    once (module docstring). A writer that died for good, or stays unavailable past `wait_s`, gets
+    its rows dropped with a warning: their sources stay incomplete and the repair pass redoes them.
+    """
+    pending = dict(parts)
+    deadline = time.monotonic() + wait_s
+    dropped = 0
+    while pending:
+        calls = {w: writers[w].append.remote(part) for w, part in sorted(pending.items())}
+        for w, ref in calls.items():
+            try:
+                ray.get(ref)
+                del pending[w]
+            except ray.exceptions.ActorUnavailableError as e:
+                if time.monotonic() < deadline:
+                    log.warning("shard writer %d unavailable (%s); re-sending its %d row(s)",
+                                w, str(e).splitlines()[0][:200], len(pending[w]["kind"]))
+                    continue
+                dropped += _drop(pending, w, f"still unavailable after {wait_s:g} s")
+            except ray.exceptions.RayActorError as e:  # died for good (restarts used up)
+                dropped += _drop(pending, w, f"lost ({type(e).__name__})")
+        if pending:
+            time.sleep(retry_s)
+    return dropped
+
+
+def _drop(pending: dict[int, dict], w: int, why: str) -> int:
+    n = len(pending.pop(w)["kind"])
+    log.warning("shard writer %d %s: %d row(s) not handed off; their sources stay incomplete and the "
+                "repair pass redoes them", w, why, n)
+    return n
+
+
+class Router:
+    """Last stage of the plan: hand each row to its shard writer."""
+
+    def __init__(self, writers: list, wait_s: float) -> None:
+        self.writers = writers
+        self.wait_s = wait_s
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        target = writer_of(batch, len(self.writers))
+        parts = {w: {c: v[target == w] for c, v in batch.items()} for w in sorted(set(target.tolist()))}
+        dropped = hand_off(ray, self.writers, parts, self.wait_s)
+        return {"rows": np.array([len(target) - dropped])}
+
+
+class Stalled(RuntimeError):
+    """No row reached the writers for compute.stall_timeout_s."""
+
+
+def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
+    """Drain the plan in a thread; stop with Stalled when the writers see nothing new for too long."""
+    done: dict[str, BaseException | None] = {}
+
+    def drain() -> None:
+        try:
+            for _ in ds.iter_internal_ref_bundles():
+                pass
+            done["error"] = None
+        except BaseException as e:  # noqa: BLE001 — re-raised in the main thread
+            done["error"] = e
+
+    thread = threading.Thread(target=drain, daemon=True, name="ditharos-plan")
+    thread.start()
+    seen, last_change = None, time.monotonic()
+    poll_s = min(5.0, stall_timeout_s / 4)
+    while thread.is_alive():
+        thread.join(poll_s)
+        try:
+            stats = ray.get([w.progress.remote() for w in writers])
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError) as e:
+            # A writer on a lost node restarts (or is gone: the flush after the pass sees it and a
+            # repair pass redoes its sources). Not progress, not a crash: the stall clock runs on.
+            log.warning("a shard writer did not answer the progress check (%s); still waiting", type(e).__name__)
+            stats = seen
+        if stats != seen:
+            seen, last_change = stats, time.monotonic()
+        elif time.monotonic() - last_change > stall_timeout_s:
+            raise Stalled(f"no clip or source reached the shard writers for {stall_timeout_s:g} s "
+                          f"(writers so far: {sum(s['rows'] for s in stats)} row(s)); a stage upstream is stuck "
+                          "(a lost node, a hung decoder); re-run to resume from what was committed")
+    if done.get("error") is not None:
+        raise done["error"]
+
+
+def flush_writers(ray, writers: list, wait_s: float = 60.0) -> list[dict]:
+    """Each writer's flush stats; a writer restarting after its node was lost is waited for, one that
+    is gone counts as nothing committed (its sources stay incomplete and a repair pass redoes them)."""
+    out = []
+    for w in writers:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                out.append(ray.get(w.flush.remote()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    out.append({})
+                    break
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError as e:
+                log.warning("a shard writer was lost (%s): its uncommitted sources are redone", type(e).__name__)
+                out.append({})
+                break
+    return out

@@ -1,0 +1,85 @@
+"""The router's hand-off to shard writers when a writer is unavailable or lost (no cluster needed:
+the writers are stand-ins, the exceptions are Ray's own)."""
+
+from __future__ import annotations
+
+import types
+import zlib
+
+import numpy as np
+import pytest
+import ray.exceptions as rex
+
+from pipeline import writer_actors
+from pipeline.writer_actors import hand_off, writer_of
+
+
+class FakeWriter:
+    """Answers each append with the next scripted outcome (None = accepted)."""
+
+    def __init__(self, script: list) -> None:
+        self.script = list(script)
+        self.received: list[list[str]] = []  # every batch that reached the actor, re-sends included
+        self.append = types.SimpleNamespace(remote=self._remote)
+
+    def _remote(self, part: dict):
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is None:
+            self.received.append(list(part["clip_id"]))
+        return outcome
+
+
+def fake_ray() -> types.SimpleNamespace:
+    def get(outcome):
+        if outcome is not None:
+            raise outcome
+        return None
+    return types.SimpleNamespace(get=get, exceptions=rex)
+
+
+def part(*ids: str) -> dict:
+    return {"kind": np.array(["clip"] * len(ids)), "clip_id": np.array(ids)}
+
+
+def unavailable() -> Exception:
+    return rex.ActorUnavailableError("node lost", b"\x01" * 16)
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    monkeypatch.setattr(writer_actors.time, "sleep", lambda s: None)
+
+
+def test_unavailable_writer_is_retried_until_it_answers() -> None:
+    flaky, fine = FakeWriter([unavailable(), unavailable()]), FakeWriter([])
+    dropped = hand_off(fake_ray(), [flaky, fine], {0: part("a", "b"), 1: part("c")}, wait_s=60)
+    assert dropped == 0
+    assert flaky.received == [["a", "b"]]  # delivered once it answered, after two failed tries
+    assert fine.received == [["c"]]        # the healthy writer got its rows exactly once
+
+
+def test_dead_writer_rows_are_dropped_and_counted() -> None:
+    dead, fine = FakeWriter([rex.ActorDiedError()]), FakeWriter([])
+    dropped = hand_off(fake_ray(), [dead, fine], {0: part("a", "b", "c"), 1: part("d")}, wait_s=60)
+    assert dropped == 3 and dead.received == [] and fine.received == [["d"]]
+
+
+def test_writer_unavailable_past_the_wait_is_dropped() -> None:
+    gone = FakeWriter([unavailable()] * 100)
+    assert hand_off(fake_ray(), [gone], {0: part("a", "b")}, wait_s=0) == 2
+    assert gone.received == []
+
+
+def test_other_errors_are_not_swallowed() -> None:
+    broken = FakeWriter([ValueError("bucket 'x': rows of another shape")])
+    with pytest.raises(ValueError, match="another shape"):
+        hand_off(fake_ray(), [broken], {0: part("a")}, wait_s=60)
+
+
+def test_rows_route_by_bucket_and_source_stably() -> None:
+    batch = {"kind": np.array(["clip", "clip", "source", "reject"]),
+             "bucket": np.array(["b1", "b1", "", ""]), "source_id": np.array(["s1", "s1", "s1", "s2"]),
+             "source_uri": np.array(["u1", "u1", "u1", "u2"])}
+    got = writer_of(batch, 7)
+    assert got[0] == got[1] == zlib.crc32(b"b1|s1") % 7  # one source's clips of a bucket share a writer
+    assert got[2] == zlib.crc32(b"|u1") % 7 and got[3] == zlib.crc32(b"|u2") % 7
