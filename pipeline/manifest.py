@@ -90,7 +90,8 @@ def read_manifest(out_uri: str) -> dict[str, Any]:
     manifest = json.loads(storage.read_bytes(uri))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        older = {1: "journal + file lists", 2: "no shard sizes in the index", 3: "no curation scores"}
+        older = {1: "journal + file lists", 2: "no shard sizes in the index", 3: "no curation scores",
+                 4: "no text score", 5: "padded text states, no colour signature"}
         raise ManifestError(f"{uri}: schema_version {version}, this code reads {SCHEMA_VERSION}"
                             + (f"; version {version} outputs ({older[version]}) must be re-made with the pipeline"
                                if version in older else ""))

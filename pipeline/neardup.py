@@ -6,7 +6,12 @@ Two kinds of copies beyond identical bytes (pipeline/dedupe.py):
   a few frames off the original's (until its first scene cut re-aligns them): on the sample
   clips a 6-frame (0.24 s) shift moves the middle frame's hash by a median 4-14 bits (max 38 on
   bikes.mp4) but the mean frame's by 2-4 (max 10), while unrelated clips stay >= 22 bits apart
-  for both. Two clips are copies within `max_distance` differing bits.
+  for both. Two clips are copies within `max_distance` differing bits *and* alike in colour:
+  pHash sees luma only, so two generated shots of the same layout in different hues (a smooth
+  gradient and a square) hashed 2 bits apart and one was dropped as a copy of the other. Each
+  clip also carries `chash`, its mean frame's chroma (YCrCb Cr and Cb, 0–255) in each quadrant,
+  8 bytes; a copy's may differ by at most `max_color_delta` in every byte. Resizing, re-encoding,
+  a brightness shift or a trim move these means by a few units; another hue by tens.
   Candidates are found without all pairs by bit-sampling LSH: each of L tables keys a hash by
   k of its bits (a seeded sample), and clips sharing a key in any table are compared. Two hashes
   d bits apart share a table's key with chance C(64-d, k) / C(64, k), so with k = 16, L = 20
@@ -57,6 +62,10 @@ class DedupConfig:
     # JPEG-q25 or +12-luma copy of a sample frame differs in <= 6; other shots of the same video
     # differ in >= 13, unrelated frames in ~32 on average.
     max_distance: int = 6
+    # Largest difference of any quadrant's mean Cr / Cb (0-255) between copies. A half-size,
+    # JPEG-q25 or +12-luma copy of a sample frame moves them by <= 3 (tests/pipeline/test_neardup.py);
+    # a hue change that leaves the luma layout alone, by tens.
+    max_color_delta: int = 12
     # The candidate search (module doc): each clip emits `tables` rows to the group-by, and a
     # group holds ~clips / 2^bits of them. 16 x 20: recall 0.999 at 4 bits, 0.972 at 6.
     tables: int = 20
@@ -79,6 +88,8 @@ class DedupConfig:
     def validate(self) -> None:
         if not 0 <= self.max_distance < 32:
             raise ValueError(f"dedup.max_distance={self.max_distance} must be in [0, 31]")
+        if not 0 <= self.max_color_delta <= 255:
+            raise ValueError(f"dedup.max_color_delta={self.max_color_delta} must be in [0, 255]")
         if not (1 <= self.tables <= 127 and 1 <= self.bits <= 56):
             raise ValueError(f"dedup.tables={self.tables} and dedup.bits={self.bits} must be in [1, 127] and "
                              "[1, 56] (the key packs the table index above the bits)")
@@ -125,6 +136,29 @@ def _hash_small(small: np.ndarray) -> int:
     bits = low > np.median(low[1:])  # the DC term (overall brightness) does not set the threshold
     value = int(np.packbits(bits).view(">u8")[0])
     return value - (1 << 64) if value >= 1 << 63 else value  # int64 column
+
+
+def clip_chash(frames: np.ndarray) -> int:
+    """Colour signature of a clip's mean frame: (T, H, W, 3) uint8 → int64 of 8 bytes, the mean Cr
+    and Cb (YCrCb, 0–255) of each quadrant (top-left, top-right, bottom-left, bottom-right).
+
+    Means over a quadrant are read from every 8th pixel of every frame (a strided view, no copy
+    of the clip): the subsample's mean differs from the full mean by well under one unit.
+    """
+    sub = np.asarray(frames)[:, ::8, ::8].astype(np.float32)  # (T, H/8, W/8, 3)
+    h, w = sub.shape[1] // 2, sub.shape[2] // 2
+    quads = [sub[:, :max(h, 1), :max(w, 1)], sub[:, :max(h, 1), w:], sub[:, h:, :max(w, 1)], sub[:, h:, w:]]
+    rgb = np.array([[q.reshape(-1, 3).mean(axis=0) for q in quads]], np.float32) / 255.0  # (1, 4, 3)
+    ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[0]  # (4, 3) Y, Cr, Cb in [0, 1]
+    values = np.clip(np.rint(ycc[:, 1:] * 255.0), 0, 255).astype(np.uint8).reshape(-1)  # (8,)
+    return int(values.view(">i8")[0])
+
+
+def color_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest byte difference between int64 colour signatures (broadcasting)."""
+    x = np.asarray(a, np.int64)[..., None].view(np.uint8).astype(np.int16)
+    y = np.asarray(b, np.int64)[..., None].view(np.uint8).astype(np.int16)
+    return np.abs(x - y).max(axis=-1)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ from pipeline.neardup import (
     DedupConfig,
     assign,
     band_keys,
+    color_delta,
     bit_tables,
     hamming,
     kmeans,
@@ -58,6 +59,7 @@ PAIR_SCHEMA = pa.schema([("clip_id", pa.string()), *PAIR_FIELDS])
 DECIDED_SCHEMA = pa.schema([*RECORD_SCHEMA, *PAIR_FIELDS])
 JOINED_SCHEMA = DECIDED_SCHEMA.append(pa.field("_part", pa.int64()))
 CANDIDATE_SCHEMA = pa.schema([("clip_id", pa.string()), ("source_id", pa.string()), ("phash", pa.int64()),
+                              ("chash", pa.int64()),
                               ("pixels", pa.int64()), ("sharpness", pa.float64()), ("shard", pa.string()),
                               ("row", pa.int64())])
 # Variable-size list: blocks from shards of different embedding widths would not concatenate as
@@ -84,6 +86,7 @@ def candidates(clips: pa.Table) -> pa.Table:
               * pc.fill_null(clips["width_px"], 0).to_numpy().astype(np.int64)
               * pc.fill_null(clips["num_frames"], 0).to_numpy().astype(np.int64))
     return pa.table([clips["clip_id"], clips["source_id"], clips["phash"],  # null: no hash, no perceptual search
+                     pc.fill_null(clips["chash"], 0),
                      pa.array(pixels, pa.int64()), pc.fill_null(clips["sharpness"], 0.0).cast(pa.float64()),
                      clips["shard"], clips["row"].cast(pa.int64())], schema=CANDIDATE_SCHEMA) if n else \
         CANDIDATE_SCHEMA.empty_table()
@@ -100,7 +103,8 @@ def key_rows(cands: pa.Table, tables: np.ndarray, parts: int) -> pa.Table:
     n, num_tables = keys.shape
     take = np.repeat(np.arange(n), num_tables)
     flat = keys.reshape(-1)
-    rows = cands.select(["clip_id", "source_id", "phash", "pixels", "sharpness"]).take(pa.array(take, pa.int64()))
+    rows = cands.select(["clip_id", "source_id", "phash", "chash", "pixels", "sharpness"]).take(
+        pa.array(take, pa.int64()))
     mixed = (flat.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)  # spread keys over parts
     return rows.append_column("key", pa.array(flat, pa.int64())).append_column(
         "_part", pa.array((mixed % np.uint64(parts)).astype(np.int64), pa.int64()))
@@ -153,7 +157,8 @@ def perceptual_pairs(rows: pa.Table, cfg: DedupConfig, max_group: int = 4096) ->
     a, b = np.concatenate(firsts), np.concatenate(seconds)
     hashes = rows["phash"].to_numpy()
     dist = hamming(hashes[a], hashes[b])
-    keep = dist <= cfg.max_distance
+    chash = rows["chash"].to_numpy()
+    keep = (dist <= cfg.max_distance) & (color_delta(chash[a], chash[b]) <= cfg.max_color_delta)
     if not cfg.same_source:
         src = _strings(rows["source_id"])
         keep &= src[a] != src[b]

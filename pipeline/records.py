@@ -34,8 +34,9 @@ from pipeline import storage
 from pipeline.shards import SCORE_COLUMNS
 
 # 2: curation scores, crop, filter score/value; 3: text_area; 4: phash of the mean frame;
-# 5: one clip per record batch, with its byte range in the shard (batch_offset, batch_bytes)
-RECORD_VERSION = 5
+# 5: one clip per record batch, with its byte range in the shard (batch_offset, batch_bytes);
+# 6: shards of schema 6 (ragged text states), chash colour signature
+RECORD_VERSION = 6
 RECORDS_DIR = "_state/records"
 
 # Columns of a record (and, for kind == "clip", of the clip index). Every column is nullable:
@@ -70,6 +71,7 @@ RECORD_SCHEMA = pa.schema([
     ("source_meta", pa.string()),  # JSON: the listing file's extra columns for this source
     ("crop_px", pa.list_(pa.int32())),  # black bars cut off the source (top, bottom, left, right)
     ("phash", pa.int64()),  # perceptual hash of the temporal mean frame (near-duplicate search)
+    ("chash", pa.int64()),  # colour signature of the mean frame (a perceptual copy must match it too)
     # clip, and reject of stage filter: the curation scores
     *SCORE_COLUMNS.items(),
     # source
@@ -91,7 +93,7 @@ INDEX_COLUMNS = [
     "clip_id", "source_id", "source_uri", "split", "bucket", "shard", "row", "batch_offset", "batch_bytes",
     "shard_bytes", "shard_sha256", "num_frames", "height_px",
     "width_px", "fps", "start_s", "end_s", "latent_shape", "num_tokens", "caption", "caption_source",
-    "clip_score", "clip_bytes", "source_meta", "crop_px", "phash", *SCORE_COLUMNS,
+    "clip_score", "clip_bytes", "source_meta", "crop_px", "phash", "chash", *SCORE_COLUMNS,
 ]
 REJECT_COLUMNS = ["source_id", "source_uri", "stage", "reason", "start_frame", "end_frame", "clip_id", "score", "value",
                   *SCORE_COLUMNS, "keyframe_jpeg", "duplicate_of"]

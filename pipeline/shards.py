@@ -1,12 +1,17 @@
 """The shard contract between pipeline, training and eval — defined once, versioned.
 
 A shard is an Arrow IPC file `shards/<bucket>/part-00000.arrow` holding clips of one
-bucket. Latents and text embeddings are `arrow.fixed_shape_tensor` columns (one shape
+bucket. Latents and image embeddings are `arrow.fixed_shape_tensor` columns (one shape
 per bucket), so bare pyarrow reads them zero-copy with `to_numpy_ndarray()`; no pickle
-anywhere. `clips_table` builds a shard table from plain column arrays and checks every
-shape; `read_shard` memory-maps one back (reads it whole from object stores), and
-`as_float32` turns stored tensor values (float16 / float32 / bfloat16 bits) into float32.
-Training, eval and the tests read shards through these, nowhere else.
+anywhere. The caption's text states are stored *ragged*: only each caption's real tokens, as a
+list of D-wide token vectors per row (`list<fixed_size_list<float16, D>>`), the encoder's token
+limit in the field metadata. Padding to the limit is the model's business at load time: umT5
+states padded to 512 tokens would cost 4 MiB a clip (400 TB at 100M clips) where a typical
+caption's real tokens cost ~10× less. `clips_table` builds a shard table from plain column
+arrays (the stream's padded states + mask) and checks every shape; `read_shard` memory-maps
+one back (reads it whole from object stores), `RowReader` gives one row of any tensor column
+as a zero-copy numpy view, and `as_float32` turns stored values (float16 / float32 /
+bfloat16 bits) into float32. Training, eval and the tests read shards through these, nowhere else.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import pyarrow.fs as pafs
 from pipeline import storage
 
 # 2: clip index + commit records, manifest without file lists; 3: index has shard sizes + sha256;
-# 4: curation scores and border crop in shards and index; 5: text_area score
-SCHEMA_VERSION = 5
+# 4: curation scores and border crop in shards and index; 5: text_area score;
+# 6: text states ragged (real tokens only), no text_mask column; chash colour signature
+SCHEMA_VERSION = 6
 
 # Scalar columns: name → arrow type. Tensor columns follow in TENSOR_COLUMNS.
 SCALAR_COLUMNS: dict[str, pa.DataType] = {
@@ -49,6 +55,7 @@ SCALAR_COLUMNS: dict[str, pa.DataType] = {
     # black bars cut off the source before bucketing, display px (top, bottom, left, right)
     "crop_px": pa.list_(pa.int32()),
     "phash": pa.int64(),  # 64-bit DCT perceptual hash of the temporal mean frame (pipeline/neardup.py)
+    "chash": pa.int64(),  # the mean frame's Cr / Cb per quadrant, 8 bytes (pipeline/neardup.py)
 }
 # Curation scores: frame scores (pipeline/quality.py) and model scores (pipeline/aesthetic.py); see pipeline/filters.py
 # for what each means and its default range. Columns of the shards, the clip index and of
@@ -64,8 +71,12 @@ FRAME_SCORE_COLUMNS = tuple(SCORE_COLUMNS)  # measured on frames in the cut stag
 SCORE_COLUMNS["aesthetic"] = pa.float32()  # LAION-style head on the CLIP image embedding (caption stage)
 SCORE_COLUMNS["text_area"] = pa.float32()  # share of the frame in detected text boxes (caption stage)
 SCALAR_COLUMNS.update(SCORE_COLUMNS)
-# Tensor columns: name → (numpy dtype, shape key). Shapes are per bucket / per model.
+# Tensor columns of the stream (caption and VAE stages → writers): fixed shapes, per bucket / per model;
+# text_embedding (L, D) padded to the encoder's limit L, text_mask (L,) its real tokens.
 TENSOR_COLUMNS = ("image_embedding", "text_embedding", "text_mask", "latents")
+TEXT_COLUMN = "text_embedding"  # stored ragged: each row's real tokens (n, D) only, no mask
+STORED_TENSOR_COLUMNS = ("image_embedding", TEXT_COLUMN, "latents")
+MAX_TOKENS_KEY = b"ditharos.max_tokens"  # the text field's encoder token limit L
 
 class ShardError(ValueError):
     """Rows that do not fit the shard contract."""
@@ -86,15 +97,50 @@ def split_of(source_id: str, val_fraction: float) -> str:
 
 
 def shard_schema(bucket: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> pa.Schema:
-    """The schema of one bucket's shards: scalar columns + fixed-shape tensor columns."""
+    """The schema of one bucket's shards: scalar columns + tensor columns (text ragged, the rest fixed).
+
+    `shapes` / `dtypes` are the stream's: text_embedding (L, D) stores as lists of D-wide tokens.
+    """
     fields = [pa.field(n, t, nullable=False) for n, t in SCALAR_COLUMNS.items()]
-    for name in TENSOR_COLUMNS:
+    for name in STORED_TENSOR_COLUMNS:
         value_type = pa.from_numpy_dtype(np.dtype(dtypes[name]))
-        meta = {"ditharos.dtype": "bfloat16"} if np.dtype(dtypes[name]) == np.uint16 else None  # see as_float32
-        fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(shapes[name])), nullable=False,
-                               metadata=meta))
+        meta = {"ditharos.dtype": "bfloat16"} if np.dtype(dtypes[name]) == np.uint16 else {}  # see as_float32
+        if name == TEXT_COLUMN:
+            limit, width = shapes[name]
+            typ, meta = pa.list_(pa.list_(value_type, int(width))), {**meta, MAX_TOKENS_KEY.decode(): str(int(limit))}
+        else:
+            typ = pa.fixed_shape_tensor(value_type, list(shapes[name]))
+        fields.append(pa.field(name, typ, nullable=False, metadata=meta or None))
     meta = {"ditharos.schema_version": str(SCHEMA_VERSION), "ditharos.bucket": bucket}
     return pa.schema(fields, metadata=meta)
+
+
+def column_shapes(schema: pa.Schema) -> dict[str, list[int]]:
+    """The stored tensor columns' per-row shapes: fixed ones as stored, text as (token limit, D)."""
+    out = {}
+    for name in STORED_TENSOR_COLUMNS:
+        field = schema.field(name)
+        if name == TEXT_COLUMN:
+            out[name] = [int((field.metadata or {})[MAX_TOKENS_KEY]), field.type.value_type.list_size]
+        else:
+            out[name] = list(field.type.shape)
+    return out
+
+
+def _text_tokens(bucket: str, states: np.ndarray, mask: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """(n, L, D) padded states + (n, L) masks → each row's real tokens as a list<fixed_size_list> array."""
+    if mask.shape != states.shape[:2]:
+        raise ShardError(f"bucket {bucket!r}: text_mask {mask.shape} does not match text_embedding {states.shape}")
+    keep = mask.astype(bool)
+    counts = keep.sum(axis=1)
+    if len(counts) and counts.min() == 0:
+        raise ShardError(f"bucket {bucket!r}: row {int(np.argmin(counts))} has no real text tokens "
+                         "(an encoder always emits at least its end token)")
+    flat = np.ascontiguousarray(states[keep])  # (Σ n_i, D), rows in order
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    width = states.shape[2]
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), value_type), width)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens)
 
 
 def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
@@ -103,7 +149,7 @@ def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
     if missing:
         raise ShardError(f"shard rows for bucket {bucket!r} lack columns {missing}")
     n = len(columns["clip_id"])
-    arrays, shapes, dtypes = {}, {}, {}
+    arrays, shapes, dtypes, stacks = {}, {}, {}, {}
     for name in TENSOR_COLUMNS:
         try:
             stacked = np.ascontiguousarray(np.stack(list(columns[name])) if n else np.asarray(columns[name]))
@@ -113,15 +159,18 @@ def clips_table(bucket: str, columns: dict[str, Any]) -> pa.Table:
                              f"a shard of bucket {bucket!r} needs one shape") from None
         if stacked.shape[0] != n:
             raise ShardError(f"column {name!r} has {stacked.shape[0]} rows, expected {n}")
-        if name == "text_mask":
-            stacked = stacked.astype(np.uint8)
-        shapes[name], dtypes[name] = stacked.shape[1:], stacked.dtype
-        if n:
-            arrays[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
-        else:  # from_numpy_ndarray refuses empty arrays
-            typ = pa.fixed_shape_tensor(pa.from_numpy_dtype(stacked.dtype), list(stacked.shape[1:]))
-            arrays[name] = pa.ExtensionArray.from_storage(typ, pa.array([], typ.storage_type))
+        shapes[name], dtypes[name], stacks[name] = stacked.shape[1:], stacked.dtype, stacked
+    if len(shapes[TEXT_COLUMN]) != 2:
+        raise ShardError(f"column {TEXT_COLUMN!r} has rows of shape {shapes[TEXT_COLUMN]}; expected (tokens, width)")
     schema = shard_schema(bucket, shapes, dtypes)
+    for name in STORED_TENSOR_COLUMNS:
+        typ = schema.field(name).type
+        if name == TEXT_COLUMN:
+            arrays[name] = _text_tokens(bucket, stacks[name], stacks["text_mask"], typ.value_type.value_type)
+        elif n:
+            arrays[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacks[name])
+        else:  # from_numpy_ndarray refuses empty arrays
+            arrays[name] = pa.ExtensionArray.from_storage(typ, pa.array([], typ.storage_type))
     for name, typ in SCALAR_COLUMNS.items():
         values = list(columns[name])
         if len(values) != n:
@@ -240,6 +289,32 @@ def read_columns(uri: str, columns: list[str]) -> pa.Table:
 def tensor(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-shape tensor column as one numpy array (N, *shape) of the stored dtype — zero-copy when possible."""
     return table.column(name).combine_chunks().to_numpy_ndarray()
+
+
+class RowReader:
+    """Rows of one stored tensor column (one Arrow chunk) as numpy views of the stored dtype, zero-copy:
+    a fixed-shape row as its shape, a text row as its real tokens (n, D)."""
+
+    def __init__(self, array: pa.Array) -> None:
+        if isinstance(array.type, pa.FixedShapeTensorType):
+            self.fixed, self.offsets = array.to_numpy_ndarray(), None
+        else:  # list<fixed_size_list<T, D>>: offsets index the (unsliced) token vectors
+            width = array.type.value_type.list_size
+            self.fixed = None
+            self.offsets = array.offsets.to_numpy()
+            self.tokens = array.values.flatten().to_numpy().reshape(-1, width)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.fixed is not None:
+            return self.fixed[i]
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def text_tokens(table: pa.Table | pa.RecordBatch) -> list[np.ndarray]:
+    """Every row's real text tokens (n_i, D) of the stored dtype (views; copy before the source closes)."""
+    column = table.column(TEXT_COLUMN)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    return [reader[i] for chunk in chunks for reader in [RowReader(chunk)] for i in range(len(chunk))]
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:

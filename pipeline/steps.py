@@ -38,7 +38,7 @@ from pipeline.faults import fault_point
 from pipeline.filters import border_crop, keeps_example
 from pipeline.filters import check as check_scores
 from pipeline.images import IMAGE_CONTAINER, probe_image
-from pipeline.neardup import clip_phash
+from pipeline.neardup import clip_chash, clip_phash
 from pipeline.probe import ProbeError, StillImage, probe
 from pipeline.quality import clip_scores
 from pipeline.settings import PipelineConfig
@@ -53,7 +53,7 @@ Batch = dict[str, np.ndarray]
 CUT_COLUMNS = (
     "kind", "record_json", "clip_id", "source_id", "source_uri", "split", "bucket", "scene_index",
     "window_index", "start_frame", "end_frame", "start_s", "end_s", "source_fps", "fps", "num_frames",
-    "height_px", "width_px", "sidecars", "source_meta", "crop_px", "phash", *FRAME_SCORE_COLUMNS, "frames",
+    "height_px", "width_px", "sidecars", "source_meta", "crop_px", "phash", "chash", *FRAME_SCORE_COLUMNS, "frames",
 )
 
 
@@ -78,7 +78,7 @@ def side_row(record: Row) -> Row:
         "source_id": record.get("source_id", ""), "source_uri": record.get("source_uri", ""), "split": "",
         "bucket": "", "scene_index": -1, "window_index": -1, "start_frame": -1, "end_frame": -1,
         "start_s": 0.0, "end_s": 0.0, "source_fps": 0.0, "fps": 0.0, "num_frames": 0, "height_px": 0,
-        "width_px": 0, "sidecars": "[]", "source_meta": "{}", "crop_px": np.zeros(4, np.int32), "phash": 0,
+        "width_px": 0, "sidecars": "[]", "source_meta": "{}", "crop_px": np.zeros(4, np.int32), "phash": 0, "chash": 0,
         **{c: 0.0 for c in FRAME_SCORE_COLUMNS}, "frames": np.zeros((0, 0, 0, 3), np.uint8),
     }
     return row
@@ -258,6 +258,7 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
                     "height_px": h, "width_px": w, "sidecars": row.get("sidecars") or "[]",
                     "source_meta": row.get("source_meta") or "{}", "crop_px": np.asarray(crop, np.int32),
                     "phash": clip_phash(piece.frames),
+                    "chash": clip_chash(piece.frames),
                     **scores, "frames": piece.frames,
                 }
         fault_point("after_cut")

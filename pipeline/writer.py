@@ -35,7 +35,8 @@ from pipeline import storage
 from pipeline.faults import fault_point
 from pipeline.logs import get_logger
 from pipeline.records import RECORDS_DIR, of_kind, read_record, write_record
-from pipeline.shards import ROWS_PER_BATCH, SCALAR_COLUMNS, SCORE_COLUMNS, TENSOR_COLUMNS, ShardError, clips_table
+from pipeline.shards import (ROWS_PER_BATCH, SCALAR_COLUMNS, SCORE_COLUMNS, TENSOR_COLUMNS, TEXT_COLUMN, ShardError,
+                             clips_table, column_shapes)
 
 log = get_logger("writer")
 SHARD_COLUMNS = list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
@@ -158,9 +159,9 @@ class ShardWriter:
                 "latent_shape": shape, "num_tokens": t * (h // DIT_PATCH_HW) * (w // DIT_PATCH_HW),
                 "caption": str(cols["caption"][j]), "caption_source": str(cols["caption_source"][j]),
                 "clip_score": float(cols["clip_score"][j]),
-                "clip_bytes": int(sum(np.asarray(cols[c][j]).nbytes for c in TENSOR_COLUMNS)),
+                "clip_bytes": _stored_bytes(cols, j),
                 "source_meta": source_meta[j], "crop_px": [int(v) for v in cols["crop_px"][j]],
-                "phash": int(cols["phash"][j]),
+                "phash": int(cols["phash"][j]), "chash": int(cols["chash"][j]),
                 **{c: float(cols[c][j]) for c in SCORE_COLUMNS},
             })
         self.stats["clips"] += table.num_rows
@@ -211,4 +212,12 @@ class ShardWriter:
 
 
 def _shapes(schema: pa.Schema) -> dict[str, list[int]]:
-    return {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+    return column_shapes(schema)
+
+
+def _stored_bytes(cols: dict[str, list[Any]], j: int) -> int:
+    """Tensor bytes the shard stores for row j: latents, image embedding, the real text tokens."""
+    text = np.asarray(cols[TEXT_COLUMN][j])
+    real = int(np.count_nonzero(cols["text_mask"][j]))
+    return int(np.asarray(cols["latents"][j]).nbytes + np.asarray(cols["image_embedding"][j]).nbytes
+               + real * text.nbytes // max(1, text.shape[0]))

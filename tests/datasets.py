@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest import build_manifest, read_index, read_rejects, records_digest, write_manifest
 from pipeline.records import INDEX_COLUMNS, RECORDS_DIR, of_kind, read_record
-from pipeline.shards import TENSOR_COLUMNS, read_shard
+from pipeline.shards import column_shapes, read_shard
 from pipeline.state import totals_block
 from pipeline.writer import ShardWriter
 
@@ -59,7 +59,7 @@ def write_dataset(out: Path, parts: list[dict[str, Any]], fingerprint: dict[str,
         bucket = shard.parent.name
         shard_files[bucket] = shard_files.get(bucket, 0) + 1
         schema = read_shard(str(shard)).schema
-        shapes[bucket] = {c: list(schema.field(c).type.shape) for c in TENSOR_COLUMNS}
+        shapes[bucket] = column_shapes(schema)
     manifest = build_manifest(digest=digest, totals=totals, fingerprint=fingerprint, bucket_specs={},
                               bucket_shapes=shapes, shard_files=shard_files)
     index_dir = out / manifest["files"]["index"]
@@ -93,12 +93,13 @@ def latents_by_clip(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 
 
-def cand_table(ids, sources, hashes, pixels, sharpness) -> pa.Table:
-    """Candidate rows (neardup_pass.CANDIDATE_SCHEMA) from columns."""
+def cand_table(ids, sources, hashes, pixels, sharpness, colors=None) -> pa.Table:
+    """Candidate rows (neardup_pass.CANDIDATE_SCHEMA) from columns (colour signatures all alike when None)."""
     from pipeline.neardup_pass import CANDIDATE_SCHEMA
 
     n = len(ids)
     return pa.table([pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(hashes, pa.int64()),
+                     pa.array(colors if colors is not None else [0x7F7F7F7F7F7F7F7F] * n, pa.int64()),
                      pa.array(pixels, pa.int64()), pa.array(sharpness, pa.float64()), pa.array(["s"] * n),
                      pa.array(range(n), pa.int64())], schema=CANDIDATE_SCHEMA)
 

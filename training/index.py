@@ -26,7 +26,7 @@ import torch
 
 from pipeline import storage
 from pipeline.manifest import ManifestError, index_dataset, read_index, read_manifest
-from pipeline.shards import REDO, ShardError, as_float32, missing_shard, read_shard, resized_shard
+from pipeline.shards import REDO, RowReader, ShardError, as_float32, missing_shard, read_shard, resized_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
 from training.clipreads import ClipLoc, ClipReads
@@ -282,10 +282,10 @@ class ShardIndex:
         table, columns = self._entry(file)
         if name not in columns:
             chunks = table.column(name).chunks
-            columns[name] = (np.cumsum([0] + [len(c) for c in chunks]), [c.to_numpy_ndarray() for c in chunks])
-        starts, arrays = columns[name]
+            columns[name] = (np.cumsum([0] + [len(c) for c in chunks]), [RowReader(c) for c in chunks])
+        starts, readers = columns[name]
         c = int(np.searchsorted(starts, row, side="right")) - 1
-        return arrays[c][row - starts[c]]
+        return readers[c][row - starts[c]]
 
     def _values(self, clip: ClipRef, names: tuple[str, ...]) -> list[np.ndarray]:
         """One clip's values of tensor columns: from its own record batch with clip reads (one lookup),
@@ -293,7 +293,7 @@ class ShardIndex:
         if self.clip_reads is not None and clip.file not in self.clip_reads.whole_files:
             batch = self.clip_reads.get(self._loc_of(clip))
             if batch is not None:
-                return [batch.column(batch.schema.get_field_index(n)).to_numpy_ndarray()[0] for n in names]
+                return [RowReader(batch.column(batch.schema.get_field_index(n)))[0] for n in names]
         return [self._row(clip.file, n, clip.row) for n in names]
 
     def _finite(self, clip: ClipRef, stored: np.ndarray) -> torch.Tensor:
@@ -309,10 +309,13 @@ class ShardIndex:
         return self._finite(clip, self._values(clip, ("latents",))[0])
 
     def load(self, clip: ClipRef) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents (C, T', H', W') float32, text (L, D) float32, text_mask (L,) bool) of one clip (copies)."""
-        latents, text, mask = self._values(clip, ("latents", "text_embedding", "text_mask"))
+        """(latents (C, T', H', W') float32, text (n, D) float32, text_mask (n,) bool) of one clip (copies).
+
+        Shards store only the caption's real tokens (pipeline.shards), so the mask is all true; it
+        stays in the signature for packers that pad (the Wan backbone pads to its 512 tokens)."""
+        latents, text = self._values(clip, ("latents", "text_embedding"))
         return (self._finite(clip, latents), torch.from_numpy(as_float32(text)),
-                torch.from_numpy(mask.astype(bool)))
+                torch.ones(text.shape[0], dtype=torch.bool))
 
 
 def per_file(data_uri: str, manifest: dict[str, Any], split: str | None, columns: list[str]) -> dict[str, tuple]:

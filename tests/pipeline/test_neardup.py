@@ -12,7 +12,9 @@ from pipeline.neardup import (
     assign,
     band_keys,
     bit_tables,
+    clip_chash,
     clip_phash,
+    color_delta,
     expected_recall,
     hamming,
     kmeans,
@@ -40,6 +42,13 @@ def test_phash_survives_resizing_and_reencoding_and_separates_other_content() ->
     h = phash(a)
     for copy in (small, reencoded, brighter):
         assert hamming(np.int64(h), np.int64(phash(copy))) <= 6
+        assert color_delta(clip_chash(a[None]), clip_chash(copy[None])) <= 3  # measured 0-2
+    # Another hue with the same luma layout: pHash cannot tell; the colour signature can.
+    ycc = cv2.cvtColor(a, cv2.COLOR_RGB2YCrCb)
+    ycc[..., 1], ycc[..., 2] = 190, 80  # a strong red tint over the same luma (a generated scene in another hue)
+    hued = cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+    assert hamming(np.int64(h), np.int64(phash(hued))) <= 6
+    assert color_delta(clip_chash(a[None]), clip_chash(hued[None])) > 3 * DedupConfig().max_color_delta
     for other in (frame_of("bigbuckbunny.mp4"), frame_of("carphone_pristine.mp4"), frame_of("bikes.mp4", 200)):
         assert hamming(np.int64(h), np.int64(phash(other))) > 12
     assert -(2**63) <= h < 2**63  # fits the int64 column

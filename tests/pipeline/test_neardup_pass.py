@@ -64,6 +64,24 @@ def test_perceptual_pairs_name_the_best_copy_and_skip_clips_of_one_source() -> N
     assert perceptual_pairs(rows, CFG).num_rows == 0
 
 
+def test_a_copy_must_match_in_colour_too() -> None:
+    """Same luma layout in another hue: pHash bits alike, colour signature not → not a copy."""
+    from pipeline.neardup import clip_chash
+
+    h = -7179684266118290146
+    red = np.zeros((3, 64, 96, 3), np.uint8)
+    red[..., 0] = 200
+    blue = red[..., ::-1].copy()
+    slightly = np.clip(red.astype(np.int16) + 10, 0, 255).astype(np.uint8)  # a brightness shift: still a copy
+    colors = [clip_chash(red), clip_chash(blue), clip_chash(slightly)]
+    cands = cand_table(["a", "b", "c"], ["s1", "s2", "s3"], [h, flip(h, 1), flip(h, 2)], [100, 400, 100],
+                       [1.0, 1.0, 1.0], colors)
+    rows = key_rows(cands, bit_tables(CFG.tables, CFG.bits, CFG.seed), parts=1)
+    pairs = {r["clip_id"]: r["duplicate_of"] for r in perceptual_pairs(rows, CFG).to_pylist()}
+    assert pairs == {"c": "a"}  # b (blue, most pixels) would have taken both without the colour check
+    assert perceptual_pairs(rows, DedupConfig(max_color_delta=255)).num_rows == 2  # the gate is what kept them
+
+
 def test_best_pairs_merge_groups_and_split_marks_only_the_copies() -> None:
     pairs = pa.Table.from_pylist([
         {"clip_id": "x", "duplicate_of": "p", "dup_pixels": 10, "dup_sharpness": 1.0, "dup_kind": "semantic",

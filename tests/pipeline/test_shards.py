@@ -14,14 +14,18 @@ import pytest
 from pipeline.shards import (
     SCALAR_COLUMNS,
     SCHEMA_VERSION,
+    STORED_TENSOR_COLUMNS,
     TENSOR_COLUMNS,
+    RowReader,
     ShardError,
     as_float32,
     clip_id,
     clips_table,
+    column_shapes,
     read_shard,
     split_of,
     tensor,
+    text_tokens,
     write_shard,
 )
 
@@ -61,6 +65,7 @@ def make_columns(n: int, bucket: str = BUCKET, seed: int = 0) -> dict[str, Any]:
         "keyframe_jpeg": [rng.bytes(int(rng.integers(0, 300))) for _ in range(n)],
         "crop_px": [np.array([0, 0, 8 * (i % 2), 8 * (i % 2)], np.int32) for i in range(n)],  # as cut rows carry it
         "phash": list(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)),
+        "chash": list(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)),
         "motion": list(rng.uniform(0.0, 0.3, n)),
         "max_frame_diff": list(rng.uniform(0.0, 40.0, n)),
         "sharpness": list(rng.uniform(10.0, 1000.0, n)),
@@ -91,18 +96,30 @@ def test_write_read_round_trip_with_bare_pyarrow(tmp_path: Path) -> None:
 
     table = read_bare(path)
     assert table.num_rows == n
-    assert table.column_names == list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
+    assert table.column_names == list(SCALAR_COLUMNS) + list(STORED_TENSOR_COLUMNS)
     meta = table.schema.metadata
     assert meta[b"ditharos.schema_version"] == str(SCHEMA_VERSION).encode()
     assert meta[b"ditharos.bucket"] == BUCKET.encode()
 
-    expected = {"latents": (np.float16, (n, *LATENT_SHAPE)), "text_embedding": (np.float16, (n, 77, 64)),
-                "text_mask": (np.uint8, (n, 77)), "image_embedding": (np.float16, (n, 64))}
+    expected = {"latents": (np.float16, (n, *LATENT_SHAPE)), "image_embedding": (np.float16, (n, 64))}
     for name, (dtype, shape) in expected.items():
         arr = table.column(name).combine_chunks().to_numpy_ndarray()
         assert arr.dtype == dtype and arr.shape == shape, name
         np.testing.assert_array_equal(arr, np.asarray(cols[name]).astype(dtype), err_msg=name)
         assert table.schema.field(name).type.shape == list(shape[1:])
+    # Text: each row holds exactly its caption's real tokens, in order, in the stored dtype.
+    real = [cols["text_embedding"][i][cols["text_mask"][i]] for i in range(n)]
+    got = text_tokens(table)
+    assert [g.shape for g in got] == [r.shape for r in real] and {g.dtype for g in got} == {np.dtype(np.float16)}
+    for i in range(n):
+        np.testing.assert_array_equal(got[i], real[i], err_msg=f"row {i}")
+    assert np.asarray(table.column("text_embedding")[n - 1].as_py(), np.float16).shape == real[-1].shape  # bare pyarrow
+    assert column_shapes(table.schema) == {"image_embedding": [64], "text_embedding": [77, 64],
+                                           "latents": list(LATENT_SHAPE)}
+    # Stored text bytes are the real tokens', not the padded (n, 77, 64).
+    text_bytes = sum(b.size for b in table.column("text_embedding").combine_chunks().buffers() if b is not None)
+    real_bytes = sum(r.nbytes for r in real)
+    assert real_bytes <= text_bytes < real_bytes + 16 * n + 4096 < cols["text_embedding"].nbytes
 
     for name, typ in SCALAR_COLUMNS.items():
         assert table.schema.field(name).type == typ, name
@@ -150,7 +167,7 @@ def test_empty_table_is_valid(tmp_path: Path) -> None:
     table = read_shard(str(tmp_path / "empty.arrow"))
     assert table.num_rows == 0
     assert table.schema.field("latents").type.shape == list(LATENT_SHAPE)
-    assert table.schema.field("text_mask").type.value_type == pa.uint8()
+    assert column_shapes(table.schema)["text_embedding"] == [77, 64] and text_tokens(table) == []
 
 
 # ---------------------------------------------------------------------------
@@ -192,6 +209,30 @@ def test_ragged_tensor_shapes_are_a_shard_error_naming_the_column(name: str) -> 
     msg = str(e.value)
     assert f"column {name!r}" in msg and "shape" in msg
     assert str(tuple(rows[0].shape)) in msg and str(tuple(rows[1].shape)) in msg
+
+
+def test_a_caption_without_real_tokens_is_refused_naming_the_row() -> None:
+    cols = make_columns(4)
+    cols["text_mask"][2] = False
+    with pytest.raises(ShardError, match=r"row 2 has no real text tokens"):
+        clips_table(BUCKET, cols)
+    cols = make_columns(4)
+    cols["text_mask"] = cols["text_mask"][:, :70]
+    with pytest.raises(ShardError, match=r"text_mask \(4, 70\) does not match text_embedding \(4, 77, 64\)"):
+        clips_table(BUCKET, cols)
+
+
+def test_row_reader_reads_rows_of_sliced_chunks() -> None:
+    """Rows of a slice (one clip's record batch, a chunk after the first) are that slice's rows."""
+    cols = make_columns(9)
+    table = clips_table(BUCKET, cols)
+    part = table.slice(5, 3)
+    for name in ("text_embedding", "latents"):
+        chunk = part.column(name).combine_chunks()
+        for i in range(3):
+            want = (cols["text_embedding"][5 + i][cols["text_mask"][5 + i]] if name == "text_embedding"
+                    else cols["latents"][5 + i])
+            np.testing.assert_array_equal(RowReader(chunk)[i], want, err_msg=f"{name} row {i}")
 
 
 def test_wrong_scalar_type_is_rejected() -> None:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.records import (
     RECORDS_DIR, duplicate_clip_ids, of_kind, read_record, record_table, shards_named, source_status,
 )
-from pipeline.shards import ShardError, clips_table, decode_clip, read_shard, tensor
+from pipeline.shards import ShardError, clips_table, decode_clip, read_shard, tensor, text_tokens
 from pipeline.writer import ShardWriter
 
 from tests.datasets import stream_batch
@@ -38,7 +38,9 @@ def all_records(out: Path) -> pa.Table:
 
 def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path) -> None:
     cols = columns(40)
-    per_clip = sum(np.asarray(cols[c][0]).nbytes for c in ("latents", "text_embedding", "image_embedding"))
+    stored = [cols["latents"][i].nbytes + cols["image_embedding"][i].nbytes  # text: the real tokens only
+              + cols["text_embedding"][i][cols["text_mask"][i]].nbytes for i in range(40)]
+    per_clip = max(stored)
     w = ShardWriter(str(tmp_path), "run1-w000", target_bytes=10 * per_clip, max_open_bytes=100 * per_clip)
     sources = sorted(set(cols["source_id"]))
     side = [source_row(s, cols["source_uri"][cols["source_id"].index(s)], cols["source_id"].count(s))
@@ -74,6 +76,10 @@ def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path) -> N
                           r["shard"], r["row"], r["clip_id"])
         np.testing.assert_array_equal(one.column(one.schema.get_field_index("latents")).to_numpy_ndarray()[0],
                                       latents[r["clip_id"]])
+        i = cols["clip_id"].index(r["clip_id"])
+        np.testing.assert_array_equal(text_tokens(one)[0], cols["text_embedding"][i][cols["text_mask"][i]])
+        assert r["clip_bytes"] == stored[i]
+        assert r["batch_bytes"] < stored[i] + 4096  # the batch carries its own tokens, not the shard's
     status = source_status(records).to_pylist()
     assert len(status) == len(sources) and all(s["complete"] for s in status)
     assert not list(tmp_path.rglob("*.tmp-*"))  # no half-written files

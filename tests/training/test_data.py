@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.shards import ShardError, read_shard, tensor
+from pipeline.shards import ShardError, read_shard, tensor, text_tokens
 from tests import datasets
 from tests.pipeline.test_shards import make_columns
 from training.data import (
@@ -281,18 +281,17 @@ def test_packed_tokens_unpack_to_the_stored_latents_and_text(data_dir: Path, ind
     rows = {}
     for path in sorted((data_dir / "shards").rglob("*.arrow")):
         t = read_shard(str(path))
-        for c, lat, txt, m in zip(t.column("clip_id").to_pylist(), tensor(t, "latents"),
-                                  tensor(t, "text_embedding"), tensor(t, "text_mask")):
-            rows[c] = (lat, txt, m)
+        for c, lat, txt in zip(t.column("clip_id").to_pylist(), tensor(t, "latents"), text_tokens(t)):
+            rows[c] = (lat, txt)
     checked = 0
     for step in islice(loader(index, rank=1, world_size=2), 3):
         for batch, ids in zip(step.packs, step.clip_ids):
             for i, (x, c) in enumerate(zip(unpack(batch.tokens, batch), ids)):
-                lat, txt, m = rows[c]
+                lat, txt = rows[c]
                 assert x.dtype == torch.float32
                 assert torch.equal(x, torch.from_numpy(lat.astype(np.float32)))
                 text = batch.text[batch.text_offsets[i]:batch.text_offsets[i] + batch.text_lengths[i]]
-                assert torch.equal(text, torch.from_numpy(txt[m.astype(bool)].astype(np.float32)))
+                assert torch.equal(text, torch.from_numpy(txt.astype(np.float32)))
                 checked += 1
     assert checked > 10
 
