@@ -59,6 +59,7 @@ from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import column_shapes, read_shard
 from pipeline.state import add_totals, check_shards, drop_near_duplicates, status_block, totals_block, totals_json
 from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
+from pipeline.text_encoder import null_text_uri
 from pipeline.version import code_version
 from pipeline.writer_actors import Router, Stalled, flush_writers, run_streaming, start_writers
 
@@ -269,7 +270,7 @@ def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
     return grouped.map_batches(dedupe_block, batch_format="numpy", batch_size=None).materialize()
 
 
-def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dict, writers: list):
+def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerprints: dict, writers: list):
     """The streaming stages over the rows to do, ending in the shard writers."""
     gpus = cfg.compute.gpus_per_model_actor
     if gpus < 0:
@@ -289,7 +290,9 @@ def build_plan(ray, cfg: PipelineConfig, todo, resume: Resume, fingerprints: dic
                                                  "aesthetic_sha256": fingerprints.get("aesthetic", {}).get(
                                                      "weights_sha256", ""),
                                                  "text_sha256": fingerprints["text"]["weights_sha256"],
-                                                 "encoder_sha256": fingerprints["text_encoder"]["weights_sha256"]},
+                                                 "encoder_sha256": fingerprints["text_encoder"]["weights_sha256"],
+                                                 "null_text_uri": null_text_uri(
+                                                     out, fingerprints["text_encoder"]["weights_sha256"])},
             batch_size=cfg.compute.caption_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.caption_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
@@ -519,7 +522,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         if todo.count() == 0:
             break  # every listed file is committed (or nothing was listed): no model is loaded
         writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
-        ds = build_plan(ray, cfg, todo, resume, fingerprints, writers)
+        ds = build_plan(ray, cfg, out, todo, resume, fingerprints, writers)
         try:
             run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
         except Stalled as e:

@@ -30,7 +30,7 @@ from pipeline.aesthetic import Aesthetic
 from pipeline.buckets import SourceBucketing, choose_source_bucket
 from pipeline.captions import keyframe_indices, make_captioner
 from pipeline.clip_model import load_clip
-from pipeline.text_encoder import load_umt5
+from pipeline.text_encoder import load_umt5, write_null_text
 from pipeline.config import to_dict
 from pipeline.cutting import Clip, cut_image, cut_source
 from pipeline.discover import content_id, is_image, sniff_other
@@ -292,7 +292,8 @@ class CaptionStage:
     """
 
     def __init__(self, cfg: PipelineConfig, num_gpus: float = 0.0, expected_sha256: str = "",
-                 aesthetic_sha256: str = "", text_sha256: str = "", encoder_sha256: str = "") -> None:
+                 aesthetic_sha256: str = "", text_sha256: str = "", encoder_sha256: str = "",
+                 null_text_uri: str = "") -> None:
         self.cfg = cfg
         self.clip = load_clip(cfg.caption.clip, _device(num_gpus))
         _check_fingerprint(self.clip.fingerprint(), expected_sha256, "CLIP")
@@ -300,6 +301,8 @@ class CaptionStage:
         if cfg.text_encoder.kind == "umt5":
             self.encoder = load_umt5(cfg.text_encoder, _device(num_gpus))
             _check_fingerprint(self.encoder.fingerprint(), encoder_sha256, "umT5 text encoder")
+        if null_text_uri:  # the encoder's "" once per output: a pretrained backbone's null caption
+            write_null_text(null_text_uri, self.encoder)
         self.captioner = make_captioner(cfg.caption, self.clip)
         self.aesthetic = None
         if cfg.caption.aesthetic.enabled:

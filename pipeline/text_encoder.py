@@ -16,13 +16,16 @@ marks the real ones. Nothing is downloaded: folders are read with `local_files_o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.vae import state_dict_sha256
 
 KINDS = ("clip", "umt5")
@@ -156,3 +159,45 @@ def load_umt5(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> UMT
         tokenizer = ByT5Tokenizer()
         weights = "random-init"
     return UMT5Text(model.to(device), tokenizer, cfg, weights)
+
+
+# ---------------------------------------------------------------------------
+# The null text: the encoder's states of "" (a pretrained backbone's unconditional text)
+# ---------------------------------------------------------------------------
+
+NULL_TEXT_DIR = "_state/null_text"
+
+
+def null_text_uri(out_uri: str, weights_sha256: str) -> str:
+    """Where an output keeps its text encoder's states of "" (one small file per encoder)."""
+    return storage.join(out_uri, NULL_TEXT_DIR, f"{weights_sha256[:16]}.npy")
+
+
+def write_null_text(uri: str, encoder: Any) -> None:
+    """Store `encoder`'s states of "" at `uri` once: its real tokens (n, D) float16, as the shards
+    store captions (umT5: the end token, 8 KiB; CLIP: start + end). Every caption actor may race
+    to write it; each writes the same bytes atomically, so any one of them wins."""
+    if storage.exists(uri):
+        return
+    states, mask = encoder.text_tokens([""])  # (1, L, D), (1, L)
+    tokens = states[0][mask[0].bool()].float().cpu().numpy().astype(np.float16)  # (n, D)
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_null_text(data_uri: str, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The data's text encoder's states of "" (n, D) float16, or None when the output has none."""
+    sha = manifest["fingerprint"]["models"].get("text_encoder", {}).get("weights_sha256")
+    uri = null_text_uri(data_uri, sha) if sha else None
+    if uri is None or not storage.exists(uri):
+        return None
+    try:
+        tokens = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{uri}: unreadable null text ({e}); delete it and re-run the pipeline") from None
+    width = manifest["fingerprint"]["models"]["text_encoder"].get("text_width")
+    if tokens.ndim != 2 or not len(tokens) or (width and tokens.shape[1] != width):
+        raise ValueError(f"{uri}: null text of shape {tokens.shape}, expected (n >= 1, {width}); "
+                         "delete it and re-run the pipeline")
+    return tokens

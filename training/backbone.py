@@ -69,6 +69,15 @@ def input_widths(manifest: dict[str, Any]) -> tuple[int, int]:
     return channels.pop(), text_dims.pop()
 
 
+def null_text_of(data_uri: str, manifest: dict[str, Any]) -> torch.Tensor | None:
+    """The data's text encoder's states of "" (n, D) float32, stored by the pipeline; None for data
+    without one (then a pretrained backbone's null caption is zero rows)."""
+    from pipeline.text_encoder import read_null_text
+
+    tokens = read_null_text(data_uri, manifest)
+    return None if tokens is None else torch.from_numpy(tokens.astype("float32"))
+
+
 def check(cfg: ModelConfig, manifest: dict[str, Any]) -> None:
     """On the driver, before any worker starts: BackboneError when this model cannot train on these
     shards (a Wan folder without a config, or whose widths differ). Reads config.json only."""
@@ -87,11 +96,14 @@ def _check_wan_widths(c_in: int, c_out: int, c_text: int, source: str, in_channe
                             f"text: encode the data with this model's VAE and text encoder")
 
 
-def build(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
-    """The run's network for shards of `in_channels` latent channels and `text_dim`-wide text states."""
+def build(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None = None) -> Backbone:
+    """The run's network for shards of `in_channels` latent channels and `text_dim`-wide text states.
+
+    `null_text` (n, text_dim): the data's encoding of "" (pipeline.text_encoder.read_null_text),
+    a pretrained backbone's unconditional text; the native DiT learns its own and ignores it."""
     if cfg.kind == "ditharos":
         return _dit(dit_config(cfg.name, **cfg.overrides, in_channels=in_channels, text_dim=text_dim))
-    return _build_wan(cfg, in_channels, text_dim)
+    return _build_wan(cfg, in_channels, text_dim, null_text)
 
 
 def _dit(model_cfg: DiTConfig) -> Backbone:
@@ -99,12 +111,12 @@ def _dit(model_cfg: DiTConfig) -> Backbone:
                     lambda n, m: forward_flops(model_cfg, n, m), str(model_cfg))
 
 
-def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int) -> Backbone:
+def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None) -> Backbone:
     lora = ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or float(cfg.lora_rank), "targets": list(cfg.lora_targets)}
             if cfg.lora_rank else None)
     source = f"random-init:{cfg.preset}" if cfg.preset else str(wan_config_path(cfg.path).parent)
     model = _wan_base(source, in_channels, text_dim, seeded=lora is not None)
-    return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim, lora)
+    return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim, lora, null_text)
 
 
 def _wan_base(source: str, in_channels: int, text_dim: int, seeded: bool) -> nn.Module:
@@ -125,9 +137,10 @@ def _wan_base(source: str, in_channels: int, text_dim: int, seeded: bool) -> nn.
                                      text_dim=text_dim)
 
 
-def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Backbone:
-    """The module a checkpoint's model record describes, for data of these widths; its weights are a
-    fresh init until the checkpoint's are loaded into it."""
+def from_record(record: dict[str, Any], in_channels: int, text_dim: int,
+                null_text: torch.Tensor | None = None) -> Backbone:
+    """The module a checkpoint's model record describes, for data of these widths (and null text,
+    see `build`); its weights are a fresh init until the checkpoint's are loaded into it."""
     kind = record.get("kind", "ditharos")  # DiT records are DiTConfig's fields (checkpoints before kinds)
     if kind == "ditharos":
         model_cfg = DiTConfig(**dict(record, patch=tuple(record["patch"])))
@@ -140,21 +153,21 @@ def from_record(record: dict[str, Any], in_channels: int, text_dim: int) -> Back
 
         if record.get("lora"):  # the checkpoint holds the adapter only: the base comes from where it came from
             return _wan(_wan_base(record["source"], in_channels, text_dim, seeded=True), record["source"], "auto",
-                        in_channels, text_dim, record["lora"])
+                        in_channels, text_dim, record["lora"], null_text)
         # from_config, not **config: keys of another diffusers version are ignored with a warning
         return _wan(WanTransformer3DModel.from_config(record["config"]), record["source"], "auto", in_channels,
-                    text_dim)
+                    text_dim, None, null_text)
     raise BackboneError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
 
 
 def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim: int,
-         lora: dict[str, Any] | None = None) -> Backbone:
+         lora: dict[str, Any] | None = None, null_text: torch.Tensor | None = None) -> Backbone:
     c = model.config
     _check_wan_widths(c.in_channels, c.out_channels, c.text_dim, source, in_channels, text_dim)
     model = model.float()
     if lora:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
-    module = PackedWan(model, backend=backend)
+    module = PackedWan(model, backend=backend, null_text=null_text)
     record = {"kind": "wan", "source": source, "config": {k: v for k, v in dict(c).items() if not k.startswith("_")}}
     if lora:
         record["lora"] = dict(lora)

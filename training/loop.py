@@ -145,7 +145,7 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from training.backbone import build, input_widths, patch_of
+    from training.backbone import build, input_widths, null_text_of, patch_of
     from training.flow import flow_loss
     from training.optim import deepspeed_config, lr_at
     from training.parallel import apply_activation_checkpointing, apply_compile
@@ -168,7 +168,7 @@ def _train(config: dict[str, Any]) -> None:
             index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads,
                                            max_open=cfg.data.max_open_shards))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    backbone = build(cfg.model, *input_widths(index.manifest))
+    backbone = build(cfg.model, *input_widths(index.manifest), null_text=null_text_of(index.data_uri, index.manifest))
     model = backbone.module
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
     if cfg.run.compile:

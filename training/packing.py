@@ -263,10 +263,12 @@ def text_layout(batch: PackedBatch, drop: list[bool] | None, null_len: int, pad_
     (appended after `batch.text`) when `drop[i]` is set (classifier-free guidance). A
     padding segment sees the null text too, so no key segment is ever empty. With `pad_to`,
     every segment's rows are followed by the first null row repeated up to `pad_to` rows (a
-    zero row, for a model trained on zero-padded text: Wan).
+    zero row, for a model trained on zero-padded text: Wan), and the null caption is the null
+    rows after it (the zero row alone when there are none).
     """
     num_text = batch.text.shape[0]
-    null = list(range(num_text, num_text + null_len))
+    skip = 1 if pad_to and null_len > 1 else 0  # row num_text pads; the null caption follows it
+    null = list(range(num_text + skip, num_text + null_len))
     b = batch.num_samples
     index: list[int] = []
     owners: list[int] = []

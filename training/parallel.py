@@ -4,7 +4,8 @@
 backward pass instead of storing them (torchtitan style: wrap blocks, keep the model
 file architecture-only). State-dict keys are unchanged by the wrapping.
 
-`apply_compile(model)` compiles each DiT block on its own with dynamic shapes. Not the whole
+`apply_compile(model)` compiles each DiT block on its own with dynamic shapes (a PackedWan:
+its packed block function, `PackedWan.compile_blocks`). Not the whole
 model: its forward builds the text layout in a Python loop over segments, and every pack has
 another token count and segment layout. Per block, token counts are symbolic (one graph for all
 packs: no recompiles after the first), and the attention call's host-side integers stay
@@ -22,9 +23,9 @@ from training.model import VideoDiT
 
 def apply_compile(model: VideoDiT, backend: str = "inductor") -> VideoDiT:
     """torch.compile every block in place with dynamic shapes (`backend="eager"`: trace only)."""
-    if not hasattr(model, "blocks"):
-        raise ValueError(f"run.compile is not supported for {type(model).__name__} yet (model.kind: wan): "
-                         "set run.compile: false")
+    if hasattr(model, "compile_blocks"):  # PackedWan: diffusers' blocks run through its own function
+        model.compile_blocks(backend)
+        return model
     for block in model.blocks:
         inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
         inner.compile(dynamic=True, backend=backend)

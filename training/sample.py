@@ -48,7 +48,7 @@ from pipeline.text_encoder import config_of, load_umt5
 from pipeline.vae import VAEConfig, VideoVAE, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.backbone import BackboneError, from_record, load_trained
+from training.backbone import BackboneError, from_record, load_trained, null_text_of
 from training.flow import FlowConfig, sample
 from training.packing import num_patches
 
@@ -343,7 +343,8 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
     clip, vae = load_data_models(data_uri, manifest, dev)
     encoder = load_text_encoder(data_uri, manifest, clip, dev)
     try:
-        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=encoder.text_width).module
+        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=encoder.text_width,
+                            null_text=null_text_of(data_uri, manifest)).module
         load_trained(model, tensors, checkpoint)
     except BackboneError as e:
         raise SamplerError(f"{checkpoint}: {e}") from None

@@ -209,8 +209,6 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        if self.model.kind == "wan" and self.run.compile:
-            raise ValueError("run.compile is not supported with model.kind: wan yet; set run.compile: false")
         if self.data.packs_per_step % self.scaling.num_workers:
             raise ValueError(f"data.packs_per_step={self.data.packs_per_step} must be divisible by "
                              f"scaling.num_workers={self.scaling.num_workers}")

@@ -23,10 +23,14 @@ matching with sigma = t, and diffusers' Wan takes timestep = 1000·sigma.
 
 LoRA (`add_lora`): peft adapters through diffusers' own `add_adapter`, so the factors are
 diffusers' LoRA layers and export as a WanPipeline LoRA file. Not covered yet (issue 15):
-image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's per-token timesteps, the null
-text of the real text encoder (a dropped caption sees 512 zero rows here; WanPipeline's default
-negative prompt is umT5's encoding of "", its end token then 511 zero rows). Training, sampling and eval: `model.kind: wan`
-(training/backbone.py); export: training/export.py.
+image-conditioned Wan (I2V, `added_kv_proj_dim`), Wan 2.2 TI2V's per-token timesteps.
+
+The null text (a caption dropped for classifier-free guidance in training, the unconditional
+branch in sampling) is the data's text encoder's encoding of "" — what WanPipeline's default
+negative prompt gives: umT5's end token, then zero rows to 512. The pipeline stores it once per
+output (`pipeline.text_encoder.read_null_text`); without it (`null_text=None`) a dropped caption
+sees 512 zero rows. Training, sampling and eval: `model.kind: wan` (training/backbone.py);
+export: training/export.py.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class PackedWan(nn.Module):
     """diffusers' `WanTransformer3DModel` weights, run on a PackedBatch like `training.model.VideoDiT`."""
 
-    def __init__(self, model: nn.Module, backend: str = "auto", null_text_len: int = 1,
+    def __init__(self, model: nn.Module, backend: str = "auto", null_text: Tensor | None = None,
                  text_len: int = WAN_TEXT_LEN) -> None:
         super().__init__()
         cfg = model.config
@@ -96,11 +100,18 @@ class PackedWan(nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.heads = cfg.num_attention_heads
         self.checkpointing = False  # activation checkpointing per block (training.parallel)
+        self._run_block = self._block  # torch.compile'd by `compile_blocks` (training.parallel.apply_compile)
         # fp32 copies of diffusers' rope tables, kept outside the module's buffers: DeepSpeed's bf16
         # mode casts every buffer, and cos/sin in bf16 would misplace positions (diffusers keeps rope fp32).
         self._rope_tables = (model.rope.freqs_cos.detach().float().clone(),
                              model.rope.freqs_sin.detach().float().clone())
-        self.register_buffer("null_text", torch.zeros(null_text_len, cfg.text_dim), persistent=False)
+        # Row 0: the zero row every clip's text is padded with; rows 1..: the encoded "" (none: the zero row).
+        rows = [torch.zeros(1, cfg.text_dim)]
+        if null_text is not None:
+            if null_text.ndim != 2 or null_text.shape[1] != cfg.text_dim or not 0 < len(null_text) <= text_len:
+                raise ValueError(f"null text of shape {tuple(null_text.shape)}: need (1..{text_len}, {cfg.text_dim})")
+            rows.append(null_text.detach().float())
+        self.register_buffer("null_text", torch.cat(rows), persistent=False)
         self.text_len = text_len  # each clip's text is zero-padded to this many rows, as Wan was trained
 
     def activation_floats_per_token(self) -> int:
@@ -138,6 +149,13 @@ class PackedWan(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         o = attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=self.backend).flatten(1)  # (N, H·Dh)
         return attn.to_out[1](attn.to_out[0](o.type_as(q)))
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile the packed block function with dynamic shapes: one graph serves every block
+        (their parameters are graph inputs) and every pack (token counts are symbolic); the rope,
+        text layout and segment bookkeeping stay eager outside it. Inside activation checkpointing
+        the recomputation runs compiled too. Parameters and state-dict keys are untouched."""
+        self._run_block = torch.compile(self._block, dynamic=True, backend=backend)
 
     def _block(self, block: nn.Module, h_x: Tensor, tproj: Tensor, onehot: Tensor, text: Tensor,
                rope: tuple[Tensor, Tensor], seg: tuple[Tensor, int, Tensor, int]) -> Tensor:
@@ -179,9 +197,9 @@ class PackedWan(nn.Module):
         seg = (batch.cu_seqlens, batch.max_seqlen, layout.cu_seqlens, layout.max_seqlen)
         for block in m.blocks:
             if self.checkpointing and torch.is_grad_enabled():  # recompute the block's activations in backward
-                h_x = checkpoint(self._block, block, h_x, tproj, onehot, text, rope, seg, use_reentrant=False)
+                h_x = checkpoint(self._run_block, block, h_x, tproj, onehot, text, rope, seg, use_reentrant=False)
             else:
-                h_x = self._block(block, h_x, tproj, onehot, text, rope, seg)
+                h_x = self._run_block(block, h_x, tproj, onehot, text, rope, seg)
         rows = (m.scale_shift_table.float() + temb.float()[:, None]).flatten(1)  # (B+1, 2·D), fp32 as in diffusers
         shift, scale = per_token(rows, onehot).chunk(2, dim=1)  # (N, D) each
         h_x = (m.norm_out(h_x.float()) * (1 + scale) + shift).type_as(h_x)

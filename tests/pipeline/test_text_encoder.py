@@ -96,3 +96,30 @@ def test_the_manifest_records_the_encoder_and_the_sampler_rebuilds_it_checked() 
     with pytest.raises(SamplerError, match="the umT5 text encoder loaded .* has weights sha256"):
         load_text_encoder("data", tampered, clip=None)
     assert model_fingerprints(PipelineConfig())["text_encoder"]["kind"] == "clip"
+
+
+@pytest.mark.parametrize("kind", ["clip", "umt5"])
+def test_the_caption_stage_stores_the_encoders_null_text_once(tmp_path: Path, kind: str) -> None:
+    """The encoder's states of "" (real tokens only, float16) are written once per output and read back
+    for the backbone; a second actor leaves the file alone; a damaged file is refused naming it."""
+    from pipeline.run import model_fingerprints
+    from pipeline.steps import CaptionStage
+    from pipeline.text_encoder import null_text_uri, read_null_text
+
+    cfg = load_config(PipelineConfig, overrides=[f"text_encoder.kind={kind}"])
+    models = model_fingerprints(cfg)
+    manifest = {"fingerprint": {"models": models}}
+    assert read_null_text(str(tmp_path), manifest) is None  # data made without one
+    uri = null_text_uri(str(tmp_path), models["text_encoder"]["weights_sha256"])
+    stage = CaptionStage(cfg, null_text_uri=uri)
+    got = read_null_text(str(tmp_path), manifest)
+    states, mask = stage.encoder.text_tokens([""])
+    want = states[0][mask[0].bool()].numpy().astype(np.float16)
+    assert got.dtype == np.float16 and got.shape == want.shape == ((1, 32) if kind == "umt5" else (2, 64))
+    np.testing.assert_array_equal(got, want)  # umT5: </s> alone; CLIP: start + end
+    mtime = Path(uri).stat().st_mtime_ns
+    CaptionStage(cfg, null_text_uri=uri)
+    assert Path(uri).stat().st_mtime_ns == mtime  # written once
+    Path(uri).write_bytes(Path(uri).read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"null_text/[0-9a-f]{16}\.npy: unreadable null text"):
+        read_null_text(str(tmp_path), manifest)

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import from_dict
 from training.backbone import BackboneError, build, patch_of, wan_forward_flops
 from training.packing import pack
-from training.settings import ModelConfig, TrainConfig
+from training.settings import ModelConfig
 
 
 def model_cfg(**kw) -> ModelConfig:
@@ -34,11 +33,6 @@ def model_cfg(**kw) -> ModelConfig:
 def test_model_settings_that_cannot_work_are_refused_naming_the_valid_ones(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         model_cfg(**kw)
-
-
-def test_compile_with_wan_is_refused_up_front() -> None:
-    with pytest.raises(ValueError, match="run.compile is not supported with model.kind: wan"):
-        from_dict(TrainConfig, {"model": {"kind": "wan", "preset": "tiny-wan"}, "run": {"compile": True}})
 
 
 def test_the_dit_backbone_is_the_registry_model_with_the_shards_widths() -> None:

@@ -65,3 +65,49 @@ def test_compiled_blocks_with_flex_masks_do_not_recompile_per_pack() -> None:
                     m(batch.tokens, t, batch)
                 except NotImplementedError as e:  # noqa: PERF203 — availability probe
                     pytest.skip(f"FlexAttention does not run on CPU here: {e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_wan_matches_eager_with_one_graph_for_all_blocks_and_packs(checkpointing: bool) -> None:
+    """run.compile with model.kind wan: the packed block function compiles once (both blocks, three
+    packs of other lengths and layouts, no recompiles), with eager-equal outputs and gradients."""
+    from training.wan import PackedWan
+
+    from .test_wan import samples, tiny_wan
+
+    torch._dynamo.reset()
+    eager, compiled = PackedWan(tiny_wan(), backend="sdpa_segments"), PackedWan(tiny_wan(), backend="sdpa_segments")
+    apply_activation_checkpointing(compiled, checkpointing)
+    apply_compile(compiled, backend="eager")
+    latents, texts, t = samples()
+    frames = torch._dynamo.utils.counters["frames"]
+    frames.clear()
+    for i, keep in enumerate(([0, 1], [2, 3, 1], [3, 0])):  # three packs: other token counts and layouts
+        batch = pack([latents[k] for k in keep], [texts[k] for k in keep], eager.patch, 4096)
+        outs = []
+        for m in (eager, compiled):
+            m.zero_grad()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                out = m(batch.tokens, t[keep], batch)
+                out.square().mean().backward()
+            outs.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+        (a, ga), (b, gb) = outs
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert all(torch.allclose(y, x, rtol=1e-4, atol=1e-5) for x, y in zip(ga, gb)), i
+    assert set(eager.state_dict()) == set(compiled.state_dict())
+    # The blocks share the compiled frames: a one-block Wan compiles as many (graph breaks at the
+    # CPU attention's per-segment loop make several frames per block call).
+    two = frames["ok"]
+    torch._dynamo.reset()
+    frames.clear()
+    from diffusers import WanTransformer3DModel
+
+    from .test_wan import TINY
+    assert TINY["num_layers"] == 2
+    one = PackedWan(WanTransformer3DModel(**dict(TINY, num_layers=1)), backend="sdpa_segments")
+    apply_activation_checkpointing(one, checkpointing)
+    apply_compile(one, backend="eager")
+    batch = pack([latents[0], latents[1]], [texts[0], texts[1]], one.patch, 4096)
+    one(batch.tokens, t[:2], batch).square().mean().backward()
+    assert 0 < frames["ok"] == two, (frames["ok"], two)

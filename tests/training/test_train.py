@@ -523,3 +523,60 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
     pipe.transformer.disable_lora()
     _, plain = ours_and_diffusers(sampler, pipe.transformer)
     assert (ours - plain).abs().max() > 1e-4  # the adapter changes the output: it was applied
+
+
+def test_wan_lora_zero3_on_umt5_and_wan_vae_shards_end_to_end(ray_local: None, tmp_path: Path,
+                                                              sample_clips: dict[str, Path]) -> None:
+    """The whole Wan chain: the pipeline with the umT5 text encoder and the Wan VAE → a LoRA fine-tune
+    of the tiny Wan under ZeRO-3 on 2 workers → the sampler, which rebuilds the text encoder and the
+    VAE from the data's manifest. The shards hold each caption's real umT5 tokens only."""
+    from pipeline.run import main as pipeline_main
+    from pipeline.manifest import read_index, read_manifest
+    from pipeline.shards import column_shapes, read_shard, text_tokens
+    from pipeline.text_encoder import read_null_text
+    from training import checkpoint as ckpt
+    from training.sample import load_sampler
+    from training.wan import PackedWan
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    shutil.copy(sample_clips["carphone_pristine"], src / "carphone.mp4")
+    data = tmp_path / "data"
+    pipeline_main(["--input", str(src), "--output", str(data), "--set", "vae.kind=wan", "--set", "vae.preset=tiny-wan",
+                   "--set", "text_encoder.kind=umt5", "--set", "text_encoder.preset=tiny-umt5"])
+    manifest = read_manifest(str(data))
+    assert manifest["fingerprint"]["models"]["text_encoder"]["kind"] == "umt5"
+    index = read_index(str(data), manifest, ["shard", "caption", "clip_bytes", "latent_shape"])
+    table = read_shard(str(data / index["shard"][0].as_py()))
+    assert column_shapes(table.schema)["text_embedding"] == [512, 32]  # the limit is recorded, not stored
+    tokens = text_tokens(table)
+    captions = table.column("caption").to_pylist()
+    assert all(t.shape == (len(c.encode()) + 1, 32) for t, c in zip(tokens, captions))  # ByT5 bytes + </s>
+    row = index.to_pylist()[0]
+    assert row["clip_bytes"] < 512 * 32 * 2  # less than the padded text alone
+
+    lora = ["model.kind=wan", "model.preset=tiny-wan", "model.lora_rank=4", "model.lora_alpha=8",
+            "optim.zero_stage=3", "optim.total_steps=3", "optim.warmup_steps=1", "optim.lr=0.01",
+            "run.checkpoint_every=3", "run.max_steps=3"]
+    run = tmp_path / "run"
+    summary = train(data, run, *lora)
+    assert summary["model"].startswith("wan:tiny-wan")
+    got = rows(run)
+    assert [r["step"] for r in got] == [0, 1, 2] and all(0 < r["loss"] < 10 and r["grad_norm"] > 0 for r in got)
+    state, tensors = ckpt.load_weights(str(run / "checkpoint-00000003"))
+    assert state.model["lora"]["rank"] == 4 and tensors and all(".lora_" in k for k in tensors)
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if ".lora_B." in k)  # ZeRO-3 gathered trained factors
+
+    sampler = load_sampler(str(run / "checkpoint-00000003"), "cpu")
+    assert isinstance(sampler.model, PackedWan) and sampler.encoder is not None  # umT5 from the manifest
+    # The null caption (training's dropped captions, sampling's unconditional branch) is umT5's "":
+    null = read_null_text(str(data), manifest)
+    states, mask = sampler.encoder.text_tokens([""])
+    assert null.shape == (1, 32)  # </s> alone
+    torch.testing.assert_close(torch.from_numpy(null.astype(np.float32)),
+                               states[0][mask[0]].half().float())
+    assert torch.equal(sampler.model.null_text[1:], torch.from_numpy(null.astype(np.float32)))
+    assert not sampler.model.null_text[0].any()  # the zero padding row
+    frames = 1 + 4 * ((row["latent_shape"][1] - 1))  # the Wan VAE's 4k+1 frames
+    videos = sampler.generate(["a man talking in a car"], 64, 32, frames, steps=2, guidance_scale=3.0, seed=1)
+    assert videos.shape == (1, frames, 32, 64, 3) and videos.std() > 0

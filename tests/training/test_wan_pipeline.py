@@ -5,6 +5,7 @@ its latents_mean / latents_std, the same noise, time grid and guidance."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.vae import VAEConfig, load_vae
@@ -14,13 +15,17 @@ from training.wan import WAN_TEXT_LEN, PackedWan
 from .test_wan import tiny_wan
 
 
-def test_wan_sampling_and_latent_normalisation_equal_diffusers_wan_pipeline() -> None:
+@pytest.mark.parametrize("null_tokens", [0, 1, 3])
+def test_wan_sampling_and_latent_normalisation_equal_diffusers_wan_pipeline(null_tokens: int) -> None:
+    """null_tokens: rows of the data's encoding of "" (0: data without one, the null text is zero rows);
+    diffusers gets them as negative_prompt_embeds padded with zeros, as encode_prompt("") gives them."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     vae = load_vae(VAEConfig(kind="wan", preset="tiny-wan"))
     assert vae.latent_channels == 4 and vae.model.config.latents_std != [1.0] * 4  # a real normalisation
     model = tiny_wan(seed=3).eval()  # 4 latent channels, 16-wide text
-    packed = PackedWan(model)
+    null = torch.randn(null_tokens, 16, generator=torch.Generator().manual_seed(2)) if null_tokens else None
+    packed = PackedWan(model, null_text=null)
     flow = FlowConfig()  # the resolution shift on, as sampling defaults
     shape, steps, scale = (4, 2, 4, 6), 4, 3.0  # 5 frames of 32×48 pixels
     text = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
@@ -44,7 +49,10 @@ def test_wan_sampling_and_latent_normalisation_equal_diffusers_wan_pipeline() ->
                        scheduler=OurGrid(shift=1.0))
     with torch.no_grad():
         padded = torch.cat([text, torch.zeros(WAN_TEXT_LEN - len(text), 16)])  # as WanPipeline.encode_prompt pads
-        theirs = pipe(prompt_embeds=padded[None], negative_prompt_embeds=torch.zeros(1, WAN_TEXT_LEN, 16),
+        negative = torch.zeros(1, WAN_TEXT_LEN, 16)
+        if null is not None:
+            negative[0, :null_tokens] = null
+        theirs = pipe(prompt_embeds=padded[None], negative_prompt_embeds=negative,
                       latents=noise[None], num_frames=5, height=32, width=48, num_inference_steps=steps,
                       guidance_scale=scale, output_type="np").frames[0]  # (T, H, W, 3) float in [0, 1]
     assert theirs.shape == ours.shape == (5, 32, 48, 3)
