@@ -8,7 +8,8 @@ CPU path = probe + border detection + decode + scene cut + bucket sampling + cur
 (models excluded), one process, each source in turn — what the probe and cut steps do.
 Baseline = PyAV decoding every frame of every source to RGB at full size, measured in the same
 run. Goals: cpu_path_over_decode <= 1.5 (one decode of each frame serves scene detection,
-sampling and scoring) and scores_over_decode <= 0.3 (border keyframes + every clip's scores). Model stages (tiny random-init CLIP + VAE on
+sampling and scoring) and scores_over_decode <= 0.3 (border keyframes + every clip's scores and
+near-duplicate signatures). Model stages (tiny random-init CLIP + VAE on
 CPU) are timed separately.
 """
 
@@ -33,6 +34,7 @@ from pipeline.buckets import choose_source_bucket  # noqa: E402
 from pipeline.cutting import Clip, cut_source  # noqa: E402
 from pipeline.filters import border_crop  # noqa: E402
 from pipeline.probe import probe  # noqa: E402
+from pipeline.neardup import clip_chash, clip_phash  # noqa: E402
 from pipeline.quality import clip_scores  # noqa: E402
 from pipeline.samples import sample_clips  # noqa: E402
 from pipeline.settings import PipelineConfig  # noqa: E402
@@ -98,6 +100,7 @@ def main() -> None:
             if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
                 ts = time.perf_counter()
                 clip_scores(c.frames, cfg.buckets.fps)
+                clip_phash(c.frames), clip_chash(c.frames)  # the near-duplicate signatures, as the cut stage
                 score_s += time.perf_counter() - ts
                 made += 1
                 if len(clips) < MODEL_CLIPS:
@@ -141,7 +144,8 @@ def main() -> None:
         t = time.perf_counter()
         def one_clip(c):  # a stream batch of one clip row (only the columns these stages read)
             return {"kind": np.array(["clip"], dtype=object), "record_json": np.array([""], dtype=object),
-                    "frames": np.stack([c.frames]), "sidecars": np.array(["[]"], dtype=object)}
+                    "frames": np.stack([c.frames]), "sidecars": np.array(["[]"], dtype=object),
+                    "num_frames": np.array([len(c.frames)])}
 
         for c in clips:
             cap(one_clip(c))
