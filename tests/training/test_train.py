@@ -541,6 +541,7 @@ def test_wan_lora_zero3_on_umt5_and_wan_vae_shards_end_to_end(ray_local: None, t
     src = tmp_path / "raw"
     src.mkdir()
     shutil.copy(sample_clips["carphone_pristine"], src / "carphone.mp4")
+    shutil.copy(sample_clips["bikes"], src / "bikes.mp4")  # FVD needs >= 2 clips of >= 10 frames
     data = tmp_path / "data"
     pipeline_main(["--input", str(src), "--output", str(data), "--set", "vae.kind=wan", "--set", "vae.preset=tiny-wan",
                    "--set", "text_encoder.kind=umt5", "--set", "text_encoder.preset=tiny-umt5"])
@@ -580,3 +581,15 @@ def test_wan_lora_zero3_on_umt5_and_wan_vae_shards_end_to_end(ray_local: None, t
     frames = 1 + 4 * ((row["latent_shape"][1] - 1))  # the Wan VAE's 4k+1 frames
     videos = sampler.generate(["a man talking in a car"], 64, 32, frames, steps=2, guidance_scale=3.0, seed=1)
     assert videos.shape == (1, frames, 32, 64, 3) and videos.std() > 0
+
+    # The nightly eval on that run: the same sampler path, FVD against the umT5 data's clips.
+    from eval.nightly import main as nightly
+
+    night = nightly(["--run", str(run), "--set", "sampling.steps=2", "--set", "reals.max_clips=2",
+                     "--set", "report.strip_videos=1"])
+    assert night["errors"] == [] and [r["checkpoint"] for r in night["evaluated"]] == ["checkpoint-00000003"]
+    from eval.history import read_history
+
+    row = read_history(str(run))[0]
+    assert np.isfinite(row["fvd"]) and row["fvd"] > 0 and row["clip_score"] >= 0
+    assert row["random_init"] is True and (row["num_frames"] - 1) % 4 == 0  # the Wan VAE's 4k+1 frames
