@@ -313,8 +313,11 @@ class RowReader:
 def text_tokens(table: pa.Table | pa.RecordBatch) -> list[np.ndarray]:
     """Every row's real text tokens (n_i, D) of the stored dtype (views; copy before the source closes)."""
     column = table.column(TEXT_COLUMN)
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    return [reader[i] for chunk in chunks for reader in [RowReader(chunk)] for i in range(len(chunk))]
+    rows = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        reader = RowReader(chunk)
+        rows.extend(reader[i] for i in range(len(chunk)))
+    return rows
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:

@@ -130,8 +130,8 @@ class ShardWriter:
         table = clips_table(bucket, cols)
         shard = self.open.get(bucket)
         if shard is not None and shard.schema != table.schema:
-            raise ShardError(f"bucket {bucket!r}: rows of shapes {_shapes(table.schema)} after rows of "
-                             f"{_shapes(shard.schema)}; a bucket has one latent/text shape")
+            raise ShardError(f"bucket {bucket!r}: rows of shapes {column_shapes(table.schema)} after rows of "
+                             f"{column_shapes(shard.schema)}; a bucket has one latent/text shape")
         if shard is None:
             path = os.path.join(self.tmp, f"{bucket}.arrow")
             sink = pa.OSFile(path, "wb")
@@ -209,10 +209,6 @@ class ShardWriter:
             self.seq = max(self.seq, int(os.path.basename(uri).removesuffix(".parquet").rsplit("-", 1)[1]) + 1)
         if mine:
             log.warning("writer %s restarted: %d record(s) of this run already committed", self.name, len(mine))
-
-
-def _shapes(schema: pa.Schema) -> dict[str, list[int]]:
-    return column_shapes(schema)
 
 
 def _stored_bytes(cols: dict[str, list[Any]], j: int) -> int:
