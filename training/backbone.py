@@ -96,14 +96,18 @@ def _check_wan_widths(c_in: int, c_out: int, c_text: int, source: str, in_channe
                             f"text: encode the data with this model's VAE and text encoder")
 
 
-def build(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None = None) -> Backbone:
+def build(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None = None,
+          device: torch.device | None = None, dtype: torch.dtype | None = None) -> Backbone:
     """The run's network for shards of `in_channels` latent channels and `text_dim`-wide text states.
 
     `null_text` (n, text_dim): the data's encoding of "" (pipeline.text_encoder.read_null_text),
-    a pretrained backbone's unconditional text; the native DiT learns its own and ignores it."""
+    a pretrained backbone's unconditional text; the native DiT learns its own and ignores it.
+    `device` / `dtype`: where and in what a pretrained Wan's weights are loaded (`_wan_base`; the
+    loop passes the worker's GPU and bf16, what DeepSpeed would turn them into); the DiT is built
+    on the CPU in fp32 and left to DeepSpeed."""
     if cfg.kind == "ditharos":
         return _dit(dit_config(cfg.name, **cfg.overrides, in_channels=in_channels, text_dim=text_dim))
-    return _build_wan(cfg, in_channels, text_dim, null_text)
+    return _build_wan(cfg, in_channels, text_dim, null_text, device, dtype)
 
 
 def _dit(model_cfg: DiTConfig) -> Backbone:
@@ -111,36 +115,51 @@ def _dit(model_cfg: DiTConfig) -> Backbone:
                     lambda n, m: forward_flops(model_cfg, n, m), str(model_cfg))
 
 
-def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None) -> Backbone:
+def _build_wan(cfg: ModelConfig, in_channels: int, text_dim: int, null_text: torch.Tensor | None,
+               device: torch.device | None, dtype: torch.dtype | None) -> Backbone:
     lora = ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or float(cfg.lora_rank), "targets": list(cfg.lora_targets)}
             if cfg.lora_rank else None)
     source = f"random-init:{cfg.preset}" if cfg.preset else str(wan_config_path(cfg.path).parent)
-    model = _wan_base(source, in_channels, text_dim, seeded=lora is not None)
+    model = _wan_base(source, in_channels, text_dim, seeded=lora is not None, device=device, dtype=dtype)
     return _wan(model, source, cfg.overrides.get("attn_backend", "auto"), in_channels, text_dim, lora, null_text)
 
 
-def _wan_base(source: str, in_channels: int, text_dim: int, seeded: bool) -> nn.Module:
+def _wan_base(source: str, in_channels: int, text_dim: int, seeded: bool, device: torch.device | None = None,
+              dtype: torch.dtype | None = None) -> nn.Module:
     """diffusers' Wan from a local folder, or a preset's random init (from LORA_BASE_SEED when
-    `seeded`: a LoRA run saves no base weights, so its base must be rebuilt the same)."""
+    `seeded`: a LoRA run saves no base weights, so its base must be rebuilt the same), on `device`
+    (default CPU) in `dtype` (default fp32).
+
+    A folder is read tensor by tensor into a module built on the meta device, each tensor cast
+    and placed as it is read (diffusers' `from_pretrained` with a `device_map`, through
+    accelerate): host memory stays about one tensor, not the model. Wan 14B built in fp32 on the
+    host, as before, took 57 GB of RAM per worker (456 GB on an 8-GPU node) before DeepSpeed cast
+    it to bf16 on the GPU anyway; now each worker's GPU receives the 28 GB of bf16 weights
+    directly. A preset (tiny, tests and the demo) is built on the CPU in fp32 whatever the
+    device, so its seeded init is the same bits everywhere, then moved."""
     from diffusers import WanTransformer3DModel
 
+    dtype = dtype or torch.float32
     if not source.startswith("random-init:"):
         if not (Path(source) / "config.json").is_file():
             raise BackboneError(f"the Wan base {source} is not a diffusers folder here (a LoRA checkpoint holds "
                                 "only its adapter: the base folder must be where the run found it)")
-        return WanTransformer3DModel.from_pretrained(source)
+        return WanTransformer3DModel.from_pretrained(source, torch_dtype=dtype,
+                                                     device_map={"": torch.device(device or "cpu")})
     preset = source.removeprefix("random-init:")
     with torch.random.fork_rng(devices=[]):
         if seeded:
             torch.manual_seed(LORA_BASE_SEED)
-        return WanTransformer3DModel(**WAN_PRESETS[preset], in_channels=in_channels, out_channels=in_channels,
-                                     text_dim=text_dim)
+        model = WanTransformer3DModel(**WAN_PRESETS[preset], in_channels=in_channels, out_channels=in_channels,
+                                      text_dim=text_dim)
+    return model.to(device=device or "cpu", dtype=dtype)
 
 
 def from_record(record: dict[str, Any], in_channels: int, text_dim: int,
                 null_text: torch.Tensor | None = None) -> Backbone:
     """The module a checkpoint's model record describes, for data of these widths (and null text,
-    see `build`); its weights are a fresh init until the checkpoint's are loaded into it."""
+    see `build`); its trained weights are a fresh init (a DiT) or on the meta device (a fully
+    fine-tuned Wan) until `load_trained` puts the checkpoint's in."""
     kind = record.get("kind", "ditharos")  # DiT records are DiTConfig's fields (checkpoints before kinds)
     if kind == "ditharos":
         model_cfg = DiTConfig(**dict(record, patch=tuple(record["patch"])))
@@ -154,9 +173,14 @@ def from_record(record: dict[str, Any], in_channels: int, text_dim: int,
         if record.get("lora"):  # the checkpoint holds the adapter only: the base comes from where it came from
             return _wan(_wan_base(record["source"], in_channels, text_dim, seeded=True), record["source"], "auto",
                         in_channels, text_dim, record["lora"], null_text)
-        # from_config, not **config: keys of another diffusers version are ignored with a warning
-        return _wan(WanTransformer3DModel.from_config(record["config"]), record["source"], "auto", in_channels,
-                    text_dim, None, null_text)
+        # from_config, not **config: keys of another diffusers version are ignored with a warning.
+        # Parameters on the meta device (buffers real): the checkpoint holds every one of them and
+        # `load_trained` assigns its tensors, so a 14B sampler holds the weights once, not twice.
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = WanTransformer3DModel.from_config(record["config"])
+        return _wan(model, record["source"], "auto", in_channels, text_dim, None, null_text)
     raise BackboneError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
 
 
@@ -164,7 +188,6 @@ def _wan(model: nn.Module, source: str, backend: str, in_channels: int, text_dim
          lora: dict[str, Any] | None = None, null_text: torch.Tensor | None = None) -> Backbone:
     c = model.config
     _check_wan_widths(c.in_channels, c.out_channels, c.text_dim, source, in_channels, text_dim)
-    model = model.float()
     if lora:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     module = PackedWan(model, backend=backend, null_text=null_text)
@@ -197,7 +220,7 @@ def load_trained(module: nn.Module, tensors: dict[str, torch.Tensor], where: str
         raise BackboneError(f"{where}: its weights do not fit the model its record describes: missing "
                             f"{missing[:4]}{'…' if len(missing) > 4 else ''}, unexpected "
                             f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
-    module.load_state_dict(tensors, strict=False)
+    module.load_state_dict(tensors, strict=False, assign=True)  # assign: meta parameters take the tensors
 
 
 def wan_forward_flops(d: int, ffn: int, layers: int, lengths: list[int], text_lengths: list[int]) -> float:

@@ -62,9 +62,12 @@ def export(checkpoint: str, out: str | Path) -> dict[str, Any]:
         if record["random_init"]:
             record["base_seed"] = LORA_BASE_SEED  # the preset's base: rebuilt from this seed, not saved
     else:
-        model = WanTransformer3DModel.from_config(state.model["config"])  # as backbone.from_record reads it
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():  # parameters on the meta device: the checkpoint's tensors are assigned
+            model = WanTransformer3DModel.from_config(state.model["config"])  # as backbone.from_record reads it
         # PackedWan holds diffusers' module as `.model`: its keys are diffusers' own under that prefix.
-        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True, assign=True)
         model.save_pretrained(out / "transformer", safe_serialization=True)
         record["transformer"] = str(out / "transformer")
     (out / "ditharos_export.json").write_text(json.dumps(record, indent=1))

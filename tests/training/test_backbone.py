@@ -81,6 +81,48 @@ def test_a_wan_folder_is_loaded_and_must_match_the_shards(tmp_path: Path) -> Non
         patch_of(model_cfg(kind="wan", path=str(tmp_path)))
 
 
+def test_a_wan_folder_loads_in_the_working_dtype_and_a_record_rebuilds_without_weights(tmp_path: Path) -> None:
+    """On a GPU worker the loop asks for bf16 (what DeepSpeed runs in): the weights are read into that
+    dtype as they load — bitwise the folder's bf16 weights, diffusers' fp32-kept modules (norms,
+    time embedding, modulation table) upcast exactly — never through an fp32 copy of the model.
+    A fully fine-tuned Wan rebuilt from its checkpoint record has its parameters on the meta device
+    until `load_trained` assigns the checkpoint's tensors."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from training.backbone import from_record, load_trained, trained_names
+    from training.wan import WAN_PRESETS
+
+    torch.manual_seed(0)
+    WanTransformer3DModel(**WAN_PRESETS["tiny-wan"], in_channels=4, out_channels=4, text_dim=16).to(
+        torch.bfloat16).save_pretrained(tmp_path / "wan")
+    stored = load_file(str(tmp_path / "wan" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
+    cfg = model_cfg(kind="wan", path=str(tmp_path / "wan"))
+    half = build(cfg, in_channels=4, text_dim=16, device=torch.device("cpu"), dtype=torch.bfloat16).module.model
+    kept = WanTransformer3DModel._keep_in_fp32_modules
+    dtypes = {}
+    for name, p in half.named_parameters():
+        fp32 = any(f".{m}." in f".{name}" for m in kept)
+        dtypes[fp32] = p.dtype
+        assert torch.equal(p.float(), stored[name].float()), name  # the stored values, bit for bit
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
+    full = build(cfg, in_channels=4, text_dim=16).module.model  # the CPU default: fp32
+    assert all(p.dtype == torch.float32 and torch.equal(p, stored[n].float()) for n, p in full.named_parameters())
+
+    record = build(cfg, in_channels=4, text_dim=16).record
+    rebuilt = from_record(record, in_channels=4, text_dim=16).module
+    assert all(p.is_meta for p in rebuilt.parameters())
+    tensors = {n: torch.full(p.shape, 0.5) for n, p in rebuilt.named_parameters()}
+    load_trained(rebuilt, tensors, "ckpt")
+    assert sorted(trained_names(rebuilt)) == sorted(tensors)
+    assert all(not p.is_meta and torch.equal(p, tensors[n]) for n, p in rebuilt.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    batch = pack([torch.randn(4, 2, 4, 6, generator=g)], [torch.randn(3, 16, generator=g)], (1, 2, 2), budget=16)
+    with torch.no_grad():
+        assert torch.isfinite(rebuilt(batch.tokens, torch.tensor([0.3]), batch)).all()  # the rope tables are real
+
+
 def test_export_refuses_what_it_cannot_write(tmp_path: Path) -> None:
     """A DiT checkpoint is not a diffusers model; a non-empty --out is never mixed into; a missing one is named."""
     from safetensors.torch import save_file
