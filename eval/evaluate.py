@@ -153,7 +153,8 @@ def evaluate_checkpoint(checkpoint_uri: str, plan: EvalPlan, cfg: NightlyConfig,
     """Sample the plan's videos from one checkpoint, save them, score them."""
     t0 = time.perf_counter()
     device = pick_device(cfg.compute.device)
-    sampler = load_sampler(checkpoint_uri, str(device), data_uri=plan.data_uri)
+    sampler = load_sampler(checkpoint_uri, str(device), data_uri=plan.data_uri,
+                           other_expert=cfg.sampling.other_expert or None)
     if sampler.state.data_fingerprint != plan.data_sha256:
         raise ValueError(f"{checkpoint_uri} was trained on data {sampler.state.data_fingerprint[:16]}…, the eval "
                          f"set comes from {plan.data_sha256[:16]}…")

@@ -53,6 +53,9 @@ class SamplingConfig:
     height_px: int = 0
     steps: int = 8  # Euler steps
     guidance_scale: float = 5.0
+    # A run that trains one expert of a pair (flow.t_min or t_max = the boundary, Wan 2.2 A14B):
+    # the other expert — its checkpoint or run dir, or the pretrained diffusers (pipeline) folder.
+    other_expert: str = ""
 
     def validate(self) -> None:
         if (self.width_px == 0) != (self.height_px == 0) or min(self.width_px, self.height_px) < 0:

@@ -85,6 +85,27 @@ PRESETS: dict[str, tuple[str, type, dict[str, Any]]] = {
             latents_std=[0.5, 1.5, 2.0, 0.8],
         ),
     ),
+    # Wan 2.2's VAE (TI2V-5B): the same class with residual blocks over 2x2 pixel patches (12 input
+    # channels), so 16x spatial, and a wider decoder.
+    "tiny-wan2.2": (
+        "wan",
+        AutoencoderKLWan,
+        dict(
+            base_dim=8,
+            decoder_base_dim=12,
+            z_dim=6,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            latents_mean=[0.1, -0.2, 0.3, -0.4, 0.2, 0.0],
+            latents_std=[0.5, 1.5, 2.0, 0.8, 1.0, 1.2],
+        ),
+    ),
 }
 CLASSES: dict[str, tuple[str, type]] = {  # config.json `_class_name` -> (kind, class)
     "AutoencoderKL": ("image", AutoencoderKL),

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from training.model import VideoDiT
 from training.packing import PackedBatch, pack, to_device, unpack
@@ -30,6 +31,12 @@ class FlowConfig:
     max_tokens: int = 4096  # token count at which the shift is exp(max_shift); linear in between and beyond
     base_shift: float = 0.5
     max_shift: float = 1.15
+    # Training times restricted to [t_min, t_max] (after the shift): one expert of a mixture over
+    # noise levels, as Wan 2.2 A14B's two — the high-noise expert takes t >= boundary (0.875 for
+    # T2V: t_min: 0.875), the low-noise one t < boundary (t_max: 0.875). Drawn from the same
+    # shifted logit-normal, truncated (inverse CDF), so the density within the range is unchanged.
+    t_min: float = 0.0
+    t_max: float = 1.0
     sample_steps: int = 50
     guidance_scale: float = 5.0
 
@@ -42,6 +49,14 @@ class FlowConfig:
             raise ValueError(f"flow.max_tokens ({self.max_tokens}) must exceed flow.base_tokens ({self.base_tokens})")
         if self.sample_steps < 1:
             raise ValueError(f"flow.sample_steps must be >= 1, got {self.sample_steps}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"flow.t_min and flow.t_max must satisfy 0 <= t_min < t_max <= 1, got "
+                             f"{self.t_min} and {self.t_max}")
+
+    @property
+    def restricted(self) -> bool:
+        """Trained on part of the noise levels only (an expert): sampling needs its partner."""
+        return self.t_min > 0.0 or self.t_max < 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -75,6 +90,34 @@ def shift_timesteps(t: torch.Tensor, num_tokens: torch.Tensor | list[int], base_
     e = shift_mu(n, base_tokens, max_tokens, base_shift, max_shift).exp()  # (B,)
     e = e.reshape(e.shape + (1,) * (t.ndim - 1)).to(t.dtype)
     return e * t / (e * t + (1 - t))  # (1 − t) first: exact 1 at t = 1
+
+
+def truncated_timesteps(mu: torch.Tensor, t_min: float, t_max: float, generator: torch.Generator | None = None,
+                        mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """(B,) shifted logit-normal times t = sigmoid(mean + mu + std·z) conditioned on t_min <= t <= t_max.
+
+    `mu` (B,): each sample's shift (`shift_mu`; zeros when unshifted) — shifting t by exp(mu) adds
+    mu to logit(t), so the shifted law is logit-normal again and truncates exactly: z = Φ⁻¹(u) with
+    u uniform between Φ of the bounds' z."""
+    mu = mu.double()
+    with torch.no_grad():
+        lo = torch.special.logit(torch.tensor(t_min, dtype=torch.float64))  # -inf at 0
+        hi = torch.special.logit(torch.tensor(t_max, dtype=torch.float64))  # +inf at 1
+        a = torch.special.ndtr((lo - mean - mu) / std)  # (B,)
+        b = torch.special.ndtr((hi - mean - mu) / std)  # (B,)
+        u = a + (b - a) * torch.rand(mu.shape, generator=generator, dtype=torch.float64)  # (B,)
+        t = torch.sigmoid(mean + mu + std * torch.special.ndtri(u))  # (B,)
+    return t.clamp(t_min, t_max).float()
+
+
+def training_timesteps(batch: PackedBatch, cfg: FlowConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) training times of a pack's samples: shifted logit-normal, within [t_min, t_max]."""
+    if not cfg.restricted:  # the unrestricted draw, as every run before experts made it
+        return _shifted(sample_timesteps(batch.num_samples, generator, cfg.logit_mean, cfg.logit_std), batch, cfg)
+    n = torch.as_tensor(batch.full_lengths)
+    mu = (shift_mu(n, cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift) if cfg.shift
+          else torch.zeros(len(n), dtype=torch.float64))
+    return truncated_timesteps(mu, cfg.t_min, cfg.t_max, generator, cfg.logit_mean, cfg.logit_std)
 
 
 def _shifted(t: torch.Tensor, batch: PackedBatch, cfg: FlowConfig) -> torch.Tensor:
@@ -116,7 +159,7 @@ def flow_loss(model: VideoDiT, batch: PackedBatch, cfg: FlowConfig,
     device = batch.tokens.device
     dtype = compute_dtype(batch.tokens)
     b = batch.num_samples
-    t = _shifted(sample_timesteps(b, generator, cfg.logit_mean, cfg.logit_std), batch, cfg)  # (B,)
+    t = training_timesteps(batch, cfg, generator)  # (B,)
     drop = torch.rand(b, generator=generator) < cfg.cfg_drop_p  # (B,)
     real = batch.real_index()  # (R,)
     x0 = batch.tokens.to(dtype)  # (N, P)
@@ -169,6 +212,7 @@ def sample(
     budget: int | None = None,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    low_noise: tuple[nn.Module, float] | None = None,
 ) -> list[torch.Tensor]:
     """Euler ODE from t = 1 (noise) to t = 0: x_{t−Δ} = x_t − Δ·v, one latent (C, T, H, W) per shape.
 
@@ -176,6 +220,9 @@ def sample(
     unconditional copies of every sample packed together in one forward. Each sample's
     time grid is shifted by its own token count, as in training. Seeded by `generator`.
     `precision` of the model's forward: see `forward_precision`.
+    `low_noise` (model, boundary): a second expert for the steps whose time is below `boundary`,
+    `model` taking those at or above it (Wan 2.2 A14B's high- and low-noise experts; WanPipeline's
+    rule `t >= boundary_timestep`, per sample: samples of different sizes cross it at different steps).
     """
     autocast = forward_precision(device, precision)
     steps = cfg.sample_steps if steps is None else steps
@@ -197,19 +244,43 @@ def sample(
     half = x.shape[0] // copies
     x = x[:half]  # (R/copies, P) one state per sample, shared by both copies
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[None].expand(copies * b, -1)  # (2B, steps+1)
-    grid = _shifted(grid, batch, cfg).to(dtype).to(device)  # (2B, steps+1) per-sample schedules
-    was_training = model.training
-    model.eval()
+    grid_host = _shifted(grid, batch, cfg).to(dtype)  # (2B, steps+1) per-sample schedules
+    grid = grid_host.to(device)
+    experts = [model] if low_noise is None else [model, low_noise[0]]
+    was_training = [m.training for m in experts]
+    for m in experts:
+        m.eval()
     tokens = batch.tokens.to(dtype).clone()  # (N, P)
     for i in range(steps):
         tokens[real] = x.repeat(copies, 1)
         with autocast:
-            v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
+            if low_noise is None:
+                v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
+            else:
+                v = _expert_velocity(model, *low_noise, tokens, grid[:, i], grid_host[:, i], batch, drop)[real]
         if guided:
             v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
         dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)
         dt_tok = torch.repeat_interleave(dt, torch.tensor(batch.lengths[:b], device=device))[:, None]  # (R/copies, 1)
         x = x - dt_tok * v  # (R/copies, P)
-    model.train(was_training)
+    for m, mode in zip(experts, was_training):
+        m.train(mode)
     tokens[real] = x.repeat(copies, 1)
     return unpack(tokens, batch)[:b]
+
+
+def _expert_velocity(high: nn.Module, low: nn.Module, boundary: float, tokens: torch.Tensor, t: torch.Tensor,
+                     t_host: torch.Tensor, batch: PackedBatch, drop: torch.Tensor) -> torch.Tensor:
+    """(N, P) velocity of each sample from the expert of its time: `high` at t >= boundary, else `low`.
+
+    `t` (B,) on the device, `t_host` the same on the host (the choice is made there: no sync)."""
+    is_high = t_host >= boundary  # (B,)
+    if is_high.all():
+        return high(tokens, t, batch, drop).to(tokens.dtype)
+    if not is_high.any():
+        return low(tokens, t, batch, drop).to(tokens.dtype)
+    v_high = high(tokens, t, batch, drop).to(tokens.dtype)  # (N, P) both experts over the whole pack,
+    v_low = low(tokens, t, batch, drop).to(tokens.dtype)  # then each token from its sample's expert
+    token_sample = torch.where(batch.sample_ids < 0, batch.num_samples, batch.sample_ids)  # (N,)
+    pick = to_device(torch.cat([is_high, is_high.new_zeros(1)]), tokens.device)[token_sample][:, None]  # (N, 1)
+    return torch.where(pick, v_high, v_low)

@@ -2,7 +2,7 @@
 
     python training/sample.py --checkpoint RUN/checkpoint-NNNNNNNN --prompt "a dog" [--prompt ...]
         [--prompts FILE] [--width 224 --height 128 --frames 17] [--steps 50 --cfg 5.0 --seed 0]
-        [--out DIR] [--fps 8] [--device auto] [--data URI]
+        [--out DIR] [--fps 8] [--device auto] [--data URI] [--other-expert CHECKPOINT_OR_FOLDER]
 
 `--checkpoint` may also be a run dir (its latest checkpoint). Each prompt gives
 `OUT/NNN-seedS.mp4` plus `OUT/NNN-seedS.json` holding every setting that made it
@@ -15,6 +15,8 @@ latents are decoded by the pipeline's VAE: both are rebuilt from the data's `con
 refused unless their weights hash to what the data's `manifest.json` recorded. Any size the
 model supports works, not only training buckets. Video i uses seed + i and depends on nothing
 else in the batch. No Ray here: `load_sampler(...).generate(...)` is what eval/nightly.py calls.
+A checkpoint of one expert (trained on one side of a noise boundary, Wan 2.2 A14B) samples with
+`--other-expert`, the expert for the other side (`load_sampler`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ from pipeline.text_encoder import config_of, load_umt5
 from pipeline.vae import VAEConfig, VideoVAE, load_vae
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.backbone import BackboneError, from_record, load_trained, null_text_of
+from training.backbone import BackboneError, build, from_record, load_trained, null_text_of
 from training.flow import FlowConfig, sample
 from training.packing import num_patches
+from training.settings import ModelConfig
 
 log = get_logger("training.sample")
 
@@ -110,6 +113,11 @@ class Sampler:
     manifest: dict[str, Any]
     device: torch.device
     encoder: Any = None  # what encodes prompts for the model: the data's text encoder (None: its CLIP)
+    # Wan 2.2 A14B style experts: `model` is the high-noise expert (t >= boundary) and `low_noise`
+    # the low-noise one (t < boundary); one of them is the checkpoint's, the other from `other_expert`.
+    low_noise: nn.Module | None = None
+    boundary: float | None = None
+    other_expert: str | None = None
 
     def __post_init__(self) -> None:
         if self.encoder is None:
@@ -224,8 +232,9 @@ class Sampler:
             # Video by video (text, noise, ODE, decode), with a generator each: a video depends on its
             # prompt, size and seed only, never on its batch neighbours (batched kernels round differently).
             g = torch.Generator().manual_seed(seed + i)
+            experts = None if self.low_noise is None else (self.low_noise, self.boundary)
             z = sample(self.model, [shape], text, self.flow, g, steps=steps, guidance_scale=guidance_scale,
-                       text_mask=mask, device=self.device)[0]  # (C, T', H', W')
+                       text_mask=mask, device=self.device, low_noise=experts)[0]  # (C, T', H', W')
             videos.append(self.vae.decode(z[None])[0])  # (T, H, W, 3)
         return np.stack(videos)  # (N, T, H, W, 3)
 
@@ -253,6 +262,9 @@ class Sampler:
             "shift": {"enabled": f.shift, "base_tokens": f.base_tokens, "max_tokens": f.max_tokens,
                       "base_shift": f.base_shift, "max_shift": f.max_shift},
             "model": self.state.model,
+            "experts": None if self.low_noise is None else {
+                "boundary": self.boundary, "other_expert": self.other_expert,
+                "checkpoint_is": "high-noise" if self.flow.t_min > 0 else "low-noise"},
             "data_uri": self.data_uri,
             "data_fingerprint": self.state.data_fingerprint,
             "clip": fp["models"]["clip"],
@@ -321,12 +333,18 @@ def load_text_encoder(data_uri: str, manifest: dict[str, Any], clip: ClipModel,
     return encoder
 
 
-def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = None) -> Sampler:
+def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = None,
+                 other_expert: str | None = None) -> Sampler:
     """Load a checkpoint's EMA weights and the text encoder + VAE of the data it was trained on.
 
     `data_uri` overrides the data location the checkpoint recorded (data moved); the shards
     there must have the fingerprint the checkpoint was trained on. CLIP and VAE are rebuilt
     from the data's config.yaml and refused unless their weights hash to the manifest's record.
+
+    A checkpoint trained on one side of a boundary b (`flow.t_min` = b: the high-noise expert;
+    `flow.t_max` = b: the low-noise one — Wan 2.2 A14B's pair) samples only with `other_expert`
+    for the other side: a checkpoint trained on exactly that side of the same b, on the same data,
+    or a diffusers Wan folder used as it is (the pretrained expert the run did not fine-tune).
     """
     checkpoint = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
@@ -342,20 +360,86 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
                            f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
     clip, vae = load_data_models(data_uri, manifest, dev)
     encoder = load_text_encoder(data_uri, manifest, clip, dev)
-    try:
-        model = from_record(state.model, in_channels=vae.latent_channels, text_dim=encoder.text_width,
-                            null_text=null_text_of(data_uri, manifest)).module
-        load_trained(model, tensors, checkpoint)
-    except BackboneError as e:
-        raise SamplerError(f"{checkpoint}: {e}") from None
-    model = model.to(dev).eval().requires_grad_(False)
-    saved = storage.join(checkpoint, "config.yaml")
-    if storage.exists(saved):  # only the flow section: the sampler needs its shift settings and defaults
-        flow = _section(yaml.safe_load(storage.read_bytes(saved).decode()) or {}, "flow", FlowConfig, saved)
+    null_text = null_text_of(data_uri, manifest)
+
+    def backbone(uri: str, record: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> nn.Module:
+        try:
+            if weights is None:  # a pretrained diffusers folder, as it is
+                model = build(ModelConfig(kind="wan", path=uri), vae.latent_channels, encoder.text_width,
+                              null_text=null_text).module
+            else:
+                model = from_record(record, in_channels=vae.latent_channels, text_dim=encoder.text_width,
+                                    null_text=null_text).module
+                load_trained(model, weights, uri)
+        except BackboneError as e:
+            raise SamplerError(f"{uri}: {e}") from None
+        return model.to(dev).eval().requires_grad_(False)
+
+    model, flow = backbone(checkpoint, state.model, tensors), _flow_of(checkpoint)
+    del tensors
+    sampler = Sampler(model, flow, clip, vae, state, checkpoint, data_uri, manifest, dev, encoder)
+    if other_expert is None:
+        if flow.restricted:
+            raise SamplerError(f"{checkpoint} was trained on noise levels t in [{flow.t_min}, {flow.t_max}] only: "
+                               "one expert of a pair. Name the expert for the other levels with --other-expert "
+                               "(its checkpoint, or the pretrained diffusers folder)")
+        return sampler
+    if not flow.restricted or (flow.t_min > 0 and flow.t_max < 1):
+        raise SamplerError(f"{checkpoint} was trained on t in [{flow.t_min}, {flow.t_max}]: an expert pair needs one "
+                           "trained on [b, 1] (high noise) or [0, b] (low noise)")
+    high_side = flow.t_min > 0
+    boundary = flow.t_min if high_side else flow.t_max
+    pipeline_index = Path(other_expert) / "model_index.json"
+    if pipeline_index.is_file():  # a whole Wan 2.2 A14B pipeline folder: the expert of the other side
+        other = backbone(_pipeline_expert(other_expert, json.loads(pipeline_index.read_text()), high_side, boundary),
+                         {}, None)
+    elif any((Path(other_expert) / sub / "config.json").is_file() for sub in ("", "transformer")):
+        other = backbone(other_expert, {}, None)
     else:
-        flow = FlowConfig()
-        log.warning("%s has no config.yaml: using the default flow settings", checkpoint)
-    return Sampler(model, flow, clip, vae, state, checkpoint, data_uri, manifest, dev, encoder)
+        other_uri = resolve_checkpoint(other_expert)
+        other_state, other_tensors = ckpt.load_weights(other_uri)
+        other_flow = _flow_of(other_uri)
+        if other_state.data_fingerprint != state.data_fingerprint:
+            raise SamplerError(f"the experts were trained on different data ({checkpoint}: "
+                               f"{state.data_fingerprint[:16]}…, {other_uri}: {other_state.data_fingerprint[:16]}…): "
+                               "they do not share a VAE and text encoder")
+        want = (0.0, boundary) if high_side else (boundary, 1.0)
+        if (other_flow.t_min, other_flow.t_max) != want:
+            raise SamplerError(f"not a pair of experts: {checkpoint} was trained on t in [{flow.t_min}, {flow.t_max}], "
+                               f"so its partner needs [{want[0]}, {want[1]}]; {other_uri} was trained on "
+                               f"[{other_flow.t_min}, {other_flow.t_max}]")
+        other = backbone(other_uri, other_state.model, other_tensors)
+    if tuple(other.patch) != tuple(model.patch):
+        raise SamplerError(f"the experts patch differently ({model.patch} and {other.patch}): not a pair")
+    if high_side:
+        sampler.low_noise = other
+    else:
+        sampler.model, sampler.low_noise = other, model
+    sampler.boundary, sampler.other_expert = boundary, other_expert
+    return sampler
+
+
+def _pipeline_expert(folder: str, index: dict[str, Any], high_side: bool, boundary: float) -> str:
+    """The transformer folder of a diffusers Wan pipeline that serves the other side of `boundary`:
+    `transformer_2/` (low noise) for a high-noise checkpoint, `transformer/` (high noise) for a
+    low-noise one; refused when the pipeline has one transformer or splits at another boundary."""
+    if "transformer_2" not in index or not index.get("boundary_ratio"):
+        raise SamplerError(f"{folder} is a pipeline with one transformer, not a pair of experts: name the "
+                           "transformer folder to use for the other noise levels")
+    if abs(float(index["boundary_ratio"]) - boundary) > 1e-9:
+        raise SamplerError(f"{folder} splits its experts at t = {index['boundary_ratio']} (boundary_ratio), the "
+                           f"checkpoint was trained on one side of t = {boundary}: train with that boundary, or "
+                           "name a transformer folder explicitly")
+    return str(Path(folder) / ("transformer_2" if high_side else "transformer"))
+
+
+def _flow_of(checkpoint: str) -> FlowConfig:
+    """The checkpoint's flow section: the sampler needs its shift settings, defaults and noise range."""
+    saved = storage.join(checkpoint, "config.yaml")
+    if storage.exists(saved):
+        return _section(yaml.safe_load(storage.read_bytes(saved).decode()) or {}, "flow", FlowConfig, saved)
+    log.warning("%s has no config.yaml: using the default flow settings", checkpoint)
+    return FlowConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +538,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, help="mp4 frame rate (default: the data's bucket fps)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--data", help="the shards' location, if they moved since training")
+    p.add_argument("--other-expert", help="when --checkpoint is one expert of a pair (trained with flow.t_min or "
+                   "flow.t_max = the boundary, Wan 2.2 A14B style): the other — its checkpoint or run dir, or "
+                   "the pretrained diffusers folder")
     return p.parse_args(argv)
 
 
@@ -468,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = list(args.prompt) + (read_prompts_file(args.prompts) if args.prompts else [])
         if not prompts:
             raise SamplerError("no prompts: give --prompt TEXT (repeatable) and/or --prompts FILE")
-        sampler = load_sampler(args.checkpoint, args.device, args.data)
+        sampler = load_sampler(args.checkpoint, args.device, args.data, args.other_expert)
         width, height, frames = args.width, args.height, args.frames
         if None in (width, height, frames):
             default = default_size(sampler.manifest)
@@ -488,10 +575,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings["fps"] = args.fps
         files.append(write_video(out, f"{i:03d}-seed{args.seed + i}", video, settings))
     summary = {
-        "checkpoint": sampler.checkpoint_uri, "steps_done": sampler.state.steps_done, "out": out,
+        "checkpoint": sampler.checkpoint_uri, "other_expert": sampler.other_expert,
+        "steps_done": sampler.state.steps_done, "out": out,
         "videos": files, "prompts": prompts, "width_px": width, "height_px": height, "num_frames": frames,
         "steps": settings["steps"], "guidance_scale": settings["guidance_scale"], "seed": args.seed,
-        "device": str(sampler.device), "random_init": sampler.random_init,
+        "device": str(sampler.device), "boundary": sampler.boundary, "random_init": sampler.random_init,
         "random_init_models": sampler.random_init_models, "wall_s": round(time.perf_counter() - t0, 2),
     }
     storage.write_bytes_atomic(storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
@@ -502,6 +590,8 @@ def print_summary(s: dict[str, Any]) -> None:
     label = f"  ({RANDOM_INIT}: {', '.join(s['random_init_models']) or 'data'})" if s["random_init"] else ""
     print("\n=== DiTharos sampling summary ===")
     print(f"checkpoint  {s['checkpoint']}  (step {s['steps_done']}){label}")
+    if s["other_expert"]:
+        print(f"experts     with {s['other_expert']}, boundary t = {s['boundary']}")
     print(f"videos      {len(s['videos'])} × {s['width_px']}x{s['height_px']} px, {s['num_frames']} frames")
     print(f"sampler     {s['steps']} Euler steps, guidance {s['guidance_scale']}, seeds {s['seed']}.."
           f"{s['seed'] + len(s['videos']) - 1}, on {s['device']}")

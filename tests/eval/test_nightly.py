@@ -169,10 +169,19 @@ def test_a_broken_checkpoint_is_reported_and_retried_next_night(tiny_run: Path, 
     for name in ("checkpoint-00000002", "checkpoint-00000004"):
         shutil.copytree(tiny_run / name, run / name)
     (run / "checkpoint-00000002" / "ema.safetensors").write_bytes(b"not safetensors")
+    data = Path(json.loads((run / "checkpoint-00000004" / ckpt.STATE_FILE).read_text())["data_uri"])
+    expert = make_checkpoint(run, data, 6, seed=6, t_range=(0.875, 1.0))  # one expert, its partner not named
     out = main(["--run", str(run), *FAST])
     assert [r["checkpoint"] for r in out["evaluated"]] == ["checkpoint-00000004"]
-    assert len(out["errors"]) == 1 and "checkpoint-00000002" in out["errors"][0]
+    errors = sorted(out["errors"])  # in the order the tasks finished
+    assert len(errors) == 2 and "checkpoint-00000002" in errors[0]
+    assert "checkpoint-00000006" in errors[1] and "one expert of a pair" in errors[1]
     assert [r["steps_done"] for r in read_history(str(run))] == [4]
     assert "checkpoint-00000002" in (run / "eval" / "report.html").read_text()  # the error is in the report
     _, skipped = pending_checkpoints(ckpt.list_checkpoints(str(run)), read_history(str(run)), out["eval_sha256"])
     assert [Path(uri).name for _, uri in skipped] == ["checkpoint-00000004"]  # the broken one stays pending
+    # With sampling.other_expert the expert is evaluated with its partner (another night's settings).
+    low = make_checkpoint(tmp_path / "low", data, 6, seed=7, t_range=(0.0, 0.875))
+    paired = main(["--run", str(run), "--latest", *FAST, "--set", f"sampling.other_expert={low}"])
+    assert [r["checkpoint"] for r in paired["evaluated"]] == [expert.name] and paired["errors"] == []
+    assert math.isfinite(paired["evaluated"][0]["fvd"])

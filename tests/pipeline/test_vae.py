@@ -67,6 +67,24 @@ def test_wan_latent_shape_matches_encode(wan_vae: VideoVAE) -> None:
     assert wan_vae.latent_shape(1, 8, 8) == (4, 1, 1, 1)
 
 
+def test_wan22_vae_is_16x_spatial_and_round_trips() -> None:
+    """Wan 2.2's VAE (TI2V-5B): patchified residual encoder, 16x spatial, 4x temporal, its own
+    per-channel normalisation; the same interface, so the same pipeline and sampler."""
+    vae = load_vae(VAEConfig(kind="wan", preset="tiny-wan2.2"))
+    assert (vae.spatial_factor, vae.temporal_factor, vae.latent_channels) == (16, 4, 6)
+    video = make_video(1, 9, 32, 48, seed=4)
+    z = vae.encode(video)
+    assert vae.latent_shape(9, 32, 48) == (6, 3, 2, 3) == tuple(z.shape[1:])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        vae.latent_shape(9, 24, 48)
+    raw = vae.model.encode(torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1).latent_dist.mode()
+    mean = torch.tensor(PRESETS["tiny-wan2.2"][2]["latents_mean"]).view(1, -1, 1, 1, 1)
+    std = torch.tensor(PRESETS["tiny-wan2.2"][2]["latents_std"]).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(z, (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    out = vae.decode(z)
+    assert out.shape == video.shape and out.dtype == np.uint8
+
+
 def test_image_encode_is_framewise_and_batch_order_preserved(image_vae: VideoVAE) -> None:
     # batch_frames=4 splits 2x7 frames across chunks; each latent frame must come from its own frame
     video = make_video(2, 7, 32, 32, seed=1)

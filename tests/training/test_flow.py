@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.flow import FlowConfig, flow_loss, sample, sample_timesteps, shift_timesteps
+from training.flow import (FlowConfig, flow_loss, sample, sample_timesteps, shift_mu, shift_timesteps,
+                           training_timesteps, truncated_timesteps)
 from training.model import DIT_MODELS
 from training.packing import pack, unpack
 
@@ -64,6 +65,52 @@ def test_logit_normal_statistics():
     assert t.median().item() == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.005)
     again = sample_timesteps(200_000, torch.Generator().manual_seed(0), mean=0.5, std=1.2)
     assert torch.equal(again, t)  # seeded
+
+
+@pytest.mark.parametrize("t_min, t_max", [(0.875, 1.0), (0.0, 0.875), (0.3, 0.6)])
+def test_an_expert_s_times_are_the_shifted_law_conditioned_on_its_range(t_min, t_max):
+    """Wan 2.2 A14B's experts: the truncated draw has the distribution of the unrestricted shifted
+    logit-normal given t in [t_min, t_max] (checked against rejection sampling of the plain draw,
+    Kolmogorov-Smirnov), per sample with its own shift, and is seeded."""
+    mean, std, tokens = 0.3, 1.1, 3000
+    mu = shift_mu(torch.tensor([tokens] * 100_000))
+    got = truncated_timesteps(mu, t_min, t_max, torch.Generator().manual_seed(1), mean, std)
+    assert got.min() >= t_min and got.max() <= t_max and got.shape == (100_000,)
+    plain = shift_timesteps(sample_timesteps(2_000_000, torch.Generator().manual_seed(2), mean, std),
+                            [tokens] * 2_000_000)
+    ref = plain[(plain >= t_min) & (plain <= t_max)][:100_000].double()
+    assert len(ref) > 20_000
+    grid = torch.linspace(t_min, t_max, 401, dtype=torch.float64)
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
+    assert (cdf(got.double()) - cdf(ref)).abs().max() < 0.015  # KS at n=1e5: 0.015 is far above noise
+    assert torch.equal(got, truncated_timesteps(mu, t_min, t_max, torch.Generator().manual_seed(1), mean, std))
+    # Each sample's own shift: a larger sample (more shift) is noisier on average within the range.
+    mus = shift_mu(torch.tensor([256] * 50_000 + [16_384] * 50_000))
+    two = truncated_timesteps(mus, t_min, t_max, torch.Generator().manual_seed(3), mean, std)
+    assert two[50_000:].mean() > two[:50_000].mean()
+
+
+def test_an_expert_run_trains_only_its_noise_levels():
+    cfg = FlowConfig(t_min=0.875)
+    cfg.validate()
+    assert cfg.restricted and not FlowConfig().restricted
+    latents, text = inputs(SHAPES)
+    batch = pack(latents, text, (1, 2, 2), budget=10_000)
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([training_timesteps(batch, cfg, g) for _ in range(200)])
+    assert t.min() >= 0.875 and t.max() <= 1.0
+    seen = []  # what the loss gives the model
+    spy = lambda x, t, batch, drop: seen.append(t.clone()) or x * 0  # noqa: E731
+    for _ in range(50):
+        flow_loss(spy, batch, cfg, g)
+    assert torch.cat(seen).min() >= 0.875
+    # The unrestricted path is the draw every run made before (same generator, same times).
+    plain = training_timesteps(batch, FlowConfig(), torch.Generator().manual_seed(0))
+    want = shift_timesteps(sample_timesteps(len(SHAPES), torch.Generator().manual_seed(0)), batch.full_lengths)
+    assert torch.equal(plain, want)
+    for bad in (dict(t_min=0.9, t_max=0.9), dict(t_min=-0.1), dict(t_max=1.5)):
+        with pytest.raises(ValueError, match="t_min and flow.t_max"):
+            FlowConfig(**bad).validate()
 
 
 # ---------------------------------------------------------------------------
@@ -268,3 +315,54 @@ def test_tiny_dit_overfits_and_sampler_reproduces_memorised_latents(one_thread):
         others = min(e for j, e in enumerate(errors) if j != i)
         assert errors[i] < 0.5, errors
         assert errors[i] < 0.5 * others, errors  # nearest training latent is the captioned one, clearly
+
+
+def test_a_pair_of_experts_samples_each_step_with_the_expert_of_its_noise_level(float64):
+    """Wan 2.2 A14B's sampling: the high-noise expert for t >= boundary, the low-noise one below,
+    per sample — two samples of different sizes (so different shifted schedules) straddle the
+    boundary at one step, and sampling them together equals sampling each alone."""
+    high, low = tiny(0), tiny(1)
+    shapes = [(4, 1, 4, 4), (4, 4, 8, 8)]  # 4 and 64 tokens at patch (1, 2, 2)
+    _, text = inputs(shapes)
+    cfg = FlowConfig(base_tokens=4, max_tokens=64, max_shift=3.0)
+    steps = 6
+    grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[None].expand(2, -1), [4, 64],
+                           cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift)
+    boundary = 0.85
+    assert grid[0, 2] < boundary <= grid[1, 2]  # at step 2 the small sample is low-noise, the large one high
+    assert grid[1, steps - 1] < boundary  # and the large one ends on the low-noise expert too
+
+    def run(sh, tx, experts, seed):
+        return sample(high, sh, tx, cfg, torch.Generator().manual_seed(seed), steps=steps, guidance_scale=2.0,
+                      low_noise=experts)
+
+    both = run(shapes, text, (low, boundary), 5)
+    g = torch.Generator().manual_seed(5)
+    noise = [torch.randn(s, generator=g) for s in shapes]  # what `sample` draws for both, in order
+    for k in range(2):
+        # Alone (its own noise through a generator that gives it): the whole pack agrees at every step.
+        alone = sample_from_noise(high, noise[k], text[k], cfg, steps, (low, boundary))
+        assert (both[k] - alone).abs().max() < 1e-9
+    only_high = run(shapes, text, (low, 0.0), 5)
+    only_low = run(shapes, text, (low, 1.01), 5)
+    plain = run(shapes, text, None, 5)
+    assert all(torch.equal(a, b) for a, b in zip(only_high, plain))
+    for k in range(2):
+        assert (both[k] - only_high[k]).abs().max() > 1e-4 and (both[k] - only_low[k]).abs().max() > 1e-4
+
+
+def sample_from_noise(high, x1, text, cfg, steps, experts):
+    """Euler with CFG by hand for one sample, each step's velocity from the expert of its time."""
+    low, boundary = experts
+    c, t, h, w = x1.shape
+    tokens = (t * h * w) // 4
+    grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[None], [tokens],
+                           cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift)[0]
+    x = x1.clone()
+    for i in range(steps):
+        model = high if grid[i] >= boundary else low
+        batch = pack([x, x], [text, text], PATCH, 2 * tokens)
+        with torch.no_grad():
+            v_c, v_u = unpack(model(batch.tokens, grid[i].expand(2).to(x.dtype), batch, [False, True]), batch)
+        x = x - (grid[i] - grid[i + 1]).to(x.dtype) * (v_u + 2.0 * (v_c - v_u))
+    return x

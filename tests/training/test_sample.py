@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -28,7 +29,7 @@ from training import checkpoint as ckpt
 from training.data import LoaderState
 from training.model import VideoDiT, dit_config
 from training.sample import SamplerError, encode_mp4, load_sampler, main
-from training.settings import TrainConfig
+from training.settings import ModelConfig, TrainConfig
 
 # ---------------------------------------------------------------------------
 # Builders (also used by tests/eval/test_nightly.py)
@@ -50,8 +51,10 @@ def make_data(out: Path, vae: VAEConfig | None = None) -> Path:
     return out
 
 
-def make_checkpoint(run_dir: Path, data: Path, steps_done: int, seed: int = 0) -> Path:
-    """A checkpoint in training's format: trainer_state.json, ema.safetensors, config.yaml."""
+def make_checkpoint(run_dir: Path, data: Path, steps_done: int, seed: int = 0,
+                    t_range: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """A checkpoint in training's format: trainer_state.json, ema.safetensors, config.yaml
+    (`t_range`: the noise levels it was trained on, flow.t_min / t_max)."""
     manifest = read_manifest(str(data))
     models = manifest["fingerprint"]["models"]
     vae_cfg = models["vae"]["config"]
@@ -67,6 +70,7 @@ def make_checkpoint(run_dir: Path, data: Path, steps_done: int, seed: int = 0) -
     ckpt.save_weights(str(folder / ckpt.EMA_FILE), model.state_dict())
     cfg = TrainConfig()
     cfg.data.uri, cfg.run.dir = str(data), str(run_dir)
+    cfg.flow.t_min, cfg.flow.t_max = t_range
     (folder / "config.yaml").write_text(dump_yaml(cfg))
     state = ckpt.TrainerState(
         steps_done=steps_done, loader=LoaderState(step=steps_done),
@@ -262,3 +266,99 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(sampler, ca
     with caplog.at_level(logging.WARNING, logger="training.sample"):
         sampler.generate(["a dog", "word " * 1000], 32, 32, 1, steps=1)
     assert "prompt 1 (5000 characters) is longer than the text encoder's 77 tokens" in caplog.text
+
+
+def test_a_pair_of_experts_samples_together_and_one_alone_is_refused(sampler, image_run: Path, tmp_path: Path) -> None:
+    """Wan 2.2 A14B style: one expert's checkpoint (flow.t_min = b: high noise, or flow.t_max = b:
+    low noise) samples with --other-expert for the other side; alone, or with a partner whose range
+    does not meet it, it is refused. Either side may be the --checkpoint: the same pair, the same video."""
+    data = Path(json.loads((image_run / ckpt.STATE_FILE).read_text())["data_uri"])
+    high = make_checkpoint(tmp_path / "high", data, 4, seed=0, t_range=(0.875, 1.0))  # image_run's weights
+    low = make_checkpoint(tmp_path / "low", data, 4, seed=1, t_range=(0.0, 0.875))
+    off = make_checkpoint(tmp_path / "off", data, 4, seed=1, t_range=(0.0, 0.9))
+    middle = make_checkpoint(tmp_path / "middle", data, 4, seed=1, t_range=(0.2, 0.9))
+    for alone in (high, low):
+        with pytest.raises(SamplerError, match=r"one expert of a pair.*--other-expert"):
+            load_sampler(str(alone), "cpu")
+    with pytest.raises(SamplerError, match=r"not a pair of experts.*needs \[0.0, 0.875\]"):
+        load_sampler(str(high), "cpu", other_expert=str(off))
+    with pytest.raises(SamplerError, match=r"\[b, 1\] \(high noise\) or \[0, b\]"):
+        load_sampler(str(middle), "cpu", other_expert=str(low))
+    with pytest.raises(SamplerError, match="not a pair of experts"):
+        load_sampler(str(high), "cpu", other_expert=str(high))
+    out = tmp_path / "out"
+    summary = main(["--checkpoint", str(high), "--other-expert", str(low), "--prompt", "a dog",
+                    "--width", "32", "--height", "32", "--frames", "3", "--steps", "4", "--out", str(out),
+                    "--device", "cpu"])
+    meta = json.loads((out / "000-seed0.json").read_text())
+    assert meta["experts"] == {"boundary": 0.875, "other_expert": str(low), "checkpoint_is": "high-noise"}
+    assert summary["other_expert"] == str(low) and summary["boundary"] == 0.875
+    pair = load_sampler(str(high), "cpu", other_expert=str(low))
+    got = pair.generate(["a dog"], 32, 32, 3, steps=4)
+    assert got.shape == (1, 3, 32, 32, 3)
+    # The high expert's weights are image_run's: below the boundary the low expert changes the video.
+    only_high = sampler.generate(["a dog"], 32, 32, 3, steps=4)
+    assert np.abs(got.astype(int) - only_high.astype(int)).max() > 5
+    assert np.array_equal(got, pair.generate(["a dog"], 32, 32, 3, steps=4))  # seeded
+    reverse = load_sampler(str(low), "cpu", other_expert=str(high))  # the low expert's run, the same pair
+    assert reverse.settings("a dog", 0, 32, 32, 3, 4, None)["experts"]["checkpoint_is"] == "low-noise"
+    assert np.array_equal(got, reverse.generate(["a dog"], 32, 32, 3, steps=4))
+
+
+def make_wan_checkpoint(run_dir: Path, data: Path, t_range: tuple[float, float], seed: int = 0) -> tuple[Path, Any]:
+    """A fully fine-tuned tiny-Wan checkpoint in training's format (record and EMA as the loop writes
+    them) and its diffusers module."""
+    from training.backbone import build
+    from training.ema import param_items
+
+    manifest = read_manifest(str(data))
+    models = manifest["fingerprint"]["models"]
+    channels = models["vae"]["config"].get("latent_channels") or models["vae"]["config"]["z_dim"]
+    torch.manual_seed(seed)
+    backbone = build(ModelConfig(kind="wan", preset="tiny-wan"), channels, models["clip"]["text_width"])
+    with torch.no_grad():  # Wan's output projection starts near zero: make every layer count
+        for p in backbone.module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = run_dir / ckpt.checkpoint_name(4)
+    folder.mkdir(parents=True)
+    ckpt.save_weights(str(folder / ckpt.EMA_FILE), {n: p.detach() for n, p in param_items(backbone.module)})
+    cfg = TrainConfig()
+    cfg.data.uri, cfg.run.dir = str(data), str(run_dir)
+    cfg.flow.t_min, cfg.flow.t_max = t_range
+    (folder / "config.yaml").write_text(dump_yaml(cfg))
+    state = ckpt.TrainerState(
+        steps_done=4, loader=LoaderState(step=4), data_fingerprint=manifest["fingerprint"]["data_sha256"],
+        data_uri=str(data), world_size=1, zero_stage=2, model=backbone.record, weights=ckpt.EMA_FILE,
+        code_version=code_version())
+    (folder / ckpt.STATE_FILE).write_text(state.to_json())
+    return folder, backbone.module.model
+
+
+def test_a_fine_tuned_expert_samples_with_the_pretrained_other_expert_folder(image_run: Path, tmp_path: Path) -> None:
+    """The common Wan 2.2 fine-tune: one expert trained, the other the pretrained diffusers folder
+    as it is. Paired with a folder holding its own weights, an expert samples exactly what the same
+    weights trained on every noise level sample; with another folder, something else."""
+    data = Path(json.loads((image_run / ckpt.STATE_FILE).read_text())["data_uri"])
+    low, module = make_wan_checkpoint(tmp_path / "low", data, (0.0, 0.6))
+    whole, _ = make_wan_checkpoint(tmp_path / "whole", data, (0.0, 1.0))  # the same seed: the same weights
+    module.save_pretrained(str(tmp_path / "same" / "transformer"))  # a pipeline folder's layout
+    _, other = make_wan_checkpoint(tmp_path / "x", data, (0.0, 1.0), seed=3)
+    other.save_pretrained(str(tmp_path / "other"))
+    ref = load_sampler(str(whole), "cpu").generate(["a dog"], 32, 32, 5, steps=4)
+    paired = load_sampler(str(low), "cpu", other_expert=str(tmp_path / "same"))
+    assert paired.boundary == 0.6 and paired.low_noise is not paired.model
+    assert np.array_equal(paired.generate(["a dog"], 32, 32, 5, steps=4), ref)
+    mixed = load_sampler(str(low), "cpu", other_expert=str(tmp_path / "other")).generate(["a dog"], 32, 32, 5, steps=4)
+    assert np.abs(mixed.astype(int) - ref.astype(int)).max() > 5
+    # A whole A14B-style pipeline folder: a low-noise checkpoint takes its transformer/ (high noise).
+    pipe = tmp_path / "pipe"
+    module.save_pretrained(str(pipe / "transformer"))
+    other.save_pretrained(str(pipe / "transformer_2"))
+    index = {"_class_name": "WanPipeline", "boundary_ratio": 0.6, "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    assert np.array_equal(load_sampler(str(low), "cpu", other_expert=str(pipe)).generate(["a dog"], 32, 32, 5, steps=4),
+                          ref)
+    (pipe / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=0.875)))
+    with pytest.raises(SamplerError, match="splits its experts at t = 0.875"):
+        load_sampler(str(low), "cpu", other_expert=str(pipe))
