@@ -19,7 +19,7 @@ from pipeline.neardup import DedupConfig
 from pipeline.probe import ProbeConfig
 from pipeline.scenes import SceneConfig
 from pipeline.text_encoder import TextEncoderConfig
-from pipeline.vae import VAEConfig
+from pipeline.vae import VAEConfig, spatial_factor_of
 
 
 @dataclass
@@ -127,9 +127,10 @@ class PipelineConfig:
             if bad:
                 raise ValueError(f"buckets.num_frames {bad} are not 4k+1: the wan VAE compresses time 4x "
                                  "and needs 1, 5, 9, 13, 17, ... frames")
-        if self.buckets.size_multiple_px % 8:
-            raise ValueError(f"buckets.size_multiple_px={self.buckets.size_multiple_px} must be a multiple of 8 "
-                             "(the VAE's spatial factor)")
+        factor = spatial_factor_of(self.vae) or 8
+        if self.buckets.size_multiple_px % factor:
+            raise ValueError(f"buckets.size_multiple_px={self.buckets.size_multiple_px} must be a multiple of "
+                             f"{factor} (the VAE's spatial factor)")
 
 
 # Sections that change what the shards contain; compute/placement settings do not.

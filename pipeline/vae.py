@@ -290,6 +290,22 @@ def _load_local(cfg: VAEConfig) -> tuple[AutoencoderKL | AutoencoderKLWan, str]:
     return model, str(folder.resolve())
 
 
+def spatial_factor_of(cfg: VAEConfig) -> int | None:
+    """The VAE's spatial compression read from its preset or its folder's config.json, without
+    building it; None when the folder is not readable here (the workers check when they load it)."""
+    if cfg.path:
+        config_file = Path(cfg.path).expanduser() / "config.json"
+        if not config_file.is_file():
+            return None
+        config = json.loads(config_file.read_text())
+        kind = CLASSES.get(config.get("_class_name"), (cfg.kind, None))[0]
+    else:
+        kind, _, config = PRESETS[cfg.preset]
+    if kind == "wan":
+        return int(config.get("scale_factor_spatial") or 8)  # diffusers' default: 2.1's 8x
+    return 2 ** (len(config.get("block_out_channels") or [64]) - 1)
+
+
 def build_preset(preset: str, seed: int) -> AutoencoderKL | AutoencoderKLWan:
     """A random-init preset VAE; the same (preset, seed) gives bit-identical weights anywhere."""
     if preset not in PRESETS:
@@ -318,4 +334,5 @@ def load_vae(cfg: VAEConfig, device: str | torch.device = "cpu") -> VideoVAE:
     return VideoVAE(model, cfg, weights)
 
 
-__all__ = ["PRESETS", "VAEConfig", "VideoVAE", "build_preset", "load_vae", "state_dict_sha256"]
+__all__ = ["PRESETS", "VAEConfig", "VideoVAE", "build_preset", "load_vae", "spatial_factor_of",
+           "state_dict_sha256"]
