@@ -426,16 +426,23 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
 
     wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
            "optim.warmup_steps=1", "run.activation_checkpointing=true"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole, split, one = tmp_path / "whole", tmp_path / "split", tmp_path / "one"
     summary = train(demo_data, whole, "run.max_steps=4", *wan)
     assert summary["model"] == "wan:tiny-wan"
     train(demo_data, split, "run.max_steps=2", *wan)
+    shutil.copytree(split, one)  # the same stopped run, resumed on 2 workers and on 1
     resumed = train(demo_data, split, "run.max_steps=4", *wan)
     assert resumed["resumed_from"].endswith("checkpoint-00000002")
     ref, got = rows(whole), rows(split)
     assert [r["step"] for r in got] == [0, 1, 2, 3]
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["mfu"] is None for r in got)
+    train(demo_data, one, "run.max_steps=4", "scaling.num_workers=1", *wan)  # elastic: DeepSpeed's universal format
+    got1 = rows(one)
+    assert [r["workers"] for r in got1] == [2, 2, 1, 1]
+    for a, b in zip(ref[2:], got1[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
     checkpoint = split / "checkpoint-00000004"
     state, tensors = ckpt.load_weights(str(checkpoint))
