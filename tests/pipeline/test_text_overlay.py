@@ -117,6 +117,37 @@ def test_loading_and_config() -> None:
     assert TextConfig().detector == "auto"
 
 
+@pytest.mark.skipif(bundled_model() is None, reason="the ocr extra (onnxruntime + rapidocr_onnxruntime) is not installed")
+def test_ppocr_batches_a_clip_s_keyframes_and_takes_the_gpu_only_through_onnxruntime_s_cuda_provider(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    frames = footage("bikes.mp4", 3)
+    frames = [frames[0], subtitle(frames[1]), title_card(frames[2])]
+    cpu = PPOCRText(bundled_model())
+    single = [cpu.area(f) for f in frames]
+    assert single[0] < 0.03 and single[1] > 0.02 and single[2] > 0.15
+    assert cpu.areas(frames) == pytest.approx(single, abs=1e-3)  # one batch, the same boxes
+    assert text_area(frames, cpu) == pytest.approx(np.mean(single), abs=1e-3)
+    mixed = [frames[0], at_short_side(frames[1], 128)]  # two sizes: two batches, each frame its own
+    assert cpu.areas(mixed) == pytest.approx([cpu.area(f) for f in mixed], abs=1e-3)
+    # An actor with a GPU but onnxruntime without the CUDA provider (this machine): the CPU, said so.
+    on_gpu = PPOCRText(bundled_model(), "cuda")
+    assert on_gpu.providers == ["CPUExecutionProvider"] and "no CUDA execution provider" in caplog.text
+    # With onnxruntime-gpu: the CUDA provider first on the actor's device, the CPU after it.
+    seen = {}
+
+    class Session(ort.InferenceSession):
+        def __init__(self, path, options, providers):
+            seen["providers"] = providers
+            super().__init__(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    PPOCRText(bundled_model(), "cuda:1")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+
 def test_the_caption_stage_scores_text_and_files_a_title_card_as_a_filter_reject(
         sample_clips: dict[str, Path]) -> None:
     from pipeline.steps import CaptionStage, VAEStage, make_cut_fn
