@@ -68,41 +68,52 @@ def writer_of(batch: dict[str, np.ndarray], num_writers: int) -> np.ndarray:
     return np.array([zlib.crc32(k.encode()) % num_writers for k in key], dtype=np.int64)
 
 
-def hand_off(ray, writers: list, parts: dict[int, dict], wait_s: float, retry_s: float = 1.0) -> int:
-    """Send `parts[w]` to `writers[w]` for each w; the number of rows dropped.
+def call_writers(ray, writers: list, method: str, args: dict[int, tuple], wait_s: float,
+                 retry_s: float = 1.0) -> tuple[dict[int, object], dict[int, str]]:
+    """`writers[w].<method>(*args[w])` for each w, all at once; (answers by w, why by w for those lost).
 
-    A writer that is unavailable (its node lost, the actor restarting) is retried until it answers
-    or `wait_s` has passed: the call may or may not have run, and a re-sent row is committed at most
-    once (module docstring). A writer that died for good, or stays unavailable past `wait_s`, gets
-    its rows dropped with a warning: their sources stay incomplete and the repair pass redoes them.
+    A writer that is unavailable (its node lost, the actor restarting) is called again until it
+    answers or `wait_s` has passed: the call may or may not have run, which the writers make safe
+    (module docstring). One that died for good (restarts used up), or stays unavailable past
+    `wait_s`, is given up on. Any other error is the writer's answer being wrong: it is raised.
     """
-    pending = dict(parts)
+    pending, answers, lost = dict(args), {}, {}
     deadline = time.monotonic() + wait_s
-    dropped = 0
     while pending:
-        calls = {w: writers[w].append.remote(part) for w, part in sorted(pending.items())}
+        calls = {w: getattr(writers[w], method).remote(*a) for w, a in sorted(pending.items())}
         for w, ref in calls.items():
             try:
-                ray.get(ref)
+                answers[w] = ray.get(ref)
                 del pending[w]
             except ray.exceptions.ActorUnavailableError as e:
                 if time.monotonic() < deadline:
-                    log.warning("shard writer %d unavailable (%s); re-sending its %d row(s)",
-                                w, str(e).splitlines()[0][:200], len(pending[w]["kind"]))
+                    log.warning("shard writer %d unavailable (%s); calling %s again", w,
+                                str(e).splitlines()[0][:200], method)
                     continue
-                dropped += _drop(pending, w, f"still unavailable after {wait_s:g} s")
+                del pending[w]
+                lost[w] = f"still unavailable after {wait_s:g} s"
             except ray.exceptions.RayActorError as e:  # died for good (restarts used up)
-                dropped += _drop(pending, w, f"lost ({type(e).__name__})")
+                del pending[w]
+                lost[w] = f"lost ({type(e).__name__})"
         if pending:
             time.sleep(retry_s)
+    return answers, lost
+
+
+def hand_off(ray, writers: list, parts: dict[int, dict], wait_s: float, retry_s: float = 1.0) -> int:
+    """Send `parts[w]` to `writers[w]` for each w (`call_writers`); the number of rows dropped.
+
+    A re-sent row is committed at most once; the rows of a writer given up on are dropped with a
+    warning: their sources stay incomplete and the repair pass redoes them.
+    """
+    _, lost = call_writers(ray, writers, "append", {w: (part,) for w, part in parts.items()}, wait_s, retry_s)
+    dropped = 0
+    for w, why in sorted(lost.items()):
+        n = len(parts[w]["kind"])
+        log.warning("shard writer %d %s: %d row(s) not handed off; their sources stay incomplete and the "
+                    "repair pass redoes them", w, why, n)
+        dropped += n
     return dropped
-
-
-def _drop(pending: dict[int, dict], w: int, why: str) -> int:
-    n = len(pending.pop(w)["kind"])
-    log.warning("shard writer %d %s: %d row(s) not handed off; their sources stay incomplete and the "
-                "repair pass redoes them", w, why, n)
-    return n
 
 
 class Router:
@@ -161,22 +172,10 @@ def run_streaming(ray, ds, writers: list, stall_timeout_s: float) -> None:
 
 
 def flush_writers(ray, writers: list, wait_s: float = 60.0) -> list[dict]:
-    """Each writer's flush stats; a writer restarting after its node was lost is waited for, one that
-    is gone counts as nothing committed (its sources stay incomplete and a repair pass redoes them)."""
-    out = []
-    for w in writers:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                out.append(ray.get(w.flush.remote()))
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    out.append({})
-                    break
-                time.sleep(1.0)
-            except ray.exceptions.RayActorError as e:
-                log.warning("a shard writer was lost (%s): its uncommitted sources are redone", type(e).__name__)
-                out.append({})
-                break
-    return out
+    """Each writer's flush stats, all flushing at once (`call_writers`); a writer restarting after its
+    node was lost is waited for, one given up on counts as nothing committed (its sources stay
+    incomplete and a repair pass redoes them)."""
+    answers, lost = call_writers(ray, writers, "flush", {w: () for w in range(len(writers))}, wait_s)
+    for w, why in sorted(lost.items()):
+        log.warning("shard writer %d %s at the flush: its uncommitted sources are redone", w, why)
+    return [answers.get(w, {}) for w in range(len(writers))]

@@ -170,7 +170,9 @@ def _train(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     # A pretrained Wan loads straight onto this worker's GPU in bf16 (DeepSpeed's working dtype there)
     # rather than as an fp32 copy in host memory (training/backbone.py, `_wan_base`).
-    backbone = build(cfg.model, *input_widths(index.manifest), null_text=null_text_of(index.data_uri, index.manifest),
+    # The data's encoding of "": a pretrained Wan's null caption (the DiT learns its own).
+    null_text = null_text_of(index.data_uri, index.manifest) if cfg.model.kind == "wan" else None
+    backbone = build(cfg.model, *input_widths(index.manifest), null_text=null_text,
                      device=device, dtype=torch.bfloat16 if on_gpu else None)
     model = backbone.module
     apply_activation_checkpointing(model, cfg.run.activation_checkpointing)

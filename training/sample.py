@@ -360,7 +360,8 @@ def load_sampler(checkpoint: str, device: str = "auto", data_uri: str | None = N
                            f"fingerprint {data_sha[:16]}…: its text encoder / VAE record does not apply")
     clip, vae = load_data_models(data_uri, manifest, dev)
     encoder = load_text_encoder(data_uri, manifest, clip, dev)
-    null_text = null_text_of(data_uri, manifest)
+    null_text = null_text_of(data_uri, manifest) if state.model.get("kind", "ditharos") == "wan" or other_expert \
+        else None  # a pretrained backbone's null caption; the native DiT learns its own
 
     def backbone(uri: str, record: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> nn.Module:
         try:

@@ -76,6 +76,34 @@ def test_other_errors_are_not_swallowed() -> None:
         hand_off(fake_ray(), [broken], {0: part("a")}, wait_s=60)
 
 
+class Flushing:
+    """A writer whose flush answers with the scripted outcomes, then its stats."""
+
+    def __init__(self, script: list, stats: dict) -> None:
+        self.script, self.stats, self.calls = list(script), stats, 0
+        self.flush = types.SimpleNamespace(remote=self._remote)
+
+    def _remote(self):
+        self.calls += 1
+        return self.script.pop(0) if self.script else ("stats", self.stats)
+
+
+def test_the_flush_waits_for_a_restarting_writer_and_counts_a_lost_one_as_nothing() -> None:
+    def get(outcome):
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[1]
+
+    ray = types.SimpleNamespace(get=get, exceptions=rex)
+    restarting = Flushing([unavailable(), unavailable()], {"clips": 3})
+    dead, fine = Flushing([rex.ActorDiedError()], {"clips": 9}), Flushing([], {"clips": 2})
+    stats = writer_actors.flush_writers(ray, [restarting, dead, fine], wait_s=60)
+    assert stats == [{"clips": 3}, {}, {"clips": 2}]  # in writer order, the lost one as nothing committed
+    assert (restarting.calls, dead.calls, fine.calls) == (3, 1, 1)  # only the unavailable one is called again
+    gone = Flushing([unavailable()] * 100, {"clips": 1})
+    assert writer_actors.flush_writers(ray, [gone, fine], wait_s=0) == [{}, {"clips": 2}]
+
+
 def test_rows_route_by_bucket_and_source_stably() -> None:
     batch = {"kind": np.array(["clip", "clip", "source", "reject"]),
              "bucket": np.array(["b1", "b1", "", ""]), "source_id": np.array(["s1", "s1", "s1", "s2"]),
