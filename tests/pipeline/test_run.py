@@ -410,18 +410,24 @@ def test_listing_file_input_with_captions_and_metadata(ray_local: None, tmp_path
     assert gone and "does not exist" in gone[0]["reason"]
 
 
-def test_wan_video_vae_end_to_end(ray_local: None, tmp_path: Path, sample_clips: dict[str, Path]) -> None:
+@pytest.mark.parametrize("preset, spatial, sizes", [("tiny-wan", 8, "16"), ("tiny-wan2.2", 16, "32")])
+def test_wan_video_vae_end_to_end(ray_local: None, tmp_path: Path, sample_clips: dict[str, Path], preset: str,
+                                  spatial: int, sizes: str) -> None:
+    """Wan 2.1's VAE and Wan 2.2's (TI2V-5B: 16x spatial, so 32-px bucket steps) through the whole job."""
     src = tmp_path / "raw"
     src.mkdir()
     shutil.copy(sample_clips["carphone_pristine"], src / "carphone.mp4")
     out = tmp_path / "data"
-    main(["--input", str(src), "--output", str(out), "--set", "vae.kind=wan", "--set", "vae.preset=tiny-wan"])
+    main(["--input", str(src), "--output", str(out), "--set", "vae.kind=wan", "--set", f"vae.preset={preset}",
+          "--set", f"buckets.size_multiple_px={sizes}"])
     manifest = read_manifest(str(out))
     assert manifest["fingerprint"]["models"]["vae"]["class"] == "AutoencoderKLWan"
     index = read_index(str(out), manifest, ["bucket", "shard", "latent_shape"])
+    assert manifest["buckets"]
     for name, entry in manifest["buckets"].items():
         frames = entry["num_frames"]
         assert entry["latent_shape"][1] == 1 + (frames - 1) // 4  # 4x temporal compression
+        assert entry["latent_shape"][2:] == [entry["height_px"] // spatial, entry["width_px"] // spatial]
         shard = index.filter(pa.compute.equal(index["bucket"], name))["shard"][0].as_py()
         table = pa.ipc.open_file(pa.memory_map(str(out / shard))).read_all()
         assert table.column("latents").combine_chunks().to_numpy_ndarray().shape[1:] == tuple(entry["latent_shape"])
