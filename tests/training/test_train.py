@@ -46,6 +46,29 @@ def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
+def resume_two_ways(data: Path, tmp_path: Path, *settings: str) -> tuple[Path, Path, Path]:
+    """Run 4 steps whole; run 2, stop, and resume to 4 on the same 2 workers (every loss and grad norm
+    equal, bit for bit) and, from a copy of the stopped run, on 1 worker (DeepSpeed's universal
+    format: equal up to the reduction order). Returns the run dirs (whole, resumed on 2, on 1)."""
+    whole, split, one = tmp_path / "whole", tmp_path / "split", tmp_path / "one"
+    train(data, whole, "run.max_steps=4", *settings)
+    train(data, split, "run.max_steps=2", *settings)
+    shutil.copytree(split, one)  # the same stopped run, resumed two ways
+    resumed = train(data, split, "run.max_steps=4", *settings)
+    assert resumed["resumed_from"].endswith("checkpoint-00000002")
+    ref, got = rows(whole), rows(split)
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in ref]
+    assert ref[3]["loss"] != ref[1]["loss"]
+    train(data, one, "run.max_steps=4", "scaling.num_workers=1", *settings)
+    got1 = rows(one)
+    assert [r["workers"] for r in got1] == [2, 2, 1, 1]
+    for a, b in zip(ref[2:], got1[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    return whole, split, one
+
+
 def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     """tag → {step: value} from TensorBoard event files (TFRecord framing + tensorboardX's Event proto)."""
     import struct
@@ -426,23 +449,9 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
 
     wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
            "optim.warmup_steps=1", "run.activation_checkpointing=true"]
-    whole, split, one = tmp_path / "whole", tmp_path / "split", tmp_path / "one"
-    summary = train(demo_data, whole, "run.max_steps=4", *wan)
-    assert summary["model"] == "wan:tiny-wan"
-    train(demo_data, split, "run.max_steps=2", *wan)
-    shutil.copytree(split, one)  # the same stopped run, resumed on 2 workers and on 1
-    resumed = train(demo_data, split, "run.max_steps=4", *wan)
-    assert resumed["resumed_from"].endswith("checkpoint-00000002")
-    ref, got = rows(whole), rows(split)
-    assert [r["step"] for r in got] == [0, 1, 2, 3]
-    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
-    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["mfu"] is None for r in got)
-    train(demo_data, one, "run.max_steps=4", "scaling.num_workers=1", *wan)  # elastic: DeepSpeed's universal format
-    got1 = rows(one)
-    assert [r["workers"] for r in got1] == [2, 2, 1, 1]
-    for a, b in zip(ref[2:], got1[2:]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    whole, split, _ = resume_two_ways(demo_data, tmp_path, *wan)
+    assert json.loads((whole / "summary.json").read_text())["model"] == "wan:tiny-wan"
+    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["mfu"] is None for r in rows(split))
 
     checkpoint = split / "checkpoint-00000004"
     state, tensors = ckpt.load_weights(str(checkpoint))
@@ -488,25 +497,9 @@ def test_wan_lora_trains_only_the_adapter_resumes_exactly_and_elastically_and_ex
     lora = ["model.kind=wan", "model.preset=tiny-wan", "model.lora_rank=4", "model.lora_alpha=8",
             "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1", "optim.lr=0.01",
             "run.activation_checkpointing=true"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train(demo_data, whole, "run.max_steps=4", *lora)
-    train(demo_data, split, "run.max_steps=2", *lora)
-    one = tmp_path / "one"
-    shutil.copytree(split, one)  # the same stopped run, resumed two ways
-    # On 2 workers: the adapter (loaded with the frozen base left out) and its optimizer state come
-    # back exactly, so steps 2-3 equal the uninterrupted run's bit for bit.
-    resumed = train(demo_data, split, "run.max_steps=4", *lora)
-    assert resumed["resumed_from"].endswith("checkpoint-00000002")
-    ref, got = rows(whole), rows(split)
-    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in ref]
-    assert ref[3]["loss"] != ref[1]["loss"]
-    # On 1 worker (DeepSpeed's universal format): equal up to the reduction order.
-    train(demo_data, one, "run.max_steps=4", "scaling.num_workers=1", *lora)
-    got1 = rows(one)
-    assert [r["workers"] for r in got1] == [2, 2, 1, 1]
-    for a, b in zip(ref[2:], got1[2:]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # On 2 workers the adapter (loaded with the frozen base left out) and its optimizer state come
+    # back exactly; on 1 through the universal format.
+    _, split, _ = resume_two_ways(demo_data, tmp_path, *lora)
 
     checkpoint = split / "checkpoint-00000004"
     state, tensors = ckpt.load_weights(str(checkpoint))
@@ -540,22 +533,7 @@ def test_wan_lora_under_zero3_resumes_exactly_and_elastically(demo_data: Path, t
     lora = ["model.kind=wan", "model.preset=tiny-wan", "model.lora_rank=4", "model.lora_alpha=8",
             "optim.zero_stage=3", "run.checkpoint_every=2", "optim.total_steps=6", "optim.warmup_steps=1",
             "optim.lr=0.01"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train(demo_data, whole, "run.max_steps=4", *lora)
-    train(demo_data, split, "run.max_steps=2", *lora)
-    one = tmp_path / "one"
-    shutil.copytree(split, one)
-    resumed = train(demo_data, split, "run.max_steps=4", *lora)
-    assert resumed["resumed_from"].endswith("checkpoint-00000002")
-    ref, got = rows(whole), rows(split)
-    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in ref]
-    assert ref[3]["loss"] != ref[1]["loss"]
-    train(demo_data, one, "run.max_steps=4", "scaling.num_workers=1", *lora)
-    got1 = rows(one)
-    assert [r["workers"] for r in got1] == [2, 2, 1, 1]
-    for a, b in zip(ref[2:], got1[2:]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    whole, _, one = resume_two_ways(demo_data, tmp_path, *lora)
     state, tensors = ckpt.load_weights(str(one / "checkpoint-00000004"))
     assert state.zero_stage == 3 and state.world_size == 1 and tensors and all(".lora_" in k for k in tensors)
     _, ref_tensors = ckpt.load_weights(str(whole / "checkpoint-00000004"))
