@@ -436,9 +436,9 @@ def ours_and_diffusers(sampler, transformer: torch.nn.Module) -> tuple[torch.Ten
 
 
 def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path, tmp_path: Path) -> None:
-    """model.kind: wan (a random-init tiny Wan preset) through the same loop: ZeRO-2 on 2 workers, exact
-    resume, a checkpoint whose weights load into diffusers' WanTransformer3DModel as they are, and the
-    sampler on that checkpoint."""
+    """model.kind: wan (a random-init tiny Wan preset), fully fine-tuned, through the same loop: ZeRO-3
+    on 2 workers (the LoRA tests run ZeRO-2 and ZeRO-3), exact and elastic resume, a checkpoint whose
+    weights load into diffusers' WanTransformer3DModel as they are, the sampler on it, and the export."""
     from diffusers import WanTransformer3DModel
 
     from training import checkpoint as ckpt
@@ -447,15 +447,15 @@ def test_wan_backbone_trains_resumes_exactly_and_records_itself(demo_data: Path,
     from training.settings import ModelConfig
     from training.wan import PackedWan
 
-    wan = ["model.kind=wan", "model.preset=tiny-wan", "run.checkpoint_every=2", "optim.total_steps=6",
-           "optim.warmup_steps=1", "run.activation_checkpointing=true"]
+    wan = ["model.kind=wan", "model.preset=tiny-wan", "optim.zero_stage=3", "run.checkpoint_every=2",
+           "optim.total_steps=6", "optim.warmup_steps=1", "run.activation_checkpointing=true"]
     whole, split, _ = resume_two_ways(demo_data, tmp_path, *wan)
     assert json.loads((whole / "summary.json").read_text())["model"] == "wan:tiny-wan"
     assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["mfu"] is None for r in rows(split))
 
     checkpoint = split / "checkpoint-00000004"
     state, tensors = ckpt.load_weights(str(checkpoint))
-    assert state.model["kind"] == "wan" and state.model["source"] == "random-init:tiny-wan"
+    assert state.model["kind"] == "wan" and state.model["source"] == "random-init:tiny-wan" and state.zero_stage == 3
     model = WanTransformer3DModel(**state.model["config"])
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True)
     torch.manual_seed(0)  # run.seed: the initial weights every worker built
