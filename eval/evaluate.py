@@ -161,13 +161,14 @@ def evaluate_checkpoint(checkpoint_uri: str, plan: EvalPlan, cfg: NightlyConfig,
     fvd = FVD(cfg.metrics.i3d_weights or None, str(device), cfg.metrics.fvd_batch_size)
     clip = _scorer(cfg, sampler.clip, device)
     s = cfg.sampling
+    low = s.guidance_scale_low_noise or None  # the low-noise expert's scale (0: the same as guidance_scale)
 
     def videos() -> Iterator[np.ndarray]:
         for v in plan.videos:
             video = sampler.generate([v.prompt], v.width_px, v.height_px, v.num_frames, s.steps,
-                                     s.guidance_scale, seed=v.seed)[0]  # (T, H, W, 3)
+                                     s.guidance_scale, seed=v.seed, low_noise_guidance=low)[0]  # (T, H, W, 3)
             settings = sampler.settings(v.prompt, v.seed, v.width_px, v.height_px, v.num_frames, s.steps,
-                                        s.guidance_scale)
+                                        s.guidance_scale, low)
             write_video(out_uri, v.name, video, settings)
             yield video
 

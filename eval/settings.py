@@ -56,12 +56,16 @@ class SamplingConfig:
     # A run that trains one expert of a pair (flow.t_min or t_max = the boundary, Wan 2.2 A14B):
     # the other expert — its checkpoint or run dir, or the pretrained diffusers (pipeline) folder.
     other_expert: str = ""
+    guidance_scale_low_noise: float = 0.0  # with other_expert: the low-noise expert's scale; 0 = guidance_scale
 
     def validate(self) -> None:
         if (self.width_px == 0) != (self.height_px == 0) or min(self.width_px, self.height_px) < 0:
             raise ValueError("sampling.width_px and height_px must both be 0 (the reals' sizes) or both positive")
         if self.steps < 1:
             raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+        if self.guidance_scale_low_noise < 0:
+            raise ValueError(f"sampling.guidance_scale_low_noise must be >= 0 (0: guidance_scale), got "
+                             f"{self.guidance_scale_low_noise}")
 
 
 @dataclass

@@ -213,6 +213,7 @@ def sample(
     device: torch.device | str = "cpu",
     precision: str = "auto",
     low_noise: tuple[nn.Module, float] | None = None,
+    low_noise_guidance: float | None = None,
 ) -> list[torch.Tensor]:
     """Euler ODE from t = 1 (noise) to t = 0: x_{t−Δ} = x_t − Δ·v, one latent (C, T, H, W) per shape.
 
@@ -222,13 +223,15 @@ def sample(
     `precision` of the model's forward: see `forward_precision`.
     `low_noise` (model, boundary): a second expert for the steps whose time is below `boundary`,
     `model` taking those at or above it (Wan 2.2 A14B's high- and low-noise experts; WanPipeline's
-    rule `t >= boundary_timestep`, per sample: samples of different sizes cross it at different steps).
+    rule `t >= boundary_timestep`, per sample: samples of different sizes cross it at different steps),
+    with its own guidance scale `low_noise_guidance` (default: the same; WanPipeline's guidance_scale_2).
     """
     autocast = forward_precision(device, precision)
     steps = cfg.sample_steps if steps is None else steps
     scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    scale_low = scale if low_noise is None or low_noise_guidance is None else low_noise_guidance
     b = len(shapes)
-    guided = scale != 1.0
+    guided = scale != 1.0 or scale_low != 1.0
     noise = [torch.randn(s, generator=generator) for s in shapes]
     copies = 2 if guided else 1
     lat, txt = noise * copies, list(text) * copies
@@ -258,10 +261,14 @@ def sample(
                 v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
             else:
                 v = _expert_velocity(model, *low_noise, tokens, grid[:, i], grid_host[:, i], batch, drop)[real]
-        if guided:
+        lengths = torch.tensor(batch.lengths[:b], device=device)  # (B,)
+        if guided and scale_low == scale:
             v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
+        elif guided:  # each sample's scale is its expert's
+            s_b = torch.where(grid_host[:b, i] >= low_noise[1], scale, scale_low).to(device)  # (B,)
+            v = v[half:] + torch.repeat_interleave(s_b, lengths)[:, None] * (v[:half] - v[half:])  # (R/2, P)
         dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)
-        dt_tok = torch.repeat_interleave(dt, torch.tensor(batch.lengths[:b], device=device))[:, None]  # (R/copies, 1)
+        dt_tok = torch.repeat_interleave(dt, lengths)[:, None]  # (R/copies, 1)
         x = x - dt_tok * v  # (R/copies, P)
     for m, mode in zip(experts, was_training):
         m.train(mode)

@@ -211,10 +211,12 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], width_px: int, height_px: int, num_frames: int,
-                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> np.ndarray:
+                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                 low_noise_guidance: float | None = None) -> np.ndarray:
         """uint8 videos (N, T, H, W, 3), one per prompt; video i is drawn with seed + i.
 
-        `steps` / `guidance_scale` default to the checkpoint's flow config (sample_steps, guidance_scale).
+        `steps` / `guidance_scale` default to the checkpoint's flow config (sample_steps, guidance_scale);
+        `low_noise_guidance`: the low-noise expert's own scale, with a pair of experts (default: the same).
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise SamplerError("prompts must be a non-empty list of strings")
@@ -234,17 +236,20 @@ class Sampler:
             g = torch.Generator().manual_seed(seed + i)
             experts = None if self.low_noise is None else (self.low_noise, self.boundary)
             z = sample(self.model, [shape], text, self.flow, g, steps=steps, guidance_scale=guidance_scale,
-                       text_mask=mask, device=self.device, low_noise=experts)[0]  # (C, T', H', W')
+                       text_mask=mask, device=self.device, low_noise=experts,
+                       low_noise_guidance=low_noise_guidance)[0]  # (C, T', H', W')
             videos.append(self.vae.decode(z[None])[0])  # (T, H, W, 3)
         return np.stack(videos)  # (N, T, H, W, 3)
 
     def settings(self, prompt: str, seed: int, width_px: int, height_px: int, num_frames: int,
-                 steps: int | None, guidance_scale: float | None) -> dict[str, Any]:
+                 steps: int | None, guidance_scale: float | None,
+                 low_noise_guidance: float | None = None) -> dict[str, Any]:
         """Everything that determines one generated video (written beside it as JSON)."""
         f = self.flow
         shape = self.latent_shape(width_px, height_px, num_frames)
         tokens = math.prod(num_patches(shape, self.model.patch))
         fp = self.manifest["fingerprint"]
+        scale = f.guidance_scale if guidance_scale is None else float(guidance_scale)
         return {
             "checkpoint": self.checkpoint_uri,
             "steps_done": self.state.steps_done,
@@ -256,7 +261,7 @@ class Sampler:
             "num_frames": num_frames,
             "fps": self.fps,
             "steps": f.sample_steps if steps is None else int(steps),
-            "guidance_scale": f.guidance_scale if guidance_scale is None else float(guidance_scale),
+            "guidance_scale": scale,
             "latent_shape": list(shape),
             "num_tokens": tokens,
             "shift": {"enabled": f.shift, "base_tokens": f.base_tokens, "max_tokens": f.max_tokens,
@@ -264,7 +269,8 @@ class Sampler:
             "model": self.state.model,
             "experts": None if self.low_noise is None else {
                 "boundary": self.boundary, "other_expert": self.other_expert,
-                "checkpoint_is": "high-noise" if self.flow.t_min > 0 else "low-noise"},
+                "checkpoint_is": "high-noise" if self.flow.t_min > 0 else "low-noise",
+                "low_noise_guidance": scale if low_noise_guidance is None else float(low_noise_guidance)},
             "data_uri": self.data_uri,
             "data_fingerprint": self.state.data_fingerprint,
             "clip": fp["models"]["clip"],
@@ -539,6 +545,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, help="mp4 frame rate (default: the data's bucket fps)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--data", help="the shards' location, if they moved since training")
+    p.add_argument("--cfg-low-noise", type=float, help="with --other-expert: the low-noise expert's own guidance "
+                   "scale (WanPipeline's guidance_scale_2; default: --cfg)")
     p.add_argument("--other-expert", help="when --checkpoint is one expert of a pair (trained with flow.t_min or "
                    "flow.t_max = the boundary, Wan 2.2 A14B style): the other — its checkpoint or run dir, or "
                    "the pretrained diffusers folder")
@@ -557,6 +565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not prompts:
             raise SamplerError("no prompts: give --prompt TEXT (repeatable) and/or --prompts FILE")
         sampler = load_sampler(args.checkpoint, args.device, args.data, args.other_expert)
+        if args.cfg_low_noise is not None and sampler.low_noise is None:
+            raise SamplerError("--cfg-low-noise applies to a pair of experts (--other-expert) only")
         width, height, frames = args.width, args.height, args.frames
         if None in (width, height, frames):
             default = default_size(sampler.manifest)
@@ -566,12 +576,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampler.check_fits(width, height, frames)
         out = args.out or storage.join(sampler.checkpoint_uri.rstrip("/").rsplit("/", 1)[0], "samples",
                                        sampler.checkpoint_uri.rstrip("/").rsplit("/", 1)[1])
-        videos = sampler.generate(prompts, width, height, frames, args.steps, args.cfg, args.seed)
+        videos = sampler.generate(prompts, width, height, frames, args.steps, args.cfg, args.seed, args.cfg_low_noise)
     except (SamplerError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     files = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
-        settings = sampler.settings(prompt, args.seed + i, width, height, frames, args.steps, args.cfg)
+        settings = sampler.settings(prompt, args.seed + i, width, height, frames, args.steps, args.cfg,
+                                    args.cfg_low_noise)
         if args.fps:
             settings["fps"] = args.fps
         files.append(write_video(out, f"{i:03d}-seed{args.seed + i}", video, settings))

@@ -182,6 +182,11 @@ def test_a_broken_checkpoint_is_reported_and_retried_next_night(tiny_run: Path, 
     assert [Path(uri).name for _, uri in skipped] == ["checkpoint-00000004"]  # the broken one stays pending
     # With sampling.other_expert the expert is evaluated with its partner (another night's settings).
     low = make_checkpoint(tmp_path / "low", data, 6, seed=7, t_range=(0.0, 0.875))
-    paired = main(["--run", str(run), "--latest", *FAST, "--set", f"sampling.other_expert={low}"])
+    paired = main(["--run", str(run), "--latest", *FAST, "--set", f"sampling.other_expert={low}",
+                   "--set", "sampling.guidance_scale_low_noise=1.5"])
     assert [r["checkpoint"] for r in paired["evaluated"]] == [expert.name] and paired["errors"] == []
     assert math.isfinite(paired["evaluated"][0]["fvd"])
+    row = next(r for r in read_history(str(run)) if r["steps_done"] == 6)
+    written = json.loads(next(Path(row["samples_uri"]).glob("*-seed*.json")).read_text())
+    assert written["experts"] == {"boundary": 0.875, "other_expert": str(low), "checkpoint_is": "high-noise",
+                                  "low_noise_guidance": 1.5}

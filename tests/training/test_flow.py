@@ -332,17 +332,21 @@ def test_a_pair_of_experts_samples_each_step_with_the_expert_of_its_noise_level(
     assert grid[0, 2] < boundary <= grid[1, 2]  # at step 2 the small sample is low-noise, the large one high
     assert grid[1, steps - 1] < boundary  # and the large one ends on the low-noise expert too
 
-    def run(sh, tx, experts, seed):
+    def run(sh, tx, experts, seed, low_scale=None):
         return sample(high, sh, tx, cfg, torch.Generator().manual_seed(seed), steps=steps, guidance_scale=2.0,
-                      low_noise=experts)
+                      low_noise=experts, low_noise_guidance=low_scale)
 
     both = run(shapes, text, (low, boundary), 5)
+    own_scale = run(shapes, text, (low, boundary), 5, low_scale=0.5)  # WanPipeline's guidance_scale_2
     g = torch.Generator().manual_seed(5)
     noise = [torch.randn(s, generator=g) for s in shapes]  # what `sample` draws for both, in order
     for k in range(2):
-        # Alone (its own noise through a generator that gives it): the whole pack agrees at every step.
+        # By hand, one sample at a time: each step's expert (and its scale) from that sample's time.
         alone = sample_from_noise(high, noise[k], text[k], cfg, steps, (low, boundary))
         assert (both[k] - alone).abs().max() < 1e-9
+        alone = sample_from_noise(high, noise[k], text[k], cfg, steps, (low, boundary), low_scale=0.5)
+        assert (own_scale[k] - alone).abs().max() < 1e-9
+        assert (own_scale[k] - both[k]).abs().max() > 1e-4
     only_high = run(shapes, text, (low, 0.0), 5)
     only_low = run(shapes, text, (low, 1.01), 5)
     plain = run(shapes, text, None, 5)
@@ -351,8 +355,9 @@ def test_a_pair_of_experts_samples_each_step_with_the_expert_of_its_noise_level(
         assert (both[k] - only_high[k]).abs().max() > 1e-4 and (both[k] - only_low[k]).abs().max() > 1e-4
 
 
-def sample_from_noise(high, x1, text, cfg, steps, experts):
-    """Euler with CFG by hand for one sample, each step's velocity from the expert of its time."""
+def sample_from_noise(high, x1, text, cfg, steps, experts, low_scale=2.0):
+    """Euler with CFG by hand for one sample, each step's velocity (and guidance scale: 2, or
+    `low_scale` for the low-noise expert) from the expert of its time."""
     low, boundary = experts
     c, t, h, w = x1.shape
     tokens = (t * h * w) // 4
@@ -360,9 +365,9 @@ def sample_from_noise(high, x1, text, cfg, steps, experts):
                            cfg.base_tokens, cfg.max_tokens, cfg.base_shift, cfg.max_shift)[0]
     x = x1.clone()
     for i in range(steps):
-        model = high if grid[i] >= boundary else low
+        model, scale = (high, 2.0) if grid[i] >= boundary else (low, low_scale)
         batch = pack([x, x], [text, text], PATCH, 2 * tokens)
         with torch.no_grad():
             v_c, v_u = unpack(model(batch.tokens, grid[i].expand(2).to(x.dtype), batch, [False, True]), batch)
-        x = x - (grid[i] - grid[i + 1]).to(x.dtype) * (v_u + 2.0 * (v_c - v_u))
+        x = x - (grid[i] - grid[i + 1]).to(x.dtype) * (v_u + scale * (v_c - v_u))
     return x

@@ -291,7 +291,8 @@ def test_a_pair_of_experts_samples_together_and_one_alone_is_refused(sampler, im
                     "--width", "32", "--height", "32", "--frames", "3", "--steps", "4", "--out", str(out),
                     "--device", "cpu"])
     meta = json.loads((out / "000-seed0.json").read_text())
-    assert meta["experts"] == {"boundary": 0.875, "other_expert": str(low), "checkpoint_is": "high-noise"}
+    assert meta["experts"] == {"boundary": 0.875, "other_expert": str(low), "checkpoint_is": "high-noise",
+                               "low_noise_guidance": 5.0}  # the checkpoint's flow.guidance_scale
     assert summary["other_expert"] == str(low) and summary["boundary"] == 0.875
     pair = load_sampler(str(high), "cpu", other_expert=str(low))
     got = pair.generate(["a dog"], 32, 32, 3, steps=4)
@@ -300,6 +301,15 @@ def test_a_pair_of_experts_samples_together_and_one_alone_is_refused(sampler, im
     only_high = sampler.generate(["a dog"], 32, 32, 3, steps=4)
     assert np.abs(got.astype(int) - only_high.astype(int)).max() > 5
     assert np.array_equal(got, pair.generate(["a dog"], 32, 32, 3, steps=4))  # seeded
+    own = pair.generate(["a dog"], 32, 32, 3, steps=4, low_noise_guidance=1.0)  # the low expert unguided
+    assert np.abs(own.astype(int) - got.astype(int)).max() > 5
+    main(["--checkpoint", str(high), "--other-expert", str(low), "--cfg-low-noise", "1.0", "--prompt", "a dog",
+          "--width", "32", "--height", "32", "--frames", "3", "--steps", "4", "--out", str(tmp_path / "own"),
+          "--device", "cpu"])
+    assert json.loads((tmp_path / "own" / "000-seed0.json").read_text())["experts"]["low_noise_guidance"] == 1.0
+    with pytest.raises(SystemExit, match="--cfg-low-noise applies to a pair of experts"):
+        main(["--checkpoint", str(image_run), "--cfg-low-noise", "1.0", "--prompt", "a dog", "--device", "cpu",
+              "--out", str(tmp_path / "no")])
     reverse = load_sampler(str(low), "cpu", other_expert=str(high))  # the low expert's run, the same pair
     assert reverse.settings("a dog", 0, 32, 32, 3, 4, None)["experts"]["checkpoint_is"] == "low-noise"
     assert np.array_equal(got, reverse.generate(["a dog"], 32, 32, 3, steps=4))
