@@ -69,6 +69,9 @@ class TextDetector(Protocol):
     def area(self, frame: np.ndarray) -> float:
         """Share (0-1) of an RGB uint8 frame (H, W, 3) covered by text boxes."""
 
+    def areas(self, frames: list[np.ndarray]) -> list[float]:
+        """`area` of each frame (a model may run them together)."""
+
     def fingerprint(self) -> dict:
         """What defines its numbers (for the manifest's model fingerprints)."""
 
@@ -135,6 +138,9 @@ class ClassicalText:
                 x0, y0 = min(m[0] for m in members), min(m[1] for m in members)
                 lines.append((x0, y0, right - x0, max(m[1] + m[3] for m in members) - y0))
         return _box_area(lines, *y.shape)
+
+    def areas(self, frames: list[np.ndarray]) -> list[float]:
+        return [self.area(f) for f in frames]
 
     def fingerprint(self) -> dict:
         return {"detector": "classical", "weights": "none", "weights_sha256": "", "width_px": WIDTH_PX}
@@ -242,7 +248,4 @@ def load_text_detector(detector: str, model: str, device: str = "cpu") -> TextDe
 
 def text_area(frames: list[np.ndarray] | np.ndarray, detector: TextDetector) -> float:
     """Mean text area of a clip's keyframes (each (H, W, 3) uint8 RGB)."""
-    if not len(frames):
-        return 0.0
-    batched = getattr(detector, "areas", None)
-    return float(np.mean(batched(list(frames)) if batched else [detector.area(f) for f in frames]))
+    return float(np.mean(detector.areas(list(frames)))) if len(frames) else 0.0

@@ -145,15 +145,14 @@ class VideoVAE:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype  # compute dtype, as loaded
         mc = model.config
+        self.spatial_factor = spatial_factor(self.kind, mc)
         if self.kind == "wan":
-            self.spatial_factor = int(mc.scale_factor_spatial)
             self.temporal_factor = int(mc.scale_factor_temporal)
             self.latent_channels = int(mc.z_dim)
             # per-channel normalisation, shaped to broadcast over (B, C, T, H, W)
             self._mean = torch.tensor(mc.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
             self._std = torch.tensor(mc.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         else:
-            self.spatial_factor = 2 ** (len(mc.block_out_channels) - 1)
             self.temporal_factor = 1
             self.latent_channels = int(mc.latent_channels)
             # SD/Flux style: (z - shift_factor) * scaling_factor; SDXL-pipeline style when the
@@ -301,9 +300,14 @@ def spatial_factor_of(cfg: VAEConfig) -> int | None:
         kind = CLASSES.get(config.get("_class_name"), (cfg.kind, None))[0]
     else:
         kind, _, config = PRESETS[cfg.preset]
+    return spatial_factor(kind, config)
+
+
+def spatial_factor(kind: str, config: Any) -> int:
+    """Pixels per latent side of a VAE of this kind and (diffusers) config mapping."""
     if kind == "wan":
         return int(config.get("scale_factor_spatial") or 8)  # diffusers' default: 2.1's 8x
-    return 2 ** (len(config.get("block_out_channels") or [64]) - 1)
+    return 2 ** (len(config.get("block_out_channels") or [64]) - 1)  # AutoencoderKL: one downsample per block
 
 
 def build_preset(preset: str, seed: int) -> AutoencoderKL | AutoencoderKLWan:

@@ -100,13 +100,12 @@ def truncated_timesteps(mu: torch.Tensor, t_min: float, t_max: float, generator:
     mu to logit(t), so the shifted law is logit-normal again and truncates exactly: z = Φ⁻¹(u) with
     u uniform between Φ of the bounds' z."""
     mu = mu.double()
-    with torch.no_grad():
-        lo = torch.special.logit(torch.tensor(t_min, dtype=torch.float64))  # -inf at 0
-        hi = torch.special.logit(torch.tensor(t_max, dtype=torch.float64))  # +inf at 1
-        a = torch.special.ndtr((lo - mean - mu) / std)  # (B,)
-        b = torch.special.ndtr((hi - mean - mu) / std)  # (B,)
-        u = a + (b - a) * torch.rand(mu.shape, generator=generator, dtype=torch.float64)  # (B,)
-        t = torch.sigmoid(mean + mu + std * torch.special.ndtri(u))  # (B,)
+    lo = torch.special.logit(torch.tensor(t_min, dtype=torch.float64))  # -inf at 0
+    hi = torch.special.logit(torch.tensor(t_max, dtype=torch.float64))  # +inf at 1
+    a = torch.special.ndtr((lo - mean - mu) / std)  # (B,)
+    b = torch.special.ndtr((hi - mean - mu) / std)  # (B,)
+    u = a + (b - a) * torch.rand(mu.shape, generator=generator, dtype=torch.float64)  # (B,)
+    t = torch.sigmoid(mean + mu + std * torch.special.ndtri(u))  # (B,)
     return t.clamp(t_min, t_max).float()
 
 
@@ -254,18 +253,20 @@ def sample(
     for m in experts:
         m.eval()
     tokens = batch.tokens.to(dtype).clone()  # (N, P)
+    lengths = torch.tensor(batch.lengths[:b], device=device)  # (B,)
     for i in range(steps):
         tokens[real] = x.repeat(copies, 1)
+        # WanPipeline's rule, per sample, decided on the host (no sync): the high-noise expert at t >= boundary
+        is_high = None if low_noise is None else grid_host[:, i] >= low_noise[1]  # (copies·B,)
         with autocast:
             if low_noise is None:
                 v = model(tokens, grid[:, i], batch, drop).to(dtype)[real]  # (R, P)
             else:
-                v = _expert_velocity(model, *low_noise, tokens, grid[:, i], grid_host[:, i], batch, drop)[real]
-        lengths = torch.tensor(batch.lengths[:b], device=device)  # (B,)
+                v = _expert_velocity(model, low_noise[0], is_high, tokens, grid[:, i], batch, drop)[real]
         if guided and scale_low == scale:
             v = v[half:] + scale * (v[:half] - v[half:])  # (R/2, P)
         elif guided:  # each sample's scale is its expert's
-            s_b = torch.where(grid_host[:b, i] >= low_noise[1], scale, scale_low).to(device)  # (B,)
+            s_b = torch.where(is_high[:b], scale, scale_low).to(device)  # (B,)
             v = v[half:] + torch.repeat_interleave(s_b, lengths)[:, None] * (v[:half] - v[half:])  # (R/2, P)
         dt = (grid[:b, i] - grid[:b, i + 1])  # (B,)
         dt_tok = torch.repeat_interleave(dt, lengths)[:, None]  # (R/copies, 1)
@@ -276,12 +277,9 @@ def sample(
     return unpack(tokens, batch)[:b]
 
 
-def _expert_velocity(high: nn.Module, low: nn.Module, boundary: float, tokens: torch.Tensor, t: torch.Tensor,
-                     t_host: torch.Tensor, batch: PackedBatch, drop: torch.Tensor) -> torch.Tensor:
-    """(N, P) velocity of each sample from the expert of its time: `high` at t >= boundary, else `low`.
-
-    `t` (B,) on the device, `t_host` the same on the host (the choice is made there: no sync)."""
-    is_high = t_host >= boundary  # (B,)
+def _expert_velocity(high: nn.Module, low: nn.Module, is_high: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor,
+                     batch: PackedBatch, drop: torch.Tensor) -> torch.Tensor:
+    """(N, P) velocity of each sample from its expert: `high` where `is_high` (B,) (on the host), else `low`."""
     if is_high.all():
         return high(tokens, t, batch, drop).to(tokens.dtype)
     if not is_high.any():

@@ -168,10 +168,10 @@ def _train(config: dict[str, Any]) -> None:
             index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads,
                                            max_open=cfg.data.max_open_shards))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    # A pretrained Wan loads straight onto this worker's GPU in bf16 (DeepSpeed's working dtype there)
-    # rather than as an fp32 copy in host memory (training/backbone.py, `_wan_base`).
     # The data's encoding of "": a pretrained Wan's null caption (the DiT learns its own).
     null_text = null_text_of(index.data_uri, index.manifest) if cfg.model.kind == "wan" else None
+    # A pretrained Wan loads straight onto this worker's GPU in bf16 (DeepSpeed's working dtype there)
+    # rather than as an fp32 copy in host memory (training/backbone.py, `_wan_base`).
     backbone = build(cfg.model, *input_widths(index.manifest), null_text=null_text,
                      device=device, dtype=torch.bfloat16 if on_gpu else None)
     model = backbone.module
