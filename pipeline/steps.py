@@ -308,7 +308,8 @@ class CaptionStage:
         if cfg.caption.aesthetic.enabled:
             self.aesthetic = Aesthetic(cfg.caption.aesthetic, self.clip.embed_dim, _device(num_gpus))
             _check_fingerprint(self.aesthetic.fingerprint(), aesthetic_sha256, "aesthetic head")
-        self.text = load_text_detector(cfg.filter.text.detector, cfg.filter.text.model, _device(num_gpus))
+        self.text = load_text_detector(cfg.filter.text.detector, cfg.filter.text.model, _device(num_gpus),
+                                       cfg.filter.text.cascade)
         _check_fingerprint(self.text.fingerprint(), text_sha256, "text detector")
 
     def __call__(self, batch: Batch) -> Batch:

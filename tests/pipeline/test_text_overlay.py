@@ -170,3 +170,35 @@ def test_the_caption_stage_scores_text_and_files_a_title_card_as_a_filter_reject
     # filter.enabled=false: scored, nothing dropped
     off = CaptionStage(load_config(PipelineConfig, None, ["filter.enabled=false"]))(as_batch(rows + [card]))
     assert list(off["kind"]) == ["clip"] * (len(rows) + 1) and float(off["text_area"][-1]) > 0.1
+
+
+@pytest.mark.skipif(bundled_model() is None, reason="the ocr extra (onnxruntime + rapidocr_onnxruntime) is not installed")
+def test_the_cascade_reads_the_middle_keyframe_and_the_others_only_where_text_is_likely() -> None:
+    class Counting:  # the onnxruntime session, counting the frames DBNet reads
+        def __init__(self, session):
+            self.session, self.frames = session, 0
+
+        def run(self, names, feeds):
+            self.frames += len(next(iter(feeds.values())))
+            return self.session.run(names, feeds)
+
+    full, cascade = PPOCRText(bundled_model(), cascade=False), PPOCRText(bundled_model())
+    assert full.fingerprint()["cascade"] is False and cascade.fingerprint()["cascade"] is True
+    cascade.session = Counting(cascade.session)
+    for name in NAMES:
+        clean = footage(name, 3)
+        cases = {"clean": (clean, 1),  # no text: DBNet reads the middle keyframe only
+                 "subtitles": ([subtitle(f) for f in clean], 3),  # text in the middle: every keyframe
+                 "subtitle first": ([subtitle(clean[0]), clean[1], clean[2]], 2),  # the gate sends the first
+                 "card last": ([clean[0], clean[1], title_card(clean[2])], 2)}
+        for case, (frames, reads) in cases.items():
+            cascade.session.frames = 0
+            got = text_area(frames, cascade)
+            assert cascade.session.frames == reads, (name, case)
+            assert got == pytest.approx(text_area(frames, full), abs=1e-6), (name, case)  # equal to the full mean
+    image = subtitle(footage("bikes.mp4", 1)[0])
+    assert text_area([image], cascade) == pytest.approx(full.area(image), abs=1e-6)  # a 1-frame clip: itself
+    default = load_config(PipelineConfig, None, [])
+    assert default.filter.text.cascade is True
+    assert load_config(PipelineConfig, None, ["filter.text.cascade=false"]).filter.text.cascade is False
+    assert load_text_detector("ppocr", "", "cpu", False).fingerprint()["cascade"] is False
