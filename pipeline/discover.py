@@ -22,6 +22,7 @@ VIDEO_EXTENSIONS = [
 ]
 SIDECAR_EXTENSIONS = (".txt", ".json")
 SNIFF_BYTES = 4096
+TAR_SNIFFED = "application/x-tar"  # `sniffed` of a listing row that is a WebDataset tar still to expand
 
 
 @dataclass
@@ -36,6 +37,9 @@ class InputConfig:
     sniff_images: bool = True  # also take files whose bytes look like an image (a PNG named .dat)
     use_sidecars: bool = True
     max_sidecar_bytes: int = 65536
+    # A .tar is a WebDataset shard: each image / video in it is a source, with its key's captions
+    # (pipeline/tars.py). false: a .tar is a `discover` reject like any other non-video file.
+    tars: bool = True
 
 
 def sniff_container(head: bytes) -> str | None:
@@ -62,6 +66,11 @@ def sniff_container(head: bytes) -> str | None:
     if len(head) >= 188 * 3 and all(head[i * 188] == 0x47 for i in range(3)):
         return "mpeg-ts"
     return None
+
+
+def is_tar(uri: str, cfg: InputConfig) -> bool:
+    """Whether `uri` is a WebDataset tar to expand (a plain .tar; a tar member is not one)."""
+    return cfg.tars and uri.lower().endswith(".tar") and storage.member_span(uri) is None
 
 
 def is_image(uri: str, sniffed: str, cfg: InputConfig) -> bool:
@@ -91,8 +100,13 @@ def sniff_other(head: bytes) -> str:
 
 
 def read_sidecar(uri: str, max_bytes: int) -> list[str]:
-    text = storage.read_bytes(uri, max_bytes).decode("utf-8", errors="replace")
-    if uri.endswith(".json"):
+    return parse_sidecar(uri, storage.read_bytes(uri, max_bytes))
+
+
+def parse_sidecar(name: str, data: bytes) -> list[str]:
+    """Captions in a sidecar's bytes: one per line, or a .json's "caption" / "captions"."""
+    text = data.decode("utf-8", errors="replace")
+    if name.endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError:

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.discover import SIDECAR_EXTENSIONS, SNIFF_BYTES, InputConfig, read_sidecar, sniff_container, sniff_other
+from pipeline.discover import (SIDECAR_EXTENSIONS, SNIFF_BYTES, TAR_SNIFFED, InputConfig, is_tar, read_sidecar,
+                               sniff_container, sniff_other)
 from pipeline.images import sniff_image
 
 Row = dict[str, Any]
@@ -135,6 +136,9 @@ def classify(cfg: InputConfig, files: list[tuple[str, int, int]]) -> Iterator[Ro
     exts = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
     videos, others = [], []
     for uri, size, mtime in files:
+        if is_tar(uri, cfg):  # expanded into its members by a task of its own (pipeline/tars.py)
+            yield listing_row(uri, size, mtime, sniffed=TAR_SNIFFED)
+            continue
         suffix = PurePosixPath(uri).suffix.lower()
         sniff = cfg.sniff_content or cfg.sniff_images or suffix in exts
         head = storage.read_bytes(uri, SNIFF_BYTES) if sniff and size else b""
@@ -182,8 +186,9 @@ def listing_row(uri: str, size_bytes: int, mtime_ns: int, *, sniffed: str = "", 
 # ---------------------------------------------------------------------------
 
 
-def make_listing_row_fn(listing_uri: str) -> Callable[[Row], Row]:
-    """A listing-file record → listing row (relative URIs resolved, size/mtime stat-ed if absent)."""
+def make_listing_row_fn(listing_uri: str, cfg: InputConfig) -> Callable[[Row], Row]:
+    """A listing-file record → listing row (relative URIs resolved, size/mtime stat-ed if absent;
+    a .tar is marked for expansion into its members)."""
     base = storage.canonical(listing_uri).rsplit("/", 1)[0]
 
     def to_row(rec: Row) -> Row:
@@ -212,6 +217,8 @@ def make_listing_row_fn(listing_uri: str) -> Callable[[Row], Row]:
                 return listing_row(uri, -1, -1, candidate=False, reason="listed file does not exist")
             size, mtime = info.size, info.mtime_ns or -1
         mtime = -1 if mtime is None or mtime != mtime else int(mtime)
+        if is_tar(uri, cfg):
+            return listing_row(uri, int(size), mtime, sniffed=TAR_SNIFFED, source_meta=meta)
         return listing_row(uri, int(size), mtime, sidecars=captions, source_meta=meta)
 
     return to_row

@@ -47,7 +47,9 @@ from pipeline.config import ConfigError, config_hash, dump_yaml, load_config, to
 from pipeline.dedupe import dedupe_block
 from pipeline.faults import fault_point
 from pipeline.lease import LeaseHeld, acquire
+from pipeline.discover import TAR_SNIFFED, is_tar
 from pipeline.listing import LISTING_SCHEMA, InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
+from pipeline.tars import make_expand_fn
 from pipeline.logs import get_logger
 from pipeline import neardup_pass
 from pipeline.manifest import REJECTS_SCHEMA, build_manifest, read_manifest, records_digest, write_manifest
@@ -96,7 +98,8 @@ def model_fingerprints(cfg: PipelineConfig) -> dict:
 
     clip = load_clip(cfg.caption.clip)
     out = {"clip": clip.fingerprint(), "vae": load_vae(cfg.vae).fingerprint(),
-           "text": load_text_detector(cfg.filter.text.detector, cfg.filter.text.model).fingerprint()}
+           "text": load_text_detector(cfg.filter.text.detector, cfg.filter.text.model, "cpu",
+                                      cfg.filter.text.cascade).fingerprint()}
     out["text_encoder"] = describe(cfg.text_encoder, out["clip"])
     if cfg.caption.aesthetic.enabled:
         from pipeline.aesthetic import Aesthetic
@@ -194,22 +197,43 @@ def _shuffle_blocks(ray, cfg: PipelineConfig) -> int:
 
 
 def listing_dataset(ray, cfg: PipelineConfig, plan: Plan):
-    """Rows of `pipeline.listing.listing_row`, streamed (the driver lists only the top level)."""
+    """Rows of `pipeline.listing.listing_row`, streamed (the driver lists only the top level);
+    WebDataset tars expanded into their members."""
     if plan.input_kind == "samples":
         rows = [listing_row(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in sample_clips()]
         return ray.data.from_items(rows)
     if plan.input_kind == "folder":
         tasks = folder_tasks(plan.input_uri, plan.exclude)
-        return ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(
             make_list_fn(cfg.input, plan.exclude))
-    if plan.input_kind == "file":
+    elif plan.input_kind == "file":
         fs, path = storage.resolve(plan.input_uri)
         info = fs.get_file_info(path)
-        return ray.data.from_items([listing_row(plan.input_uri, info.size, info.mtime_ns or -1)])
-    fs, path = storage.resolve(plan.input_uri)
-    # read_json reads newline-delimited JSON (pyarrow's reader) block by block
-    reader = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv}
-    return reader[plan.input_kind](path, filesystem=fs).map(make_listing_row_fn(plan.input_uri))
+        ds = ray.data.from_items([listing_row(plan.input_uri, info.size, info.mtime_ns or -1,
+                                              sniffed=TAR_SNIFFED if is_tar(plan.input_uri, cfg.input) else "")])
+    else:
+        fs, path = storage.resolve(plan.input_uri)
+        # read_json reads newline-delimited JSON (pyarrow's reader) block by block
+        reader = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv}
+        ds = reader[plan.input_kind](path, filesystem=fs).map(make_listing_row_fn(plan.input_uri, cfg.input))
+    return expand_tars(ds, cfg)
+
+
+def expand_tars(ds, cfg: PipelineConfig):
+    """The listing with each WebDataset tar replaced by its members' rows (pipeline/tars.py), one
+    tar per task: the tar rows are split one per block so their listing spreads over the cluster
+    (a folder of 10k shards is one listing task but 10k expansion tasks)."""
+    if not cfg.input.tars:
+        return ds
+    ds = ds.materialize()  # listed once; read twice below (tars, the rest)
+    from ray.data.expressions import col
+
+    tars = ds.filter(expr=col("sniffed") == TAR_SNIFFED)
+    if tars.count() == 0:
+        return ds
+    rest = ds.filter(expr=col("sniffed") != TAR_SNIFFED)
+    members = tars.repartition(target_num_rows_per_block=1).flat_map(make_expand_fn(cfg.input))
+    return rest.union(members)
 
 
 DEDUPE_INPUT_SCHEMA = LISTING_SCHEMA.append(pa.field("committed_id", pa.string()))

@@ -84,13 +84,51 @@ def list_files(uri: str) -> list[tuple[str, int]]:
     return sorted(files)
 
 
+# A member of a tar (a WebDataset shard, pipeline/tars.py) is a source of its own, addressed as
+# `<tar uri>#<offset>+<size>/<member name>`: bytes [offset, offset + size) of the tar. The name
+# comes last so the URI keeps the member's extension. Every read below takes such a URI and
+# reads only that range (one ranged GET on an object store), never the whole tar.
+MEMBER_MARK = ".tar#"
+
+
+def member_span(uri: str) -> tuple[str, int, int, str] | None:
+    """(tar uri, offset, size, member name) of a tar member's URI; None for any other URI."""
+    head, mark, rest = uri.partition(MEMBER_MARK)
+    if not mark:
+        return None
+    span, _, name = rest.partition("/")
+    offset, _, size = span.partition("+")
+    if not (offset.isdigit() and size.isdigit() and name):
+        raise ValueError(f"{uri!r} is not a tar member URI (<tar>#<offset>+<size>/<name>)")
+    return head + ".tar", int(offset), int(size), name
+
+
+def member_uri(tar_uri: str, offset: int, size: int, name: str) -> str:
+    return f"{tar_uri}#{offset}+{size}/{name}"
+
+
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    if member_span(uri):
+        return b"".join(iter_chunks(uri, max_bytes=max_bytes))
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read(max_bytes) if max_bytes is not None else f.read()
 
 
-def iter_chunks(uri: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+def iter_chunks(uri: str, chunk_bytes: int = 8 << 20, max_bytes: int | None = None) -> Iterator[bytes]:
+    """The bytes of a file or tar member, `chunk_bytes` at a time (a member's first `max_bytes`)."""
+    if member := member_span(uri):
+        tar, offset, size, _ = member
+        end = offset + (size if max_bytes is None else min(size, max_bytes))
+        fs, path = resolve(tar)
+        with fs.open_input_file(path) as f:
+            while offset < end:
+                chunk = f.read_at(min(chunk_bytes, end - offset), offset)
+                if not chunk:
+                    raise OSError(f"{tar} ends before its member {member[3]!r} does (truncated tar?)")
+                offset += len(chunk)
+                yield chunk
+        return
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         while chunk := f.read(chunk_bytes):
@@ -173,16 +211,19 @@ def delete_dir(uri: str) -> None:
 
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[str]:
-    """A local file path for `uri`: the path itself when local, else a streamed temp copy."""
-    fs, path = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
+    """A local file path for `uri`: the path itself when local, else a streamed temp copy (a tar
+    member's bytes are always copied out)."""
+    member = member_span(uri)
+    fs, path = resolve(member[0] if member else uri)
+    if isinstance(fs, pafs.LocalFileSystem) and not member:
         yield path
         return
     tmpdir = tempfile.mkdtemp(prefix="ditharos-src-")
-    local = os.path.join(tmpdir, "source" + Path(path).suffix)
+    local = os.path.join(tmpdir, "source" + Path(member[3] if member else path).suffix)
     try:
-        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
+        with open(local, "wb") as dst:
+            for chunk in iter_chunks(uri):
+                dst.write(chunk)
         yield local
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

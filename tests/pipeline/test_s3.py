@@ -33,7 +33,9 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 SETTINGS = ("--set", "output.shard_target_mb=0.05", "--set", "compute.small_state_mb=0")
 
 
-def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[str, Path]) -> None:
+def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[str, Path], tmp_path: Path) -> None:
+    from tests.pipeline.test_tars import picture, write_tar
+
     fs = s3fs()
     fs.create_dir("raw")
     fs.create_dir("data")
@@ -44,6 +46,11 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
         f.write(b"a man talking in a car\n")
     with fs.open_output_stream("raw/notes.md") as f:
         f.write(b"not a video")
+    shard = write_tar(tmp_path / "images-000.tar", [  # a WebDataset shard: two images, their captions, a label
+        ("000000.jpg", picture(0)), ("000000.txt", b"a red car\n"), ("000001.png", picture(1, "PNG")),
+        ("000001.cls", b"3")])
+    pafs.copy_files(str(shard), "raw/shards/images-000.tar", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
 
     first = run(s3_env, "--input", "s3://raw", "--output", "s3://data/out", *SETTINGS)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -51,10 +58,15 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
     from pipeline.manifest import read_index, read_manifest, read_rejects
 
     manifest = read_manifest("s3://data/out")
-    index = read_index("s3://data/out", manifest, ["clip_id", "source_uri", "shard", "row"])
+    index = read_index("s3://data/out", manifest, ["clip_id", "source_uri", "shard", "row", "source_meta",
+                                                   "num_frames"])
     assert manifest["totals"]["clips"] == index.num_rows > 6
-    assert {u.rsplit("/", 1)[1] for u in index["source_uri"].to_pylist()} == {"carphone_pristine.mp4", "bikes.mp4"}
-    assert all(u.startswith("s3://raw/videos/") for u in index["source_uri"].to_pylist())
+    assert {u.rsplit("/", 1)[1] for u in index["source_uri"].to_pylist()} == {
+        "carphone_pristine.mp4", "bikes.mp4", "000000.jpg", "000001.png"}
+    members = [r for r in index.to_pylist() if r["source_uri"].startswith("s3://raw/shards/images-000.tar#")]
+    assert len(members) == 2 and all(r["num_frames"] == 1 for r in members)  # each image: one 1-frame clip
+    assert {json.loads(r["source_meta"])["key"] for r in members} == {"000000", "000001"}
+    assert all(u.startswith(("s3://raw/videos/", "s3://raw/shards/")) for u in index["source_uri"].to_pylist())
     records = fs.get_file_info(pafs.FileSelector("data/out/_state/records"))
     shards = [i for i in fs.get_file_info(pafs.FileSelector("data/out/shards", recursive=True))
               if i.type == pafs.FileType.File]
@@ -66,7 +78,9 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
     for shard, cid, row in zip(index["shard"].to_pylist(), index["clip_id"].to_pylist(), index["row"].to_pylist()):
         with fs.open_input_file(f"data/out/{shard}") as f:
             assert pa.ipc.open_file(f).read_all()["clip_id"][row].as_py() == cid
-    assert [r["stage"] for r in read_rejects("s3://data/out", manifest).to_pylist()] == ["discover"]
+    rejects = read_rejects("s3://data/out", manifest).to_pylist()
+    assert sorted((r["stage"], r["source_uri"].rsplit("/", 1)[1]) for r in rejects) == [
+        ("discover", "000001.cls"), ("discover", "notes.md")]
     assert not fs.get_file_info(pafs.FileSelector("data/out/_state/leases", allow_not_found=True))
 
     # Resume: nothing new → nothing written, the same manifest bytes.
