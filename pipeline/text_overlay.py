@@ -6,11 +6,11 @@ detectors, chosen by `filter.text.detector`:
 
 * `ppocr` — the PP-OCRv4 text *detection* network (DBNet; Apache-2.0, shipped as ONNX in the
   `rapidocr_onnxruntime` wheel, which the `ocr` extra installs) run by onnxruntime. Only the
-  detector runs: the score needs where text is, not what it says. 38 ms per 480-px frame on one
-  core of the 2-core dev box (under load), ~0.9x the clip's decode time for 3 keyframes. On a
-  caption actor with a GPU it runs on onnxruntime's CUDA execution provider when onnxruntime-gpu
-  is installed (replace onnxruntime by onnxruntime-gpu after the `ocr` extra: both ship the
-  `onnxruntime` module), a clip's keyframes in one batch; without it, on the CPU with a warning.
+  detector runs: the score needs where text is, not what it says. ~14 ms of CPU per 480-px
+  frame on the 2-core dev box (idle; 38 ms under load). On a caption actor with a GPU it runs
+  on onnxruntime's CUDA execution provider when onnxruntime-gpu is installed (replace
+  onnxruntime by onnxruntime-gpu after the `ocr` extra: both ship the `onnxruntime` module), a
+  clip's keyframes in one batch; without it, on the CPU with a warning.
   (int8 static quantization was measured and left out: 1.4x faster on this CPU and it moved
   subtitle areas by up to 40%.)
 * `classical` — no model: glyphs are blobs lighter or darker than their surroundings (local
@@ -23,17 +23,19 @@ detectors, chosen by `filter.text.detector`:
 * `auto` (default) — `ppocr` when onnxruntime imports and a model is found (`filter.text.model`,
   else the one in the rapidocr wheel), `classical` otherwise.
 
-The PP-OCR cascade (`filter.text.cascade`, default on). Three keyframes through DBNet cost ~0.4x
-the clip's decode on one CPU core, more than every other score together (the scores' budget is
-0.3x). Most footage has no text, and burned-in text that stays (logos, watermarks, channel bugs,
-title cards) is in the middle keyframe too, so PP-OCR reads the middle keyframe first and the
-others only when it found text there, or when the classical detector (2 ms a frame) finds a text
-line in them (a subtitle that comes and goes: the classical detector finds every subtitle line of
-the test frames). A clip without text costs 1.08 DBNet frames instead of 3 on the test footage.
-What it can miss: low-contrast text that is in an outer keyframe and not in the middle one (a
-faint watermark fading in) — measured on the test frames, at most 0.015 of area below the full
-mean, where the default filter drops at 0.1. `cascade=false` reads every keyframe (the exact
-mean); with a GPU, where DBNet is cheap, it costs little.
+The PP-OCR cascade (`filter.text.cascade`, default on). Three keyframes through DBNet cost ~0.9x
+the clip's decode in CPU seconds (tests/bench/pipeline.py), far more than every other score
+together (the scores' budget is 0.3x). Most footage has no text, and burned-in text that stays
+(logos, watermarks, channel bugs, title cards) is in the middle keyframe too, so PP-OCR reads
+the middle keyframe first and the others only when it found text there, or when the classical
+detector (2 ms a frame) finds a text line in them (a subtitle that comes and goes: the
+classical detector finds every subtitle line of the test frames). A clip without text costs
+1.08 DBNet frames instead of 3 on the test footage (1.09 on the benchmark's clips: 2.5x the
+clips per second, ~0.35x decode). What it can miss: low-contrast text that is in an outer
+keyframe and not in the middle one (a faint watermark fading in) — measured on the test frames,
+at most 0.015 of area below the full mean, where the default filter drops at 0.1.
+`cascade=false` reads every keyframe (the exact mean); with a GPU, where DBNet is cheap, it
+costs little.
 
 Why not `rapidocr_onnxruntime`'s own pipeline: it runs detection, angle classification and
 recognition per call (~10x the work); we want one number from the detection map. The score
