@@ -92,14 +92,13 @@ MEMBER_MARK = ".tar#"
 
 
 def member_span(uri: str) -> tuple[str, int, int, str] | None:
-    """(tar uri, offset, size, member name) of a tar member's URI; None for any other URI."""
+    """(tar uri, offset, size, member name) of a tar member's URI; None for any other URI (a
+    path that merely contains ".tar#" is a path)."""
     head, mark, rest = uri.partition(MEMBER_MARK)
-    if not mark:
-        return None
     span, _, name = rest.partition("/")
     offset, _, size = span.partition("+")
-    if not (offset.isdigit() and size.isdigit() and name):
-        raise ValueError(f"{uri!r} is not a tar member URI (<tar>#<offset>+<size>/<name>)")
+    if not (mark and offset.isdigit() and size.isdigit() and name):
+        return None
     return head + ".tar", int(offset), int(size), name
 
 
