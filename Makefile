@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tests/bench/pipeline.py
+	$(PY) tests/bench/tars.py
 	$(PY) tests/bench/packing.py
 	$(PY) tests/bench/loader.py
 	$(PY) tests/bench/fvd.py
