@@ -207,15 +207,16 @@ def make_listing_row_fn(listing_uri: str, cfg: InputConfig) -> Callable[[Row], R
         captions = [str(c).strip() for c in captions if str(c).strip()]
         meta = {k: _plain(v) for k, v in rec.items() if k not in LISTING_KNOWN}
         size, mtime = rec.get("size_bytes"), rec.get("mtime_ns")
+        member = storage.member_span(uri)  # a tar member named by its URI (an earlier output's source_uri)
         if size is None or size != size:
             try:
-                fs, path = storage.resolve(uri)
+                fs, path = storage.resolve(member[0] if member else uri)
                 info = fs.get_file_info(path)
             except (OSError, ValueError) as e:
                 return listing_row(uri, -1, -1, candidate=False, reason=f"cannot read file: {e}")
             if info.type != pafs.FileType.File:
                 return listing_row(uri, -1, -1, candidate=False, reason="listed file does not exist")
-            size, mtime = info.size, info.mtime_ns or -1
+            size, mtime = (member[2] if member else info.size), info.mtime_ns or -1
         mtime = -1 if mtime is None or mtime != mtime else int(mtime)
         if is_tar(uri, cfg):
             return listing_row(uri, int(size), mtime, sniffed=TAR_SNIFFED, source_meta=meta)

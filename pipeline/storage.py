@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -88,18 +89,16 @@ def list_files(uri: str) -> list[tuple[str, int]]:
 # `<tar uri>#<offset>+<size>/<member name>`: bytes [offset, offset + size) of the tar. The name
 # comes last so the URI keeps the member's extension. Every read below takes such a URI and
 # reads only that range (one ranged GET on an object store), never the whole tar.
-MEMBER_MARK = ".tar#"
+_MEMBER = re.compile(r"(.*?\.tar)#(\d+)\+(\d+)/(.+)", re.IGNORECASE | re.DOTALL)
 
 
 def member_span(uri: str) -> tuple[str, int, int, str] | None:
     """(tar uri, offset, size, member name) of a tar member's URI; None for any other URI (a
     path that merely contains ".tar#" is a path)."""
-    head, mark, rest = uri.partition(MEMBER_MARK)
-    span, _, name = rest.partition("/")
-    offset, _, size = span.partition("+")
-    if not (mark and offset.isdigit() and size.isdigit() and name):
+    match = _MEMBER.fullmatch(uri)
+    if match is None:
         return None
-    return head + ".tar", int(offset), int(size), name
+    return match[1], int(match[2]), int(match[3]), match[4]
 
 
 def member_uri(tar_uri: str, offset: int, size: int, name: str) -> str:

@@ -68,55 +68,81 @@ class _Raw(io.RawIOBase):
         return len(data)
 
 
-def list_tar(cfg: InputConfig, uri: str, mtime_ns: int, meta: dict | None = None) -> Iterator[Row]:
-    """Listing rows of a tar's members (module doc); a damaged tar keeps the members before the
-    damage and adds a `discover` reject naming it."""
-    media = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
-    fs, path = storage.resolve(uri)
-    listed = 0
-    try:
-        with fs.open_input_file(path) as raw, io.BufferedReader(_Raw(raw), READ_BUFFER) as buffered, \
-                tarfile.open(fileobj=buffered, mode="r:") as tar:
-            group: list[tarfile.TarInfo] = []
-            for member in tar:
-                if group and sample_key(member.name)[0] != sample_key(group[0].name)[0]:
-                    yield from _sample_rows(cfg, uri, mtime_ns, tar, group, media, meta or {})
-                    listed += len(group)
-                    group = []
-                if member.isfile():
-                    group.append(member)
-            if group:
-                yield from _sample_rows(cfg, uri, mtime_ns, tar, group, media, meta or {})
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield listing_row(uri, -1, mtime_ns, candidate=False,
-                          reason=f"damaged tar: unreadable after {listed} members ({e}); the members before "
-                                 "the damage are sources")
+class _Scan:
+    """What one pass over a tar's headers found: media members, non-media members (with why) and
+    captions by key. Caption and sniff bytes are read when their header is met (they follow it,
+    inside the read-ahead buffer), so keys need not be contiguous and nothing is read twice."""
 
+    def __init__(self, cfg: InputConfig) -> None:
+        self.cfg = cfg
+        self.media = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
+        self.found: list[tuple[tarfile.TarInfo, str]] = []  # (member, sniffed)
+        self.others: list[tuple[tarfile.TarInfo, str]] = []  # (member, reject reason)
+        self.captions: dict[str, list[str]] = {}
 
-def _sample_rows(cfg: InputConfig, uri: str, mtime_ns: int, tar: tarfile.TarFile, group: list[tarfile.TarInfo],
-                 media: set[str], meta: dict) -> Iterator[Row]:
-    """The listing rows of one sample (members of one key): its media with the key's captions;
-    `meta` is the tar's own metadata (a listing file's extra columns)."""
-    key = sample_key(group[0].name)[0]
-    captions: list[str] = []
-    found, others = [], []
-    for m in group:
-        suffix = PurePosixPath(m.name).suffix.lower()
+    def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        if m.isdir():
+            return
+        if not m.isfile() or m.issparse():  # a link or a sparse file: its bytes are not at offset_data
+            kind = "a sparse file" if m.issparse() else "a link" if m.islnk() or m.issym() else "not a regular file"
+            self.others.append((m, f"tar member {m.name!r} is {kind}, not stored bytes"))
+            return
+        cfg, suffix = self.cfg, PurePosixPath(m.name).suffix.lower()
         if cfg.use_sidecars and suffix in SIDECAR_EXTENSIONS:
-            captions += parse_sidecar(m.name, tar.extractfile(m).read(cfg.max_sidecar_bytes))
-            continue
+            new = parse_sidecar(m.name, tar.extractfile(m).read(cfg.max_sidecar_bytes))
+            have = self.captions.setdefault(sample_key(m.name)[0], [])
+            have += [c for c in new if c not in have]  # img2dataset writes the caption in .txt and .json
+            return
         sniffed = ""
-        if suffix not in media and (cfg.sniff_content or cfg.sniff_images) and m.size:
+        if suffix not in self.media and (cfg.sniff_content or cfg.sniff_images) and m.size:
             head = tar.extractfile(m).read(SNIFF_BYTES)
             sniffed = (sniff_container(head) if cfg.sniff_content else None) or (
                 sniff_image(head) if cfg.sniff_images else None) or ""
-        (found if suffix in media or sniffed else others).append((m, sniffed))
-    for m, sniffed in found:
-        yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
-                          sniffed=sniffed, sidecars=captions, source_meta={**meta, "tar": uri, "key": key})
-    for m, _ in others:
-        yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
-                          candidate=False, reason=f"not a video or image: tar member {m.name!r}")
+        if suffix in self.media or sniffed:
+            self.found.append((m, sniffed))
+        else:
+            self.others.append((m, f"not a video or image: tar member {m.name!r}"))
+
+    def rows(self, uri: str, mtime_ns: int, meta: dict, size: int) -> Iterator[Row]:
+        """The rows of every member whose bytes lie inside the first `size` bytes of the tar."""
+        for m, sniffed in self.found:
+            if m.offset_data + m.size <= size:
+                key = sample_key(m.name)[0]
+                yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
+                                  sniffed=sniffed, sidecars=self.captions.get(key, []),
+                                  source_meta={**meta, "tar": uri, "key": key})
+        for m, reason in self.others:
+            yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
+                              candidate=False, reason=reason)
+
+
+def list_tar(cfg: InputConfig, uri: str, mtime_ns: int, meta: dict | None = None) -> Iterator[Row]:
+    """Listing rows of a tar's members (module doc): its media with their key's captions, other
+    members as rejects. A damaged tar keeps the members whose bytes precede the damage and adds
+    a `discover` reject for the tar naming it; so does a tar that holds no files."""
+    scan = _Scan(cfg)
+    fs, path = storage.resolve(uri)
+    size, problem = -1, ""
+    try:
+        with fs.open_input_file(path) as raw, io.BufferedReader(_Raw(raw), READ_BUFFER) as buffered:
+            size = raw.size()
+            with tarfile.open(fileobj=buffered, mode="r:") as tar:
+                for member in tar:
+                    scan.add(tar, member)
+                # tarfile ends quietly at a header it cannot read past the first (an interrupted
+                # writer, a corrupt block): a whole tar ends with zero blocks.
+                buffered.seek(tar.offset)
+                if buffered.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    problem = f"no end-of-archive block at byte {tar.offset} (cut short or a corrupt header)"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problem = str(e) or type(e).__name__
+    yield from scan.rows(uri, mtime_ns, meta or {}, size if size >= 0 else 0)
+    if problem:
+        kept = sum(m.offset_data + m.size <= max(size, 0) for m, _ in scan.found)
+        yield listing_row(uri, -1, mtime_ns, candidate=False,
+                          reason=f"damaged tar: {problem}; the {kept} media members before the damage are sources")
+    elif not scan.found and not scan.others:
+        yield listing_row(uri, max(size, 0), mtime_ns, candidate=False, reason="a tar that holds no files")
 
 
 def make_expand_fn(cfg: InputConfig):

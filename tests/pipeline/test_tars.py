@@ -51,8 +51,8 @@ def test_a_tar_s_media_are_sources_with_their_key_s_captions(tmp_path: Path, sam
     path, data = sample_tar(tmp_path / "shard-000.tar", video)
     rows = list(tars.list_tar(InputConfig(), str(path), 7, {"split": "train"}))
     by_name = {storage.member_span(r["uri"])[3]: r for r in rows}
-    assert list(by_name) == ["000000.jpg", "000001.png", "000001.cls", "clips/000002.mp4", "000003.data"]
-    assert [by_name[n]["candidate"] for n in by_name] == [True, True, False, True, True]
+    assert list(by_name) == ["000000.jpg", "000001.png", "clips/000002.mp4", "000003.data", "000001.cls"]
+    assert [by_name[n]["candidate"] for n in by_name] == [True, True, True, True, False]
     assert json.loads(by_name["000000.jpg"]["sidecars"]) == ["a red car", "the car, parked"]
     assert json.loads(by_name["000001.png"]["sidecars"]) == ["blocks"]
     assert json.loads(by_name["clips/000002.mp4"]["sidecars"]) == ["a man in a car"]
@@ -119,19 +119,59 @@ def test_listing_reads_a_tar_through_the_buffer_and_skips_large_members(tmp_path
 def test_a_damaged_tar_keeps_the_members_before_the_damage(tmp_path: Path) -> None:
     path = write_tar(tmp_path / "shard.tar", [(f"{i:06d}.jpg", picture(i)) for i in range(4)])
     whole = list(tars.list_tar(InputConfig(), str(path), 0))
-    cut_at = storage.member_span(whole[2]["uri"])[1] + 100  # inside the third member's bytes
-    broken = tmp_path / "broken.tar"
-    broken.write_bytes(path.read_bytes()[:cut_at])
-    rows = list(tars.list_tar(InputConfig(), str(broken), 0))
-    good = [r for r in rows if r["candidate"]]
-    assert [storage.member_span(r["uri"])[3] for r in good] == ["000000.jpg", "000001.jpg"]
-    assert all(storage.read_bytes(r["uri"]) == picture(i) for i, r in enumerate(good))
-    (bad,) = [r for r in rows if not r["candidate"]]
-    assert bad["uri"] == str(broken) and bad["reason"].startswith("damaged tar: unreadable after 2 members")
+    assert all(r["candidate"] for r in whole) and len(whole) == 4  # a whole tar: no reject
+    third = storage.member_span(whole[2]["uri"])
+    cuts = {"inside a member's bytes": third[1] + 100,
+            "at a header (an interrupted writer)": third[1] - tarfile.BLOCKSIZE}
+    for case, cut_at in cuts.items():
+        broken = tmp_path / "broken.tar"
+        broken.write_bytes(path.read_bytes()[:cut_at])
+        rows = list(tars.list_tar(InputConfig(), str(broken), 0))
+        good = [r for r in rows if r["candidate"]]
+        assert [storage.member_span(r["uri"])[3] for r in good] == ["000000.jpg", "000001.jpg"], case
+        assert all(storage.read_bytes(r["uri"]) == picture(i) for i, r in enumerate(good))
+        (bad,) = [r for r in rows if not r["candidate"]]
+        assert bad["uri"] == str(broken) and bad["reason"].startswith("damaged tar: "), case
+        assert bad["reason"].endswith("the 2 media members before the damage are sources"), (case, bad["reason"])
+    corrupt = bytearray(path.read_bytes())  # a corrupt header checksum in the middle
+    corrupt[third[1] - tarfile.BLOCKSIZE + 148:third[1] - tarfile.BLOCKSIZE + 156] = b"0000000\x00"
+    (tmp_path / "corrupt.tar").write_bytes(bytes(corrupt))
+    rows = list(tars.list_tar(InputConfig(), str(tmp_path / "corrupt.tar"), 0))
+    assert sum(r["candidate"] for r in rows) == 2 and "no end-of-archive block" in rows[-1]["reason"]
     # A member whose bytes the tar no longer holds: a clear read error, not a short file.
     with pytest.raises(OSError, match="ends before its member"):
         storage.read_bytes(storage.member_uri(str(broken), cut_at - 100, 5000, "000002.jpg"))
     assert storage.member_span(f"{broken}#12/x.jpg") is None  # not a member's address: a path like any other
+
+
+def test_odd_tars(tmp_path: Path) -> None:
+    """Keys out of order, captions twice, links, an upper-case name, a tar of no files."""
+    with tarfile.open(tmp_path / "ODD.TAR", "w") as t:
+        for name, data in [("a.jpg", picture(0)), ("b.jpg", picture(1)), ("a.txt", b"a cat\n"),
+                           ("a.json", json.dumps({"caption": "a cat"}).encode()), ("b.txt", b"a dog\n")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("c.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        t.addfile(link)
+    rows = {storage.member_span(r["uri"])[3]: r for r in tars.list_tar(InputConfig(), str(tmp_path / "ODD.TAR"), 0)}
+    assert json.loads(rows["a.jpg"]["sidecars"]) == ["a cat"]  # found after b.jpg, said twice: once
+    assert json.loads(rows["b.jpg"]["sidecars"]) == ["a dog"]
+    assert not rows["c.jpg"]["candidate"] and "is a link" in rows["c.jpg"]["reason"]
+    assert storage.read_bytes(rows["b.jpg"]["uri"]) == picture(1)  # .TAR members read back too
+    assert storage.member_span(rows["b.jpg"]["uri"])[0] == str(tmp_path / "ODD.TAR")
+    with tarfile.open(tmp_path / "dirs.tar", "w") as t:
+        d = tarfile.TarInfo("images")
+        d.type = tarfile.DIRTYPE
+        t.addfile(d)
+    (only,) = tars.list_tar(InputConfig(), str(tmp_path / "dirs.tar"), 0)
+    assert not only["candidate"] and only["reason"] == "a tar that holds no files"
+    # A listing file may name members (an earlier output's source_uri): sized from the address.
+    from pipeline.listing import make_listing_row_fn
+
+    row = make_listing_row_fn(str(tmp_path / "list.jsonl"), InputConfig())({"uri": rows["b.jpg"]["uri"]})
+    assert row["candidate"] and row["size_bytes"] == len(picture(1)) and row["mtime_ns"] > 0
 
 
 def test_member_keys_follow_webdataset() -> None:
