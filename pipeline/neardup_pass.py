@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.blocks import non_empty_blocks
 from pipeline.neardup import (
     DedupConfig,
     assign,
@@ -390,8 +391,11 @@ def run_distributed(ray, clips_ds, out: str, cfg: DedupConfig, semantic: bool, p
         found = semantic_pairs_ds(ray, emb, cfg, parts)
         if found is not None:
             pair_sets.append(found)
-    joined = clips_ds.map_batches(lambda t: as_joined(t, parts), batch_format="pyarrow")
-    if pair_sets:
-        decided = decisions_ds(pair_sets, parts)
+    # Every block the final group-by meets must carry `_part`: blocks of no rows (an empty
+    # group-by partition of the decisions, say) are dropped first (pipeline/blocks.py).
+    joined = non_empty_blocks(ray, clips_ds.map_batches(lambda t: as_joined(t, parts), batch_format="pyarrow"),
+                              JOINED_SCHEMA)
+    decided = non_empty_blocks(ray, decisions_ds(pair_sets, parts)) if pair_sets else None
+    if decided is not None:
         joined = joined.union(decided.map_batches(lambda t: as_joined(t, parts), batch_format="pyarrow"))
     return _grouped(joined, split, parts).materialize()

@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.blocks import non_empty_blocks as _non_empty_blocks
 from pipeline.buckets import all_buckets
 from pipeline.config import ConfigError, config_hash, dump_yaml, load_config, to_dict
 from pipeline.dedupe import dedupe_block
@@ -248,16 +249,8 @@ def with_committed_id(t: pa.Table) -> pa.Table:
 
 
 def non_empty_blocks(ray, ds):
-    """The materialized `ds` without its blocks of no rows.
-
-    Ray Data hands a block with no rows (a folder task that listed nothing, an empty partition)
-    to no map stage, so it keeps no columns, or its reader's; a hash shuffle's reduce then fails
-    to concatenate it with typed blocks (`ArrowInvalid: Schema at index 1 was different`, seen
-    at 2,000 sources with compute.small_state_mb=0). The driver holds one ref per block.
-    """
-    refs = [e.ref for bundle in ds.iter_internal_ref_bundles() for e in bundle.blocks
-            if e.metadata.num_rows is None or e.metadata.num_rows > 0]
-    return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(DEDUPE_INPUT_SCHEMA.empty_table())
+    """The materialized listing without its blocks of no rows (pipeline/blocks.py), typed when empty."""
+    return _non_empty_blocks(ray, ds, DEDUPE_INPUT_SCHEMA)
 
 
 def committed_rows(status_table: pa.Table) -> pa.Table:

@@ -190,6 +190,10 @@ def test_empty_listing_blocks_stay_out_of_the_dedupe_shuffle(ray_local: None) ->
     assert all(ray.get(r).schema.names for r in kept.to_arrow_refs())
     assert kept.repartition(num_blocks=4, keys=["size_bytes"]).count() == 50
     assert non_empty_blocks(ray, ray.data.from_arrow(pa.table({"a": pa.array([], pa.int64())}))).count() == 0
+    from pipeline.blocks import non_empty_blocks as rows_only  # the near-duplicate pass's use: None when no rows
+
+    assert rows_only(ray, ray.data.from_arrow(pa.table({"a": pa.array([], pa.int64())}))) is None
+    assert rows_only(ray, ds).count() == 50
 
 
 @contextmanager
