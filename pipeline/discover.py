@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from pipeline import storage
-from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.images import IMAGE_EXTENSIONS, sniff_image
 
 VIDEO_EXTENSIONS = [
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mts", ".m2ts",
@@ -66,6 +66,23 @@ def sniff_container(head: bytes) -> str | None:
     if len(head) >= 188 * 3 and all(head[i * 188] == 0x47 for i in range(3)):
         return "mpeg-ts"
     return None
+
+
+def media_extensions(cfg: InputConfig) -> set[str]:
+    """The extensions that make a file a candidate (video or image), lower case."""
+    return {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
+
+
+def sniffs(cfg: InputConfig, suffix: str, exts: set[str]) -> bool:
+    """Whether a file (or tar member) with this suffix has its first SNIFF_BYTES read to classify it."""
+    return cfg.sniff_content or cfg.sniff_images or suffix in exts
+
+
+def sniffed_media(cfg: InputConfig, suffix: str, exts: set[str], head: bytes) -> str:
+    """What a file's first bytes say it is (a container or an image format), "" when neither: a
+    candidate is one whose suffix is in `exts` or whose bytes say so."""
+    return (sniff_container(head) if cfg.sniff_content or suffix in exts else None) or (
+        sniff_image(head) if cfg.sniff_images or suffix in exts else None) or ""
 
 
 def is_tar(uri: str, cfg: InputConfig) -> bool:

@@ -30,9 +30,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.discover import (SIDECAR_EXTENSIONS, SNIFF_BYTES, TAR_SNIFFED, InputConfig, is_tar, read_sidecar,
-                               sniff_container, sniff_other)
-from pipeline.images import sniff_image
+from pipeline.discover import (SIDECAR_EXTENSIONS, SNIFF_BYTES, TAR_SNIFFED, InputConfig, is_tar, media_extensions,
+                               read_sidecar, sniff_other, sniffed_media, sniffs)
 
 Row = dict[str, Any]
 LISTING_SUFFIXES = (".parquet", ".jsonl", ".csv")
@@ -133,19 +132,17 @@ def make_list_fn(cfg: InputConfig, exclude: str = "") -> Callable[[Row], Iterato
 
 def classify(cfg: InputConfig, files: list[tuple[str, int, int]]) -> Iterator[Row]:
     """(uri, size, mtime_ns) of the files of whole folders → listing rows, sidecars attached."""
-    exts = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
+    exts = media_extensions(cfg)
     videos, others = [], []
     for uri, size, mtime in files:
         if is_tar(uri, cfg):  # expanded into its members by a task of its own (pipeline/tars.py)
             yield listing_row(uri, size, mtime, sniffed=TAR_SNIFFED)
             continue
         suffix = PurePosixPath(uri).suffix.lower()
-        sniff = cfg.sniff_content or cfg.sniff_images or suffix in exts
-        head = storage.read_bytes(uri, SNIFF_BYTES) if sniff and size else b""
-        sniffed = (sniff_container(head) if cfg.sniff_content or suffix in exts else None) or (
-            sniff_image(head) if cfg.sniff_images or suffix in exts else None)
+        head = storage.read_bytes(uri, SNIFF_BYTES) if sniffs(cfg, suffix, exts) and size else b""
+        sniffed = sniffed_media(cfg, suffix, exts, head)
         if suffix in exts or sniffed:
-            videos.append((uri, size, mtime, sniffed or ""))
+            videos.append((uri, size, mtime, sniffed))
         else:
             others.append((uri, size, mtime, head))
     by_stem: dict[str, list[str]] = {}

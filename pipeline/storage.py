@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
@@ -212,12 +212,13 @@ def local_copy(uri: str) -> Iterator[str]:
     """A local file path for `uri`: the path itself when local, else a streamed temp copy (a tar
     member's bytes are always copied out)."""
     member = member_span(uri)
-    fs, path = resolve(member[0] if member else uri)
-    if isinstance(fs, pafs.LocalFileSystem) and not member:
-        yield path
-        return
+    if member is None:
+        fs, path = resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            yield path
+            return
     tmpdir = tempfile.mkdtemp(prefix="ditharos-src-")
-    local = os.path.join(tmpdir, "source" + Path(member[3] if member else path).suffix)
+    local = os.path.join(tmpdir, "source" + PurePosixPath(member[3] if member else uri).suffix)
     try:
         with open(local, "wb") as dst:
             for chunk in iter_chunks(uri):

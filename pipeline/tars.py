@@ -29,9 +29,8 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 from pipeline import storage
-from pipeline.discover import (SIDECAR_EXTENSIONS, SNIFF_BYTES, TAR_SNIFFED, InputConfig, parse_sidecar,
-                                sniff_container)
-from pipeline.images import sniff_image
+from pipeline.discover import (SIDECAR_EXTENSIONS, SNIFF_BYTES, InputConfig, media_extensions, parse_sidecar,
+                                sniffed_media, sniffs)
 from pipeline.listing import Row, listing_row
 
 READ_BUFFER = 1 << 20  # bytes per read of a tar being listed (one ranged GET on an object store)
@@ -75,7 +74,7 @@ class _Scan:
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
-        self.media = {e.lower() for e in cfg.extensions} | {e.lower() for e in cfg.image_extensions}
+        self.media = media_extensions(cfg)
         self.found: list[tuple[tarfile.TarInfo, str]] = []  # (member, sniffed)
         self.others: list[tuple[tarfile.TarInfo, str]] = []  # (member, reject reason)
         self.captions: dict[str, list[str]] = {}
@@ -93,24 +92,25 @@ class _Scan:
             have = self.captions.setdefault(sample_key(m.name)[0], [])
             have += [c for c in new if c not in have]  # img2dataset writes the caption in .txt and .json
             return
-        sniffed = ""
-        if suffix not in self.media and (cfg.sniff_content or cfg.sniff_images) and m.size:
-            head = tar.extractfile(m).read(SNIFF_BYTES)
-            sniffed = (sniff_container(head) if cfg.sniff_content else None) or (
-                sniff_image(head) if cfg.sniff_images else None) or ""
+        # as a loose file is classified (discover.py); the bytes follow the header, in the buffer
+        head = tar.extractfile(m).read(SNIFF_BYTES) if sniffs(cfg, suffix, self.media) and m.size else b""
+        sniffed = sniffed_media(cfg, suffix, self.media, head)
         if suffix in self.media or sniffed:
             self.found.append((m, sniffed))
         else:
             self.others.append((m, f"not a video or image: tar member {m.name!r}"))
 
+    def intact(self, size: int) -> list[tuple[tarfile.TarInfo, str]]:
+        """The media members whose bytes lie inside the first `size` bytes of the tar."""
+        return [(m, sniffed) for m, sniffed in self.found if m.offset_data + m.size <= size]
+
     def rows(self, uri: str, mtime_ns: int, meta: dict, size: int) -> Iterator[Row]:
-        """The rows of every member whose bytes lie inside the first `size` bytes of the tar."""
-        for m, sniffed in self.found:
-            if m.offset_data + m.size <= size:
-                key = sample_key(m.name)[0]
-                yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
-                                  sniffed=sniffed, sidecars=self.captions.get(key, []),
-                                  source_meta={**meta, "tar": uri, "key": key})
+        """The rows of the intact media members (see `intact`) and of the other members."""
+        for m, sniffed in self.intact(size):
+            key = sample_key(m.name)[0]
+            yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
+                              sniffed=sniffed, sidecars=self.captions.get(key, []),
+                              source_meta={**meta, "tar": uri, "key": key})
         for m, reason in self.others:
             yield listing_row(storage.member_uri(uri, m.offset_data, m.size, m.name), m.size, mtime_ns,
                               candidate=False, reason=reason)
@@ -122,7 +122,7 @@ def list_tar(cfg: InputConfig, uri: str, mtime_ns: int, meta: dict | None = None
     a `discover` reject for the tar naming it; so does a tar that holds no files."""
     scan = _Scan(cfg)
     fs, path = storage.resolve(uri)
-    size, problem = -1, ""
+    size, problem = 0, ""  # size: the tar's bytes, once it opens
     try:
         with fs.open_input_file(path) as raw, io.BufferedReader(_Raw(raw), READ_BUFFER) as buffered:
             size = raw.size()
@@ -136,22 +136,18 @@ def list_tar(cfg: InputConfig, uri: str, mtime_ns: int, meta: dict | None = None
                     problem = f"no end-of-archive block at byte {tar.offset} (cut short or a corrupt header)"
     except (tarfile.TarError, OSError, EOFError) as e:
         problem = str(e) or type(e).__name__
-    yield from scan.rows(uri, mtime_ns, meta or {}, size if size >= 0 else 0)
+    yield from scan.rows(uri, mtime_ns, meta or {}, size)
     if problem:
-        kept = sum(m.offset_data + m.size <= max(size, 0) for m, _ in scan.found)
-        yield listing_row(uri, -1, mtime_ns, candidate=False,
-                          reason=f"damaged tar: {problem}; the {kept} media members before the damage are sources")
+        yield listing_row(uri, -1, mtime_ns, candidate=False, reason=f"damaged tar: {problem}; the "
+                          f"{len(scan.intact(size))} media members before the damage are sources")
     elif not scan.found and not scan.others:
-        yield listing_row(uri, max(size, 0), mtime_ns, candidate=False, reason="a tar that holds no files")
+        yield listing_row(uri, size, mtime_ns, candidate=False, reason="a tar that holds no files")
 
 
 def make_expand_fn(cfg: InputConfig):
-    """Listing row → itself, or the rows of its members when it is a tar still to expand."""
+    """A tar's listing row (`sniffed` TAR_SNIFFED; run.expand_tars picks them) → its members' rows."""
 
     def expand(row: Row) -> Iterator[Row]:
-        if row["sniffed"] != TAR_SNIFFED:
-            yield row
-            return
         yield from list_tar(cfg, row["uri"], int(row["mtime_ns"]), json.loads(row["source_meta"] or "{}"))
 
     return expand

@@ -181,7 +181,7 @@ class PPOCRText:
     def __init__(self, model: str, device: str = "cpu", cascade: bool = True) -> None:
         import onnxruntime as ort
 
-        self.cascade = ClassicalText() if cascade else None  # the gate of the outer keyframes (module doc)
+        self.gate = ClassicalText() if cascade else None  # the cascade's gate of the outer keyframes (module doc)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # one per caption actor: the cluster's actors are the parallelism
@@ -226,13 +226,13 @@ class PPOCRText:
     def clip_area(self, frames: list[np.ndarray]) -> float:
         """Mean area of the keyframes, through the cascade when on (module doc): the middle keyframe,
         then the others if it had text, else those where the classical detector sees a text line."""
-        if self.cascade is None or len(frames) == 1:
+        if self.gate is None or len(frames) == 1:
             return float(np.mean(self.areas(frames)))
         mid = len(frames) // 2
         found = {mid: self.areas([frames[mid]])[0]}
         rest = [i for i in range(len(frames)) if i != mid]
         if found[mid] == 0.0:
-            rest = [i for i in rest if self.cascade.area(frames[i]) > 0.0]
+            rest = [i for i in rest if self.gate.area(frames[i]) > 0.0]
         if rest:
             found.update(zip(rest, self.areas([frames[i] for i in rest])))
         return float(np.mean([found.get(i, 0.0) for i in range(len(frames))]))
@@ -253,7 +253,7 @@ class PPOCRText:
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
         return {"detector": "ppocr", "weights": self.path, "weights_sha256": digest, "width_px": WIDTH_PX,
-                "cascade": self.cascade is not None}
+                "cascade": self.gate is not None}
 
 
 def bundled_model() -> str | None:
