@@ -50,7 +50,7 @@ from pipeline.faults import fault_point
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.discover import TAR_SNIFFED, is_tar
 from pipeline.listing import LISTING_SCHEMA, InputError, folder_tasks, listing_row, make_list_fn, make_listing_row_fn
-from pipeline.tars import make_expand_fn
+from pipeline.tars import INDEX_DIR as TAR_INDEX_DIR, make_expand_fn
 from pipeline.logs import get_logger
 from pipeline import neardup_pass
 from pipeline.manifest import REJECTS_SCHEMA, build_manifest, read_manifest, records_digest, write_manifest
@@ -217,13 +217,14 @@ def listing_dataset(ray, cfg: PipelineConfig, plan: Plan):
         # read_json reads newline-delimited JSON (pyarrow's reader) block by block
         reader = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv}
         ds = reader[plan.input_kind](path, filesystem=fs).map(make_listing_row_fn(plan.input_uri, cfg.input))
-    return expand_tars(ds, cfg)
+    return expand_tars(ds, cfg, storage.join(plan.output_uri, TAR_INDEX_DIR))
 
 
-def expand_tars(ds, cfg: PipelineConfig):
+def expand_tars(ds, cfg: PipelineConfig, index_dir: str | None = None):
     """The listing with each WebDataset tar replaced by its members' rows (pipeline/tars.py), one
     tar per task: the tar rows are split one per block so their listing spreads over the cluster
-    (a folder of 10k shards is one listing task but 10k expansion tasks)."""
+    (a folder of 10k shards is one listing task but 10k expansion tasks). A tar listed by an
+    earlier run over this output is read from the tar index in `index_dir` (see tars.py)."""
     if not cfg.input.tars:
         return ds
     ds = ds.materialize()  # listed once; read twice below (tars, the rest)
@@ -233,7 +234,7 @@ def expand_tars(ds, cfg: PipelineConfig):
     if tars.count() == 0:
         return ds
     rest = ds.filter(expr=col("sniffed") != TAR_SNIFFED)
-    members = tars.repartition(target_num_rows_per_block=1).flat_map(make_expand_fn(cfg.input))
+    members = tars.repartition(target_num_rows_per_block=1).flat_map(make_expand_fn(cfg.input, index_dir))
     return rest.union(members)
 
 

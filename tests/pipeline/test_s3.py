@@ -82,6 +82,14 @@ def test_pipeline_end_to_end_on_s3(s3_env: dict[str, str], sample_clips: dict[st
     assert sorted((r["stage"], r["source_uri"].rsplit("/", 1)[1]) for r in rejects) == [
         ("discover", "000001.cls"), ("discover", "notes.md")]
     assert not fs.get_file_info(pafs.FileSelector("data/out/_state/leases", allow_not_found=True))
+    # The tar's listing is indexed on the store (later runs read it instead of the tar).
+    from pipeline import tars
+    from pipeline.discover import InputConfig
+
+    (tar_index,) = fs.get_file_info(pafs.FileSelector("data/out/" + tars.INDEX_DIR))
+    tar_mtime = fs.get_file_info("raw/shards/images-000.tar").mtime_ns
+    assert tars.read_index(f"s3://{tar_index.path}") == list(
+        tars.list_tar(InputConfig(), "s3://raw/shards/images-000.tar", tar_mtime))
 
     # Resume: nothing new → nothing written, the same manifest bytes.
     with fs.open_input_stream("data/out/manifest.json") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -142,6 +143,44 @@ def test_a_damaged_tar_keeps_the_members_before_the_damage(tmp_path: Path) -> No
     with pytest.raises(OSError, match="ends before its member"):
         storage.read_bytes(storage.member_uri(str(broken), cut_at - 100, 5000, "000002.jpg"))
     assert storage.member_span(f"{broken}#12/x.jpg") is None  # not a member's address: a path like any other
+
+
+def test_a_tar_is_read_once_per_output_later_runs_read_its_index(tmp_path: Path, caplog) -> None:
+    path = write_tar(tmp_path / "shard.tar", [("000000.jpg", picture(0)), ("000000.txt", b"a red car\n"),
+                                               ("000001.png", picture(1, "PNG")), ("000001.cls", b"3")])
+    stat = path.stat()
+    row = listing_row(str(path), stat.st_size, stat.st_mtime_ns, sniffed=TAR_SNIFFED, source_meta={"split": "a"})
+    index_dir = str(tmp_path / "out" / tars.INDEX_DIR)
+    expand = tars.make_expand_fn(InputConfig(), index_dir)
+    listed = list(tars.list_tar(InputConfig(), str(path), stat.st_mtime_ns, {"split": "a"}))
+    assert list(expand(row)) == listed and len(listed) == 3
+    (index,) = Path(index_dir).iterdir()
+    assert Path(tars.index_uri(index_dir, InputConfig(), row)) == index
+    # Later runs read the index, not the tar: its bytes overwritten under the same size and mtime list as before.
+    path.write_bytes(b"\x01" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert list(expand(row)) == listed
+    assert list(tars.make_expand_fn(InputConfig())(row))[-1]["reason"].startswith("damaged tar")  # no index: read
+    # A changed tar (mtime), other source metadata or other input settings: listed again, indexed anew.
+    for other, cfg in [({**row, "mtime_ns": stat.st_mtime_ns + 1}, InputConfig()),
+                       ({**row, "source_meta": '{"split": "b"}'}, InputConfig()),
+                       (row, InputConfig(use_sidecars=False))]:
+        again = list(tars.make_expand_fn(cfg, index_dir)(other))
+        assert again[-1]["reason"].startswith("damaged tar: ") and not any(r["candidate"] for r in again)
+    assert len(list(Path(index_dir).iterdir())) == 4  # damage in the tar's bytes is the tar's: indexed
+    # A failed read (here: no file) is not indexed: the next run reads the tar again.
+    gone = listing_row(str(tmp_path / "late.tar"), stat.st_size, stat.st_mtime_ns, sniffed=TAR_SNIFFED)
+    (failed,) = tars.make_expand_fn(InputConfig(), index_dir)(gone)
+    assert not failed["candidate"] and "damaged tar" in failed["reason"]
+    assert len(list(Path(index_dir).iterdir())) == 4
+    write_tar(tmp_path / "late.tar", [("000000.jpg", picture(0))])
+    assert [r["candidate"] for r in tars.make_expand_fn(InputConfig(), index_dir)(gone)] == [True]
+    # An unreadable index: a warning, the tar listed again and the index rewritten.
+    late = Path(tars.index_uri(index_dir, InputConfig(), gone))
+    late.write_bytes(b"not parquet")
+    with caplog.at_level("WARNING", logger="pipeline.tars"):
+        assert [r["candidate"] for r in tars.make_expand_fn(InputConfig(), index_dir)(gone)] == [True]
+    assert "unreadable" in caplog.text and tars.read_index(str(late))[0]["candidate"]
 
 
 def test_odd_tars(tmp_path: Path) -> None:
