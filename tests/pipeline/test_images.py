@@ -12,10 +12,10 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.discover import InputConfig
 from pipeline.images import probe_image, read_image, sniff_image
-from pipeline.listing import classify
+from pipeline.listing import classify, listing_row
 from pipeline.probe import ProbeConfig, ProbeError
 from pipeline.settings import PipelineConfig
-from pipeline.steps import make_cut_fn
+from pipeline.steps import make_cut_fn, make_probe_fn
 from tests.pipeline.test_filters import texture
 from tests.pipeline.test_steps import probed
 
@@ -87,6 +87,17 @@ def test_an_image_is_one_frame_clip_in_its_aspects_1_frame_bucket(tmp_path: Path
     assert c["sharpness"] > 15 and c["motion"] == 0.0  # scored like any clip; motion needs 2 frames
     source = json.loads(out[-1]["record_json"])
     assert source["num_clips"] == 1 and source["duration_s"] == 0.0
+    # Its sidecar caption rides the clip row to the caption stage and wins against the templates.
+    from pipeline.steps import CaptionStage
+    from tests.pipeline.test_steps import as_batch
+
+    row = make_probe_fn(cfg)(dict(listing_row(str(path), path.stat().st_size, 0, sidecars=["gravel in the sun"]),
+                                  source_id="", dup_of=""))
+    (clip,) = [r for r in make_cut_fn(cfg)(row) if r["kind"] == "clip"]
+    assert json.loads(clip["sidecars"]) == ["gravel in the sun"]
+    only = load_config(PipelineConfig, overrides=['caption.templates=["{}"]', 'caption.vocabulary=["gravel in the sun"]'])
+    captioned = CaptionStage(only)(as_batch([clip]))  # two equal candidates: the sidecar wins the tie
+    assert list(captioned["caption"]) == ["gravel in the sun"] and list(captioned["caption_source"]) == ["sidecar"]
     # A bucket spec without 1-frame clips cannot take images: said plainly, at probe.
     videos_only = load_config(PipelineConfig, overrides=["buckets.num_frames=[9, 17]"])
     row = probed(path, videos_only)

@@ -217,13 +217,13 @@ def test_a_reencoded_copy_is_dropped_from_the_index_naming_the_original(
     small = refinalize(out, tmp_path / "small", 64.0)
     large = refinalize(out, tmp_path / "large", 0.0)
     assert small == large and small[0] == manifest
-    # (on the driver path only: test_distributed_pass_finds_the_planted_copies_like_the_local_one
-    # holds the Ray Data path's semantic decisions to the same answer)
+    # — on the driver and through Ray Data, which reads the embeddings from the shards by range.
     m, idx, rej = refinalize(out, tmp_path / "semantic", 64.0, perceptual=False, semantic="on", eps=0.001)
     sem = {r["clip_id"]: r for r in rej if r["stage"] == "near_dup"}
     assert set(sem) == copies and all(r["score"] == "cosine" and r["value"] > 0.999 for r in sem.values())
     assert m["totals"]["near_duplicates"] == {"semantic": len(copies)}
     assert m["fingerprint"]["data_sha256"] != manifest["fingerprint"]["data_sha256"]
+    assert refinalize(out, tmp_path / "semantic_large", 0.0, perceptual=False, semantic="on", eps=0.001) == (m, idx, rej)
 
     # Changing the dedup settings on the output rebuilds the index alone: no shard is written again.
     again = main(["--input", str(src), "--output", str(out), "--set", "dedup.perceptual=false"])

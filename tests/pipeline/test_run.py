@@ -548,6 +548,12 @@ def test_filtered_and_letterboxed_sources_end_to_end(ray_local: None, tmp_path: 
     assert len(card["filtered_examples"]["text_area"]) == min(4, len(texts))
     assert "Filtered by text_area" in text and "max 0.1" in text
     assert page.images == 4 + min(4, len(filtered)) + min(4, len(texts)) and page.title == "DiTharos data card"
+    # The command as users type it (pipeline/ first on sys.path, where inspect.py could shadow the
+    # standard library's inspect): the same page.
+    cli = subprocess.run([sys.executable, "pipeline/inspect.py", str(out), "--out", str(tmp_path / "cli.html"),
+                          "--examples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert (tmp_path / "cli.html").read_text() == text
 
 
 def test_the_manifest_reads_back_the_commits_whatever_the_writers_report(
