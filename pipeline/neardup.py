@@ -110,24 +110,25 @@ class DedupConfig:
 # ---------------------------------------------------------------------------
 
 
-def _small_luma(frame: np.ndarray) -> np.ndarray:
-    """RGB uint8 (H, W, 3) → (32, 32) float32 luma, area-averaged."""
-    y = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-    return cv2.resize(y, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
 def phash(frame: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of an RGB uint8 frame (H, W, 3), as a signed int64 value."""
-    return _hash_small(_small_luma(frame))
+    """64-bit DCT perceptual hash of an RGB uint8 frame (H, W, 3), as a signed int64 value: the
+    hash of a one-frame clip (a still image's)."""
+    return clip_phash(frame[None])
 
 
 def clip_phash(frames: np.ndarray) -> int:
     """pHash of a clip's temporal mean frame: (T, H, W, 3) uint8 → signed int64 value.
 
-    Luma, area resize and mean are linear, so the mean of the (32, 32) lumas is the mean frame's
-    (up to rounding) at T small resizes instead of a float copy of the whole clip.
+    The frames' luma is summed into one float32 (H, W) frame and that mean is area-resized once:
+    an area resize to 32 x 32 takes OpenCV's general (non-integer factor) path, 1.5 ms for a
+    720p frame against 0.3 ms to convert and add one (6x less on production clips). Until
+    2026-12 each frame was resized and the small lumas averaged (rounded per frame): the same
+    hash on 48 of 51 sample windows, 2 bits apart on the rest — far inside dedup.max_distance.
     """
-    return _hash_small(np.mean([_small_luma(f) for f in frames], axis=0, dtype=np.float32))
+    total = np.zeros(frames.shape[1:3], np.float32)  # (H, W)
+    for f in frames:
+        cv2.accumulate(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY), total)
+    return _hash_small(cv2.resize(total * np.float32(1.0 / len(frames)), (32, 32), interpolation=cv2.INTER_AREA))
 
 
 def _hash_small(small: np.ndarray) -> int:
