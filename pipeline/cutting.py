@@ -193,6 +193,26 @@ def crop_window(height_px: int, width_px: int, crop_px: tuple[int, int, int, int
     return (full_h, full_w), (slice(t, full_h - b), slice(le, full_w - r))
 
 
+def small_pages() -> None:
+    """Have numpy stop asking the kernel for transparent huge pages (madvise) for big arrays.
+
+    numpy marks every array of 4 MB or more MADV_HUGEPAGE. Where the kernel's THP defrag setting
+    is `madvise` (Ubuntu's default, and this dev box's), each fresh allocation so marked waits for
+    memory compaction: a 65-frame 720p clip (180 MB) took 0.26 s to assemble against 0.08 s with
+    4 KB pages — a third of the CPU path at production bucket sizes (tests/bench/pipeline.py
+    --config pipeline/configs/production.yaml). The cut stage makes one such array per clip and
+    drops it once Ray Data has copied it into a block, so huge pages buy it nothing. The switch
+    is numpy's own (what its NUMPY_MADVISE_HUGEPAGE=0 sets at import), per process.
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
+
+
 def cut_source(
     path: str, *, width_px: int, height_px: int, fps: float, codec: str, rotation_cw: int,
     container: str = "mp4", duration_s: float = 0.0, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
@@ -203,6 +223,7 @@ def cut_source(
     `crop_px` (top, bottom, left, right display pixels, see filters.border_crop) are black bars
     cut off every frame before scene detection and bucketing; `sb` is the bucket of what is left.
     """
+    small_pages()  # this process assembles clips of up to hundreds of MB each (see small_pages)
     (dh, dw), window = crop_window(height_px, width_px, crop_px, sb, scenes.detect_width_px)
     cutter = Cutter(sb, buckets, scenes, fps)
     last_pts = None

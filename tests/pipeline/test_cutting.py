@@ -77,6 +77,19 @@ def test_bikes_clips_never_span_a_cut_and_have_bucket_shapes(sample_clips: dict[
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+def test_cutting_turns_off_numpy_huge_pages_in_its_process(sample_clips: dict[str, Path]) -> None:
+    """Big clip arrays are assembled from 4 KB pages (see cutting.small_pages: THP compaction made
+    a 720p clip 3x slower to assemble); the setting is restored for the rest of the test session."""
+    from numpy._core import multiarray
+
+    before = multiarray._set_madvise_hugepage(True)  # returns the previous setting
+    try:
+        assert any(isinstance(p, Clip) for p in _cut_all(sample_clips["carphone_pristine"], BucketConfig()))
+        assert multiarray._set_madvise_hugepage(True) is False  # the cut had turned it off
+    finally:
+        multiarray._set_madvise_hugepage(before)
+
+
 def _synthetic_stream(num_frames: int, fps: float, cut_at: list[int], size: tuple[int, int] = (64, 96)):
     rng = np.random.default_rng(0)
     colors = rng.integers(0, 255, size=(len(cut_at) + 1, 3))
