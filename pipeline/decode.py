@@ -8,6 +8,8 @@ handles well; anything it cannot open (AV1 with decord 0.6, for one) goes to PyA
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -42,7 +44,16 @@ class DecodeConfig:
     """Decoder choice and threading."""
 
     backend: Literal["auto", "decord", "pyav"] = "auto"
-    num_threads: int = 0  # 0 = let the decoder choose
+    num_threads: int = 0  # 0 = the cut task's CPUs (see for_task); N = N threads per decoder
+
+    def for_task(self, cpus: float) -> DecodeConfig:
+        """The settings one cut task decodes with: `num_threads` 0 becomes the task's CPUs
+        (compute.cut_cpus, rounded up). FFmpeg's own choice (thread count 0) is every core of the
+        node, up to 16 frame threads, each holding a decoded frame: on a node running one cut task
+        per core that is 16x oversubscribed and ~200 MB of frames in flight per task on a 4K
+        source. One thread also costs less CPU per frame here (no hand-off between threads:
+        3.48 s against 3.77 s for 396 1080p frames scaled to 720p, decord, this box)."""
+        return self if self.num_threads else dataclasses.replace(self, num_threads=max(1, math.ceil(cpus)))
 
 
 def _upright(frame: np.ndarray, rotation_cw: int) -> np.ndarray:

@@ -226,7 +226,7 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
                     path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
                     codec=info["codec"], rotation_cw=info["rotation_deg"], container=info["container"],
                     duration_s=info["duration_s"], sb=sb, crop_px=crop,
-                    buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode,
+                    buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode.for_task(cfg.compute.cut_cpus),
                 )
             for piece in pieces:
                 if not isinstance(piece, Clip):

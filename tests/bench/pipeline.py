@@ -173,7 +173,7 @@ def main() -> None:
             for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
                                 codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
                                 duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
-                                decode=cfg.decode, crop_px=crop):
+                                decode=cfg.decode.for_task(cfg.compute.cut_cpus), crop_px=crop):  # as the job
                 rss_max = max(rss_max, proc.memory_info().rss)
                 if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
                     with scores:

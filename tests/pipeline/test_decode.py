@@ -182,3 +182,29 @@ def test_hevc_10bit_decodes_to_8bit_rgb_matching_source(odd_videos: dict[str, Pa
         assert frames.shape == source.shape and frames.dtype == np.uint8
         # Lossy encode, but the decoded picture is the source picture (not, e.g., 16-bit bytes).
         assert np.abs(frames.astype(np.int16) - source.astype(np.int16)).mean() < 8.0, backend
+
+
+def test_a_cut_task_decodes_with_as_many_threads_as_it_has_cpus(
+        sample_clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """FFmpeg's own thread count is every core of the node: one cut task per core would then run
+    cores x 16 decoder threads (DecodeConfig.for_task)."""
+    assert DecodeConfig().for_task(1.0).num_threads == 1
+    assert DecodeConfig().for_task(2.5).num_threads == 3
+    assert DecodeConfig(num_threads=4).for_task(1.0).num_threads == 4  # an explicit count stands
+    assert DecodeConfig(backend="pyav").for_task(0.5) == DecodeConfig(backend="pyav", num_threads=1)
+
+    import pipeline.steps as steps
+    from pipeline.config import load_config
+    from pipeline.settings import PipelineConfig
+    from tests.pipeline.test_steps import probed
+
+    seen = []
+
+    def recording(path, **kw):
+        seen.append(kw["decode"])
+        return iter(())
+
+    monkeypatch.setattr(steps, "cut_source", recording)
+    cfg = load_config(PipelineConfig, None, ["compute.cut_cpus=2"])
+    list(steps.make_cut_fn(cfg)(probed(sample_clips["bikes"], cfg)))
+    assert seen == [DecodeConfig(num_threads=2)]
