@@ -23,12 +23,14 @@ The tar index. A job writes each tar's listing, once read, to `_state/tar_index/
 in its output (the digest covers the tar's URI, size, mtime, source metadata and the `input`
 settings that shape a listing), and every later run over that output — a resume, a run with
 more sources — reads that one small file instead of the tar: at 100M images in 10k tars, a
-resume reads 10k index files (~30-100 bytes per member, compressed) instead of ~10 TB in
-~10M ranged GETs. A tar that changed (size or mtime) is listed again under a new digest; the old
-file stays (small) until the output is deleted. A listing cut short by a failed read (an I/O
-error, which may be transient) is not indexed, so the next run reads the tar again; damage in
-the tar's bytes is (it will read the same next time). The index is written atomically (one PUT
-on an object store), so a crash leaves a tar either indexed whole or not at all.
+resume reads 10k index files (tens of bytes per member compressed, captions included: ~1-10 GB)
+instead of ~10 TB in ~10M ranged GETs. A tar that changed (size or mtime) is listed again under
+a new digest; the old file stays (small) until the output is deleted. A tar listed without a
+size or an mtime (a listing file may give neither) is not indexed: it is listed on every run.
+A listing cut short by a failed read (an I/O error, which may be transient) is not indexed, so
+the next run reads the tar again; damage in the tar's bytes is (it will read the same next
+time). The index is written atomically (one PUT on an object store), so a crash leaves a tar
+either indexed whole or not at all; a failed write is a warning (the index is a cache).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from pipeline.logs import get_logger
 
 READ_BUFFER = 1 << 20  # bytes per read of a tar being listed (one ranged GET on an object store)
 INDEX_DIR = "_state/tar_index"  # in the job's output: one listing per tar (module doc)
-INDEX_VERSION = 1  # bumped when a listing row's meaning changes: older index files are then not read
+# Bump when what a listing row holds changes (the row's fields, member_uri's form, how a member is
+# classified beyond the constants in index_uri's key): index files of older versions are then not read.
+INDEX_VERSION = 1
 log = get_logger(__name__)
 
 
@@ -177,7 +181,8 @@ def index_uri(index_dir: str, cfg: InputConfig, row: Row) -> str:
     """Where the tar index keeps the listing of the tar a listing row names (module doc)."""
     key = {"version": INDEX_VERSION, "uri": row["uri"], "size_bytes": int(row["size_bytes"]),
            "mtime_ns": int(row["mtime_ns"]), "source_meta": row["source_meta"] or "{}",
-           "input": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "uri"}}  # input.uri: not in a row
+           "input": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "uri"},  # input.uri: not in a row
+           "sidecars": sorted(SIDECAR_EXTENSIONS), "sniff_bytes": SNIFF_BYTES, "buffer": READ_BUFFER}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return storage.join(index_dir, f"{digest}.parquet")
 
@@ -199,9 +204,13 @@ def read_index(uri: str) -> list[Row] | None:
 
 
 def write_index(uri: str, rows: list[Row]) -> None:
+    """Store a tar's listing; the index is a cache, so a failed write is a warning, not a failed job."""
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), buf, compression="zstd")
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    try:
+        storage.write_bytes_atomic(uri, buf.getvalue())
+    except OSError as e:
+        log.warning("tar index %s not written (%s): the next run lists that tar again", uri, e)
 
 
 def make_expand_fn(cfg: InputConfig, index_dir: str | None = None):
@@ -210,7 +219,9 @@ def make_expand_fn(cfg: InputConfig, index_dir: str | None = None):
 
     def expand(row: Row) -> Iterator[Row]:
         meta = json.loads(row["source_meta"] or "{}")
-        if index_dir is None or int(row["size_bytes"]) < 0:
+        # Without a size and an mtime (a listing file may give neither) a rewritten tar could not
+        # be told from the indexed one: such tars are listed on every run.
+        if index_dir is None or int(row["size_bytes"]) < 0 or int(row["mtime_ns"]) < 0:
             yield from list_tar(cfg, row["uri"], int(row["mtime_ns"]), meta)
             return
         where = index_uri(index_dir, cfg, row)

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from pipeline.neardup import (
     DedupConfig,
+    _hash_small,
     assign,
     band_keys,
     bit_tables,
@@ -82,7 +83,14 @@ def test_the_clip_hash_survives_a_trim_where_the_middle_frame_does_not() -> None
     video = np.repeat(np.arange(3), 2)
     assert (d[video[:, None] != video[None, :]] > 2 * limit).all(), d  # measured >= 22
     assert (d[(video[:, None] == video[None, :]) & ~np.eye(6, dtype=bool)] > limit).all(), d  # 2.4 s on: >= 12
-    assert clip_phash(clips[0][:1]) == phash(clips[0][0])  # a one-frame clip (a still image) hashes its frame
+    # A one-frame clip (a still image) hashes its frame: its luma area-resized to 32 x 32, as written out here.
+    small = cv2.resize(cv2.cvtColor(clips[0][0], cv2.COLOR_RGB2GRAY).astype(np.float32), (32, 32),
+                       interpolation=cv2.INTER_AREA)
+    assert clip_phash(clips[0][:1]) == phash(clips[0][0]) == _hash_small(small)
+    mean = np.mean([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in clips[0]], axis=0, dtype=np.float64)  # (H, W)
+    expected = _hash_small(cv2.resize(mean.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA))
+    assert hamming(np.int64(clip_phash(clips[0])), np.int64(expected)) <= 1  # the mean frame's (float rounding)
+    assert hamming(np.int64(clip_phash(clips[0])), np.int64(phash(clips[0][0]))) > 1  # not its first frame's
 
 
 def test_bit_tables_find_near_pairs_as_often_as_the_formula_says() -> None:

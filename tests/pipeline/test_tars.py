@@ -145,7 +145,8 @@ def test_a_damaged_tar_keeps_the_members_before_the_damage(tmp_path: Path) -> No
     assert storage.member_span(f"{broken}#12/x.jpg") is None  # not a member's address: a path like any other
 
 
-def test_a_tar_is_read_once_per_output_later_runs_read_its_index(tmp_path: Path, caplog) -> None:
+def test_a_tar_is_read_once_per_output_later_runs_read_its_index(tmp_path: Path, caplog,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_tar(tmp_path / "shard.tar", [("000000.jpg", picture(0)), ("000000.txt", b"a red car\n"),
                                                ("000001.png", picture(1, "PNG")), ("000001.cls", b"3")])
     stat = path.stat()
@@ -163,16 +164,21 @@ def test_a_tar_is_read_once_per_output_later_runs_read_its_index(tmp_path: Path,
     assert list(tars.make_expand_fn(InputConfig())(row))[-1]["reason"].startswith("damaged tar")  # no index: read
     # A changed tar (mtime), other source metadata or other input settings: listed again, indexed anew.
     for other, cfg in [({**row, "mtime_ns": stat.st_mtime_ns + 1}, InputConfig()),
+                       ({**row, "size_bytes": stat.st_size + 10240}, InputConfig()),
                        ({**row, "source_meta": '{"split": "b"}'}, InputConfig()),
                        (row, InputConfig(use_sidecars=False))]:
         again = list(tars.make_expand_fn(cfg, index_dir)(other))
         assert again[-1]["reason"].startswith("damaged tar: ") and not any(r["candidate"] for r in again)
-    assert len(list(Path(index_dir).iterdir())) == 4  # damage in the tar's bytes is the tar's: indexed
+    assert len(list(Path(index_dir).iterdir())) == 5  # damage in the tar's bytes is the tar's: indexed
+    # A tar of unknown mtime (a listing file may leave it out) is never indexed: listed every run.
+    assert list(tars.make_expand_fn(InputConfig(), index_dir)({**row, "mtime_ns": -1}))[-1]["reason"].startswith(
+        "damaged tar")
+    assert len(list(Path(index_dir).iterdir())) == 5
     # A failed read (here: no file) is not indexed: the next run reads the tar again.
     gone = listing_row(str(tmp_path / "late.tar"), stat.st_size, stat.st_mtime_ns, sniffed=TAR_SNIFFED)
     (failed,) = tars.make_expand_fn(InputConfig(), index_dir)(gone)
     assert not failed["candidate"] and "damaged tar" in failed["reason"]
-    assert len(list(Path(index_dir).iterdir())) == 4
+    assert len(list(Path(index_dir).iterdir())) == 5
     write_tar(tmp_path / "late.tar", [("000000.jpg", picture(0))])
     assert [r["candidate"] for r in tars.make_expand_fn(InputConfig(), index_dir)(gone)] == [True]
     # An unreadable index: a warning, the tar listed again and the index rewritten.
@@ -181,6 +187,15 @@ def test_a_tar_is_read_once_per_output_later_runs_read_its_index(tmp_path: Path,
     with caplog.at_level("WARNING", logger="pipeline.tars"):
         assert [r["candidate"] for r in tars.make_expand_fn(InputConfig(), index_dir)(gone)] == [True]
     assert "unreadable" in caplog.text and tars.read_index(str(late))[0]["candidate"]
+    # The index is a cache: a failed write is a warning, the rows are the listing's.
+    def refused(uri, data):
+        raise OSError("SlowDown: please reduce your request rate")
+
+    monkeypatch.setattr(tars.storage, "write_bytes_atomic", refused)
+    other = listing_row(str(tmp_path / "late.tar"), stat.st_size, stat.st_mtime_ns + 5, sniffed=TAR_SNIFFED)
+    with caplog.at_level("WARNING", logger="pipeline.tars"):
+        assert [r["candidate"] for r in tars.make_expand_fn(InputConfig(), index_dir)(other)] == [True]
+    assert "not written (SlowDown" in caplog.text
 
 
 def test_odd_tars(tmp_path: Path) -> None:
