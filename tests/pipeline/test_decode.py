@@ -1,9 +1,13 @@
-"""pipeline/decode.py: decord and PyAV backends, fallback, errors, rotation, odd pixel formats."""
+"""pipeline/decode.py: the PyAV path (OpenCV-scaled 4:2:0 planes, lazy RGB), decord on request, errors, rotation,
+odd pixel formats."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import pytest
 
@@ -101,7 +105,7 @@ def test_truncated_stream_yields_its_decodable_prefix(bad_videos: dict[str, Path
     # decoding ends quietly after the prefix; spotting the truncation is the cut step's job.
     counts = set()
     for cfg in (PYAV, DecodeConfig(backend="auto")):
-        idx, pts, frames = _decode(bad_videos["truncated_stream"], 72, 128, cfg, codec="h264", container="mpegts")
+        idx, pts, frames = _decode(bad_videos["truncated_stream"], 72, 128, cfg, codec="h264")
         assert 0 < len(frames) < media.TRUNC_NUM_FRAMES
         np.testing.assert_allclose(pts, np.arange(len(frames)) / media.FPS, atol=1e-3)
         counts.add(len(frames))
@@ -128,7 +132,7 @@ def test_damage_mid_stream_raises_decode_error_after_good_frames(
     _corrupt_middle(path)
     got = []
     with pytest.raises(DecodeError) as e:
-        for i, _, frame in iter_frames(str(path), 48, 64, codec=codec, container=suffix,
+        for i, _, frame in iter_frames(str(path), 48, 64, codec=codec,
                                        cfg=DecodeConfig(backend=backend)):
             got.append(i)
     assert 0 < e.value.frames_decoded < 30
@@ -166,8 +170,7 @@ def test_rotated_source_comes_out_upright(tmp_path: Path, backend: str, ccw_deg:
 
 @pytest.mark.parametrize("backend", ["decord", "pyav", "auto"])
 def test_grayscale_decodes_to_rgb(odd_videos: dict[str, Path], backend: str) -> None:
-    _, _, frames = _decode(odd_videos["grayscale"], 72, 128, DecodeConfig(backend=backend), codec="hevc",
-                           container="matroska,webm")
+    _, _, frames = _decode(odd_videos["grayscale"], 72, 128, DecodeConfig(backend=backend), codec="hevc")
     assert frames.shape == (100, 72, 128, 3) and frames.dtype == np.uint8
     np.testing.assert_array_equal(frames[..., 0], frames[..., 1])
     np.testing.assert_array_equal(frames[..., 1], frames[..., 2])
@@ -208,3 +211,97 @@ def test_a_cut_task_decodes_with_as_many_threads_as_it_has_cpus(
     cfg = load_config(PipelineConfig, None, ["compute.cut_cpus=2"])
     list(steps.make_cut_fn(cfg)(probed(sample_clips["bikes"], cfg)))
     assert seen == [DecodeConfig(num_threads=2)]
+
+
+# ---------------------------------------------------------------------------
+# The 4:2:0 path: OpenCV scales the planes, swscale converts later (decode.Picture)
+# ---------------------------------------------------------------------------
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (200, 50, 120), (20, 200, 220), (128, 128, 128),
+           (255, 255, 255)]
+
+
+def _write_bt709_bars(path: Path, height: int = 144, width: int = 256, num_frames: int = 3) -> Path:
+    """Eight colour bars, encoded with the BT.709 matrix and tagged so (as HD video is)."""
+    bars = np.zeros((height, width, 3), np.uint8)
+    for k, c in enumerate(COLOURS):
+        bars[:, k * width // 8 : (k + 1) * width // 8] = c
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"crf": "0"})
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.codec_context.colorspace = 1  # AVCOL_SPC_BT709
+        stream.codec_context.color_range = 1  # limited (MPEG)
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(bars, format="rgb24").reformat(format="yuv420p", dst_colorspace=1)
+            frame.colorspace, frame.color_range, frame.pts = 1, 1, i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_bt709_source_scaled_keeps_its_colours(tmp_path: Path) -> None:
+    """The scaled 4:2:0 path converts with the stream's matrix: BT.601 (OpenCV's only one) would
+    shift these bars by ~20 levels."""
+    path = _write_bt709_bars(tmp_path / "bars709.mp4")
+    _, _, frames = _decode(path, 72, 128, PYAV, codec="h264")
+    assert frames.shape == (3, 72, 128, 3)
+    for k, colour in enumerate(COLOURS):
+        centre = frames[0, 36, k * 16 + 8].astype(int)
+        assert np.abs(centre - colour).max() <= 4, (colour, centre)
+    # And it agrees with swscale scaling and converting in one call, far closer than BT.601 would.
+    with av.open(str(path)) as c:
+        frame = next(c.decode(video=0))
+        ref = frame.to_ndarray(format="rgb24", width=128, height=72, interpolation="AREA")
+        bt601 = frame.reformat(width=128, height=72, format="yuv420p").to_ndarray()
+    err = np.abs(frames[0].astype(int) - ref).mean()  # bar edges: resize filters differ
+    wrong = np.abs(cv2.cvtColor(bt601, cv2.COLOR_YUV2RGB_I420).astype(int) - ref).mean()
+    assert err < 4.0 and wrong > 2 * err, (err, wrong)
+
+
+def test_scaled_4_2_0_frames_stay_i420_until_asked(sample_clips: dict[str, Path]) -> None:
+    from pipeline.decode import iter_pictures
+
+    pictures = [p for _, _, p in itertools.islice(iter_pictures(str(sample_clips["bikes"]), 136, 320, codec="h264"),
+                                                  5)]
+    for p in pictures:
+        assert p.pixels is None and p.i420.shape == (204, 320)  # 1.5 bytes a pixel: half of RGB
+    _, _, frames = _decode(sample_clips["bikes"], 136, 320, PYAV, codec="h264")
+    np.testing.assert_array_equal(np.stack([p.rgb() for p in pictures]), frames[:5])
+
+
+def test_downscale_by_2x_or_more_averages_instead_of_aliasing(tmp_path: Path) -> None:
+    """1-px black/white stripes shrunk 4x are flat grey with area averaging; bilinear (2 taps)
+    would sample whole stripes and keep high-contrast bands."""
+    stripes = np.zeros((96, 256, 3), np.uint8)
+    stripes[:, ::2] = 255
+    stripes[::2, :] = 255 - stripes[::2, :]  # a checkerboard: x264 keeps it at CRF 0
+    path = media.write_video(tmp_path / "checker.mp4", [stripes] * 2, codec="libx264", fps=25,
+                             options={"crf": "0", "preset": "ultrafast"})
+    _, _, frames = _decode(path, 24, 64, PYAV, codec="h264")
+    assert abs(frames.mean() - 127.5) < 10
+    assert frames.std() < 12, frames.std()
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_detection_frame_matches_the_cropped_rgb_frame(tmp_path: Path, rotation: int) -> None:
+    """Picture.detect_rgb (from the I420 planes, BT.601) is the cropped RGB frame at detection size."""
+    from pipeline.decode import iter_pictures
+
+    upright = list(media.scene_frames(320, 180, 4, 10, seed=2))  # display 320 x 180
+    coded = [np.ascontiguousarray(np.rot90(f, k=1)) for f in upright] if rotation else upright
+    path = write_rotated(tmp_path / "r.mp4", coded, -rotation) if rotation else \
+        media.write_video(tmp_path / "r.mp4", coded, codec="libx264", fps=25, options=media.X264)
+    info = probe(str(path), ProbeConfig())
+    assert (info.width_px, info.height_px) == (320, 180)
+    window = (slice(20, 160), slice(30, 300))  # bars cut off: 140 x 270 of content
+    for _, _, picture in iter_pictures(str(path), 180, 320, codec="h264", rotation_cw=info.rotation_deg):
+        picture = picture.cropped(window)
+        rgb = picture.rgb()
+        assert rgb.shape == (140, 270, 3)
+        small = picture.detect_rgb(64)
+        assert abs(small.shape[1] - 64) <= 1 and abs(small.shape[0] - round(140 * 64 / 270)) <= 1
+        want = cv2.resize(rgb, small.shape[1::-1], interpolation=cv2.INTER_AREA)
+        err = np.abs(small.astype(int) - want).mean()
+        flipped = np.abs(small[::-1, ::-1].astype(int) - want).mean()
+        assert err < 6.0 and flipped > 2 * err, (err, flipped)
