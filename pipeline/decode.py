@@ -72,6 +72,9 @@ def _coded_size(height_px: int, width_px: int, rotation_cw: int) -> tuple[int, i
 
 # 8-bit 4:2:0: what nearly every H.264 / HEVC / VP9 / AV1 web video decodes to.
 _YUV420 = ("yuv420p", "yuvj420p")
+# AVColorSpace values swscale (FFmpeg 8) converts: RGB, BT.709, unspecified, FCC, BT.470BG,
+# SMPTE 170M / 240M, BT.2020 NCL. Others fail at conversion time, so they are converted at decode.
+_SWS_MATRICES = (0, 1, 2, 4, 5, 6, 7, 9)
 
 
 def _split_i420(i420: np.ndarray) -> list[np.ndarray]:
@@ -90,15 +93,15 @@ def _plane(plane: av.video.plane.VideoPlane, height: int, width: int) -> np.ndar
 def shrink(src: np.ndarray, dst: np.ndarray) -> None:
     """Resize one plane `src` (H, W) into the no larger `dst` (h, w), anti-aliased.
 
-    Halve by 2x2 box averaging while the plane is 2x or more too big (an exact halving takes
-    OpenCV's fast area path; an odd last row or column is dropped), then bilinear for the rest
-    (under 2x, where its 2 taps do not alias). One area resize does as well but takes OpenCV's
-    general path at non-integer factors: 2-2.7 ms for 1080p luma to 256 or 854 px wide.
+    Halve by area averaging while the plane is 2x or more too big (an even-sized plane takes
+    OpenCV's fast 2x2 box path; an odd side, as 135 rows after 1080 -> 540 -> 270, the general
+    one), then bilinear for the rest (under 2x, where its 2 taps do not alias). One area resize
+    does as well but takes OpenCV's general path at non-integer factors: 2-2.7 ms for 1080p luma
+    to 256 or 854 px wide, against 0.2-0.3 ms this way.
     """
     h, w = dst.shape
     while src.shape[0] >= 2 * h and src.shape[1] >= 2 * w:
-        eh, ew = src.shape[0] // 2, src.shape[1] // 2
-        src = cv2.resize(src[: 2 * eh, : 2 * ew], (ew, eh), interpolation=cv2.INTER_AREA)
+        src = cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if src.shape == dst.shape:
         np.copyto(dst, src)
     else:
@@ -133,7 +136,8 @@ class Picture:
     rotation_cw: int = 0
     window: tuple[slice, slice] = (slice(None), slice(None))
     # swscale context of the decoder that made this picture (one per decoder: creating one per
-    # frame costs ~0.2 ms, as much as converting a 720p frame)
+    # frame costs ~0.2 ms, as much as converting a 720p frame). Not thread-safe: one thread
+    # converts a decoder's pictures (the cut task's).
     reformatter: VideoReformatter | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -149,28 +153,52 @@ class Picture:
             return self.pixels[self.window]
         frame = av.VideoFrame.from_ndarray(self.i420, format=self.fmt)
         frame.colorspace, frame.color_range = self.colorspace, self.color_range
-        rgb = (self.reformatter or VideoReformatter()).reformat(frame, format="rgb24").to_ndarray()
+        # one swscale thread: a cut task has compute.cut_cpus cores, and the conversion is ~0.3 ms
+        rgb = (self.reformatter or VideoReformatter()).reformat(frame, format="rgb24", threads=1).to_ndarray()
         return _upright(rgb, self.rotation_cw)[self.window]
 
-    def detect_rgb(self, width_px: int) -> np.ndarray:
-        """The window about `width_px` wide (never enlarged), RGB uint8, for scene detection.
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the window, display pixels."""
+        ys, xs = self._window_box()
+        return ys[1] - ys[0], xs[1] - xs[0]
+
+    def _window_box(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        if self.pixels is not None:
+            dh, dw = self.pixels.shape[:2]
+        else:
+            h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]
+            dh, dw = (w, h) if self.rotation_cw in (90, 270) else (h, w)  # display size
+        ys, xs = self.window
+        return ys.indices(dh)[:2], xs.indices(dw)[:2]
+
+    def detect_rgb(self, height_px: int, width_px: int) -> np.ndarray:
+        """The window shrunk to exactly (height_px, width_px), RGB uint8, for scene detection.
 
         From the I420 planes: a fifth of the bytes an RGB frame would take through the resize.
-        OpenCV converts with BT.601 whatever the stream's matrix: the detector compares frames
-        with each other, and a matrix shifts every frame alike.
+        OpenCV converts with BT.601, limited range, whatever the stream's matrix and range: the
+        detector compares frames with each other; a matrix shifts every frame alike, and a
+        full-range source's differences come out ~1.16x larger (slightly more sensitive cuts).
         """
         if self.pixels is not None:
-            return self.rgb()
-        ys, xs = self.window
-        h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]
-        dh, dw = (w, h) if self.rotation_cw in (90, 270) else (h, w)  # display size
-        top, bottom, left, right = ys.start or 0, ys.stop or dh, xs.start or 0, xs.stop or dw
-        s = min(1.0, width_px / (right - left))
-        sh, sw = max(2, round(h * s / 2) * 2), max(2, round(w * s / 2) * 2)  # even: 4:2:0 planes
-        small = self.i420 if (sh, sw) == (h, w) else _i420(_split_i420(self.i420), sh, sw)
-        rgb = _upright(cv2.cvtColor(small, cv2.COLOR_YUV2RGB_I420), self.rotation_cw)  # (sh', sw', 3)
-        fy, fx = rgb.shape[0] / dh, rgb.shape[1] / dw
-        return rgb[round(top * fy) : round(bottom * fy), round(left * fx) : round(right * fx)]
+            rgb = self.rgb()
+        else:
+            (top, bottom), (left, right) = self._window_box()
+            h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]
+            dh, dw = (w, h) if self.rotation_cw in (90, 270) else (h, w)
+            s = min(1.0, width_px / (right - left))
+            sh, sw = max(2, round(h * s / 2) * 2), max(2, round(w * s / 2) * 2)  # even: 4:2:0 planes
+            small = self.i420 if (sh, sw) == (h, w) else _i420(_split_i420(self.i420), sh, sw)
+            whole = _upright(cv2.cvtColor(small, cv2.COLOR_YUV2RGB_I420), self.rotation_cw)  # (sh', sw', 3)
+            fy, fx = whole.shape[0] / dh, whole.shape[1] / dw
+            rgb = whole[round(top * fy) : round(bottom * fy), round(left * fx) : round(right * fx)]
+        if rgb.shape[:2] == (height_px, width_px):
+            return np.ascontiguousarray(rgb)
+        # Exactly the size asked (the I420 route rounds to even sizes): the detector compares each
+        # frame with the last, so every frame of a source must come out the same size, whichever
+        # route it took (a stream may change format or size mid-way).
+        interp = cv2.INTER_AREA if rgb.shape[1] > width_px else cv2.INTER_LINEAR
+        return cv2.resize(rgb, (width_px, height_px), interpolation=interp)
 
 
 def to_picture(frame: av.VideoFrame, height_px: int, width_px: int, rotation_cw: int,
@@ -181,8 +209,12 @@ def to_picture(frame: av.VideoFrame, height_px: int, width_px: int, rotation_cw:
     RGB, gray, upscaling) is scaled and converted by swscale now."""
     h, w = frame.height, frame.width
     fmt = frame.format.name
-    if fmt not in _YUV420 or height_px > h or width_px > w or (h | w | height_px | width_px) % 2:
-        rgb = reformatter.reformat(frame, width=width_px, height=height_px, format="rgb24").to_ndarray()
+    if (fmt not in _YUV420 or frame.colorspace not in _SWS_MATRICES or height_px > h or width_px > w
+            or (h | w | height_px | width_px) % 2):
+        # Converted now, inside the decoder's error handling: a matrix swscale refuses (YCgCo,
+        # BT.2020 constant luminance, ICtCp, reserved values) rejects the span as a decode error.
+        rgb = reformatter.reformat(frame, width=width_px, height=height_px, format="rgb24",
+                                   threads=1).to_ndarray()
         return Picture.from_rgb(_upright(rgb, rotation_cw))
     planes = [_plane(frame.planes[0], h, w)] + [_plane(frame.planes[k], h // 2, w // 2) for k in (1, 2)]
     return Picture(_i420(planes, height_px, width_px), None, fmt, frame.colorspace, frame.color_range,

@@ -92,6 +92,53 @@ def test_only_frames_the_sampler_picks_are_converted_to_rgb(sample_clips: dict[s
     assert picked < 0.4 * 250
 
 
+def test_clip_memory_is_reused_only_once_nothing_references_it() -> None:
+    import pyarrow as pa
+
+    from pipeline.cutting import ArrayPool
+
+    def address(a: np.ndarray) -> int:
+        return a.__array_interface__["data"][0]
+
+    pool = ArrayPool(keep=2)
+    a = pool.empty((3, 4, 5, 3))
+    first = address(a)
+    del a
+    b = pool.empty((2, 4, 5, 3))  # smaller fits the freed owner
+    assert address(b) == first
+    held = [b[1:], memoryview(b[0]), pa.py_buffer(np.ascontiguousarray(b[0]))]  # views, exports
+    del b
+    while held:
+        c = pool.empty((3, 4, 5, 3))
+        assert address(c) != first and not any(np.shares_memory(c, np.asarray(h)) for h in held[:2])
+        del c
+        held.pop(0)
+    assert address(pool.empty((3, 4, 5, 3))) == first  # all released: reused again
+    big = [pool.empty((10, 4, 5, 3)) for _ in range(3)]  # none free: new owners, at most `keep` kept
+    assert len(pool.owners) == 2 and len({address(x) for x in big}) == 3
+
+
+def test_clips_held_by_the_caller_are_never_overwritten(sample_clips: dict[str, Path]) -> None:
+    """Clips kept (as Ray Data keeps rows in a block) and clips dropped as they stream (their memory
+    reused for the next) hold the same frames."""
+    kept = [p for p in _cut_all(sample_clips["bikes"], BucketConfig()) if isinstance(p, Clip)]
+    info = probe(str(sample_clips["bikes"]), ProbeConfig())
+    sb = choose_source_bucket(info.width_px, info.height_px, BucketConfig())
+    streamed, addresses = [], set()
+    for piece in cut_source(str(sample_clips["bikes"]), width_px=info.width_px, height_px=info.height_px,
+                            fps=info.fps, codec=info.codec, rotation_cw=0, duration_s=info.duration_s, sb=sb,
+                            buckets=BucketConfig(), scenes=SceneConfig(), decode=DecodeConfig()):
+        if isinstance(piece, Clip):
+            addresses.add(piece.frames.__array_interface__["data"][0])
+            streamed.append(piece.frames.copy())
+            del piece  # released: the next clip may take its memory
+    assert len(streamed) == len(kept) >= 6
+    assert len(addresses) < len(streamed)  # memory was reused
+    for got, want in zip(streamed, kept):
+        np.testing.assert_array_equal(got, want.frames)
+    assert len({c.frames.__array_interface__["data"][0] for c in kept}) == len(kept)  # held: all distinct
+
+
 def test_cutting_turns_off_numpy_huge_pages_in_its_process(sample_clips: dict[str, Path]) -> None:
     """Big clip arrays are assembled from 4 KB pages (see cutting.small_pages: THP compaction made
     a 720p clip 3x slower to assemble); the setting is restored for the rest of the test session."""
@@ -196,3 +243,32 @@ def test_truncated_file_with_declared_duration_is_reported(tmp_path: Path) -> No
     decode = [p for p in pieces if isinstance(p, SpanReject) and p.stage == "decode"]
     assert clips and len(decode) == 1
     assert "truncated" in decode[0].reason and "declares 6.00 s" in decode[0].reason
+
+
+def test_colour_matrix_swscale_refuses_rejects_the_span_not_the_job(tmp_path: Path) -> None:
+    from tests.pipeline.test_decode import _ycgco_video
+
+    pieces = _cut_all(_ycgco_video(tmp_path / "ycgco.mp4"), BucketConfig())
+    assert [type(p) for p in pieces] == [SpanReject] and pieces[0].stage == "decode"
+
+
+def test_a_stream_that_changes_size_mid_way_is_cut(tmp_path: Path) -> None:
+    """A 640x360 segment then a 160x90 one (concatenated MPEG-TS, as a screen recording or a
+    WebRTC capture may change size): the second half comes through swscale (it is smaller than the
+    decode size), and the detector still sees every frame at one size (PySceneDetect asserts it)."""
+    from tests import media
+
+    a = media.write_video(tmp_path / "a.ts", media.scene_frames(640, 360, 40, 20, seed=1), codec="libx264", fps=25,
+                          options=media.X264)
+    b = media.write_video(tmp_path / "b.ts", media.scene_frames(160, 90, 40, 20, seed=3), codec="libx264", fps=25,
+                          options=media.X264)
+    path = tmp_path / "ab.ts"
+    path.write_bytes(a.read_bytes() + b.read_bytes())
+    buckets = BucketConfig()
+    sb = choose_source_bucket(628, 360, buckets)
+    pieces = list(cut_source(str(path), width_px=640, height_px=360, fps=25.0, codec="h264", rotation_cw=0,
+                             sb=sb, buckets=buckets, scenes=SceneConfig(), decode=DecodeConfig(),
+                             crop_px=(0, 0, 6, 6)))
+    clips = [p for p in pieces if isinstance(p, Clip)]
+    assert clips and all(c.frames.shape[1:] == (sb.height_px, sb.width_px, 3) for c in clips)
+    assert max(c.end_frame for c in clips) > 40  # frames of the second segment made clips too

@@ -268,6 +268,11 @@ def test_scaled_4_2_0_frames_stay_i420_until_asked(sample_clips: dict[str, Path]
         assert p.pixels is None and p.i420.shape == (204, 320)  # 1.5 bytes a pixel: half of RGB
     _, _, frames = _decode(sample_clips["bikes"], 136, 320, PYAV, codec="h264")
     np.testing.assert_array_equal(np.stack([p.rgb() for p in pictures]), frames[:5])
+    # ... and what swscale makes of the same frames scaled and converted in one call.
+    with av.open(str(sample_clips["bikes"])) as c:
+        ref = [f.to_ndarray(format="rgb24", width=320, height=136, interpolation="AREA")
+               for f in itertools.islice(c.decode(video=0), 5)]
+    assert np.abs(frames[:5].astype(int) - np.stack(ref)).mean() < 2.0
 
 
 def test_downscale_by_2x_or_more_averages_instead_of_aliasing(tmp_path: Path) -> None:
@@ -283,15 +288,14 @@ def test_downscale_by_2x_or_more_averages_instead_of_aliasing(tmp_path: Path) ->
     assert frames.std() < 12, frames.std()
 
 
-@pytest.mark.parametrize("rotation", [0, 90])
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
 def test_detection_frame_matches_the_cropped_rgb_frame(tmp_path: Path, rotation: int) -> None:
     """Picture.detect_rgb (from the I420 planes, BT.601) is the cropped RGB frame at detection size."""
     from pipeline.decode import iter_pictures
 
     upright = list(media.scene_frames(320, 180, 4, 10, seed=2))  # display 320 x 180
-    coded = [np.ascontiguousarray(np.rot90(f, k=1)) for f in upright] if rotation else upright
-    path = write_rotated(tmp_path / "r.mp4", coded, -rotation) if rotation else \
-        media.write_video(tmp_path / "r.mp4", coded, codec="libx264", fps=25, options=media.X264)
+    coded = [np.ascontiguousarray(np.rot90(f, k=rotation // 90)) for f in upright]  # turned CCW
+    path = write_rotated(tmp_path / "r.mp4", coded, -rotation)  # displayed turned back CW
     info = probe(str(path), ProbeConfig())
     assert (info.width_px, info.height_px) == (320, 180)
     window = (slice(20, 160), slice(30, 300))  # bars cut off: 140 x 270 of content
@@ -299,9 +303,33 @@ def test_detection_frame_matches_the_cropped_rgb_frame(tmp_path: Path, rotation:
         picture = picture.cropped(window)
         rgb = picture.rgb()
         assert rgb.shape == (140, 270, 3)
-        small = picture.detect_rgb(64)
-        assert abs(small.shape[1] - 64) <= 1 and abs(small.shape[0] - round(140 * 64 / 270)) <= 1
-        want = cv2.resize(rgb, small.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert picture.shape == (140, 270)
+        small = picture.detect_rgb(33, 64)
+        assert small.shape == (33, 64, 3)  # exactly: every frame of a source alike, whatever its route
+        want = cv2.resize(rgb, (64, 33), interpolation=cv2.INTER_AREA)
         err = np.abs(small.astype(int) - want).mean()
         flipped = np.abs(small[::-1, ::-1].astype(int) - want).mean()
         assert err < 6.0 and flipped > 2 * err, (err, flipped)
+
+
+def _ycgco_video(path: Path, num_frames: int = 30) -> Path:
+    """H.264 whose stream says YCgCo (matrix 8): swscale refuses to convert it."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25, options=media.X264)
+        s.height, s.width, s.pix_fmt = 180, 320, "yuv420p"
+        s.codec_context.thread_count = 1
+        s.codec_context.colorspace = 8
+        for i, a in enumerate(media.scene_frames(320, 180, num_frames, 10, seed=1)):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format="yuv420p")
+            f.colorspace, f.pts = 8, i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(("height", "width"), [(90, 160), (180, 320)])  # scaled, and at full size
+def test_a_colour_matrix_swscale_refuses_is_a_decode_error(tmp_path: Path, height: int, width: int) -> None:
+    path = _ycgco_video(tmp_path / "ycgco.mp4")
+    with pytest.raises(DecodeError, match="after frame 0") as e:
+        list(iter_frames(str(path), height, width, codec="h264"))
+    assert e.value.frames_decoded == 0
