@@ -67,8 +67,10 @@ class ArrayPool:
     ~0.13 of a plain decode at production bucket sizes. An array is handed out again only when
     the pool's reference is the only one left: every numpy view, buffer export (Arrow zero-copy
     included) and pickle-in-progress of a clip holds a reference to its owner array, so a clip
-    Ray Data still holds in a block is never overwritten. At most `keep` owners are kept (the
-    memory a cut worker keeps mapped between clips: 2 x 356 MB for 129-frame 720p clips).
+    Ray Data still holds in a block is never overwritten. Each Cutter has its own pool, so
+    memory is reused between the clips of one source and nothing stays mapped after it; at most
+    `keep` owners are kept (2 x 356 MB for 129-frame 720p clips, about what two clips in flight
+    take anyway).
     """
 
     def __init__(self, keep: int = 2) -> None:
@@ -91,9 +93,6 @@ class ArrayPool:
             return owner[:n].reshape(shape)
 
 
-CLIP_ARRAYS = ArrayPool()  # one per process: a cut worker cuts its sources one after another
-
-
 class Cutter:
     """Incremental scene → window → clip logic for one source (no I/O; unit-testable)."""
 
@@ -108,6 +107,7 @@ class Cutter:
         self.scene_index = 0
         self.window_index = 0
         self.window_start = 0  # source frame index where the next window starts
+        self.arrays = ArrayPool()
 
     # -- buffer helpers -------------------------------------------------------
     def _pos(self, index: int) -> int:
@@ -134,7 +134,7 @@ class Cutter:
         pts = np.array([b.pts_s for b in span])
         start_s = span[0].pts_s
         picks = resample_indices(pts, start_s, num_frames, self.fps)
-        frames = CLIP_ARRAYS.empty((num_frames, self.sb.height_px, self.sb.width_px, 3))  # (T, H, W, 3)
+        frames = self.arrays.empty((num_frames, self.sb.height_px, self.sb.width_px, 3))  # (T, H, W, 3)
         for j, k in enumerate(picks):  # only picked frames are converted (see decode.Picture)
             frames[j] = frames[j - 1] if j and k == picks[j - 1] else \
                 resize_crop(span[k].frame.rgb(), self.sb.height_px, self.sb.width_px)
