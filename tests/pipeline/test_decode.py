@@ -333,3 +333,24 @@ def test_a_colour_matrix_swscale_refuses_is_a_decode_error(tmp_path: Path, heigh
     with pytest.raises(DecodeError, match="after frame 0") as e:
         list(iter_frames(str(path), height, width, codec="h264"))
     assert e.value.frames_decoded == 0
+
+
+def test_keyframe_samples_decode_each_keyframe_once(sample_clips: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big Buck Bunny's 5 seeks all land on its one keyframe (frame 0): one decode, 5 samples of it.
+    Bikes has a keyframe near each target: 5 decodes, 5 different samples."""
+    import pipeline.decode as decode
+
+    conversions: list[int] = []
+    upright = decode._upright
+    monkeypatch.setattr(decode, "_upright", lambda f, r: conversions.append(1) or upright(f, r))
+    bunny = decode.sample_frames(str(sample_clips["bigbuckbunny"]), 72, 128, duration_s=5.28)
+    assert len(conversions) == 1 and bunny.shape == (5, 72, 128, 3)
+    with av.open(str(sample_clips["bigbuckbunny"])) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24", width=128, height=72)
+    for sample in bunny:
+        np.testing.assert_array_equal(sample, first)
+    conversions.clear()
+    bikes = decode.sample_frames(str(sample_clips["bikes"]), 68, 160, duration_s=10.0)
+    assert len(conversions) == 5 and bikes.shape == (5, 68, 160, 3)
+    assert min(np.abs(a.astype(int) - b).mean() for a, b in zip(bikes, bikes[1:])) > 5
