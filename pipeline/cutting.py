@@ -74,6 +74,8 @@ class ArrayPool:
     """
 
     def __init__(self, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"ArrayPool keep={keep} must be >= 1")
         self.keep = keep
         self.owners: list[np.ndarray] = []  # 1-D uint8, owning their memory
         self.lock = threading.Lock()

@@ -276,7 +276,7 @@ def sample_frames(path: str, height_px: int, width_px: int, *, duration_s: float
     """
     ch, cw = _coded_size(height_px, width_px, rotation_cw)
     out: list[np.ndarray] = []
-    by_key: dict[int, np.ndarray] = {}  # pts of the first packet after a seek -> the sample it gave
+    by_key: dict[tuple[int, int], np.ndarray] = {}  # first packet after a seek (pts, byte pos) -> its sample
     try:
         with av.open(path, metadata_errors="ignore") as container:
             stream = container.streams.video[0]
@@ -288,7 +288,8 @@ def sample_frames(path: str, height_px: int, width_px: int, *, duration_s: float
                     container.seek(start + int(target / base), stream=stream)  # to the keyframe before
                 key, frame = None, None
                 for i, packet in enumerate(container.demux(stream)):
-                    key = packet.pts if i == 0 else key
+                    # pts alone can repeat in a stream (concatenated MPEG-TS segments)
+                    key = (packet.pts, packet.pos) if i == 0 and packet.pts is not None else key
                     if key in by_key:
                         break
                     decoded = packet.decode()  # a decoder with a reorder delay needs a few packets

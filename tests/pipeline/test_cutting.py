@@ -116,6 +116,8 @@ def test_clip_memory_is_reused_only_once_nothing_references_it() -> None:
     assert address(pool.empty((3, 4, 5, 3))) == first  # all released: reused again
     big = [pool.empty((10, 4, 5, 3)) for _ in range(3)]  # none free: new owners, at most `keep` kept
     assert len(pool.owners) == 2 and len({address(x) for x in big}) == 3
+    with pytest.raises(ValueError, match="keep=0"):
+        ArrayPool(keep=0)
 
 
 def test_clips_held_by_the_caller_are_never_overwritten(sample_clips: dict[str, Path]) -> None:
