@@ -111,11 +111,8 @@ def shrink(src: np.ndarray, dst: np.ndarray) -> None:
 def _i420(planes: list[np.ndarray], height_px: int, width_px: int) -> np.ndarray:
     """Y, U, V planes (any size) shrunk into one I420 array (height_px * 3/2, width_px) uint8."""
     out = np.empty((height_px * 3 // 2, width_px), np.uint8)  # I420: Y, then U, then V
-    ch, cw, q = height_px // 2, width_px // 2, height_px * width_px // 4
-    chroma = out[height_px:].reshape(-1)
-    shrink(planes[0], out[:height_px])
-    for k in (1, 2):
-        shrink(planes[k], chroma[(k - 1) * q : k * q].reshape(ch, cw))
+    for src, dst in zip(planes, _split_i420(out)):  # views: shrink writes into `out`
+        shrink(src, dst)
     return out
 
 
@@ -163,12 +160,15 @@ class Picture:
         ys, xs = self._window_box()
         return ys[1] - ys[0], xs[1] - xs[0]
 
-    def _window_box(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _display_size(self) -> tuple[int, int]:
+        """(height, width) of the whole frame as displayed (upright)."""
         if self.pixels is not None:
-            dh, dw = self.pixels.shape[:2]
-        else:
-            h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]
-            dh, dw = (w, h) if self.rotation_cw in (90, 270) else (h, w)  # display size
+            return self.pixels.shape[:2]
+        # the coded <-> display swap of a quarter turn is its own inverse
+        return _coded_size(self.i420.shape[0] * 2 // 3, self.i420.shape[1], self.rotation_cw)
+
+    def _window_box(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        dh, dw = self._display_size()
         ys, xs = self.window
         return ys.indices(dh)[:2], xs.indices(dw)[:2]
 
@@ -184,8 +184,8 @@ class Picture:
             rgb = self.rgb()
         else:
             (top, bottom), (left, right) = self._window_box()
-            h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]
-            dh, dw = (w, h) if self.rotation_cw in (90, 270) else (h, w)
+            h, w = self.i420.shape[0] * 2 // 3, self.i420.shape[1]  # coded
+            dh, dw = self._display_size()
             s = min(1.0, width_px / (right - left))
             sh, sw = max(2, round(h * s / 2) * 2), max(2, round(w * s / 2) * 2)  # even: 4:2:0 planes
             small = self.i420 if (sh, sw) == (h, w) else _i420(_split_i420(self.i420), sh, sw)
