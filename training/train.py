@@ -93,7 +93,12 @@ def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float = 0.
             if found:
                 message = storage.read_bytes(marker_uri).decode()
                 ray.shutdown()  # stops the workers and Ray Train's retries
-                sys.exit(f"error: {message}")
+                # Leave at once, as leave_after_interrupt does: with sys.exit the fit thread, still
+                # unwinding Ray Train, could print after the error (CI once saw Ray's "... start will
+                # fail" line there), and the error must stay the run's last line.
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(1)
     except KeyboardInterrupt:  # Ctrl-C / SIGINT: fit() in its thread would not see it
         leave_after_interrupt(ray.shutdown)
     if "error" in done:
