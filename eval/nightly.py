@@ -45,7 +45,7 @@ from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
 from pipeline.version import code_version
 from training import checkpoint as ckpt
-from training.metrics import read_metrics
+from training.runlog import MetricsDigest
 
 log = get_logger("eval.nightly")
 
@@ -144,7 +144,7 @@ def _read_optional(uri: str) -> bytes | None:
 def write_report(run_uri: str, cfg: NightlyConfig, plan: EvalPlan, manifest: dict[str, Any],
                  history: list[dict[str, Any]], evaluated: list[str], errors: list[str]) -> str:
     """Gather everything the report shows, render it, write RUN/eval/report.html; returns its URI."""
-    metrics = read_metrics(run_uri)
+    metrics = MetricsDigest.of_run(run_uri)  # bounded memory however long the run
     current = [r for r in history if r["eval_sha256"] == plan.eval_sha256]
     strips = {r["samples_uri"]: s for r in current if (s := _read_optional(storage.join(r["samples_uri"], STRIP_FILE)))}
     reals_dir = storage.join(run_uri, EVAL_DIR, "samples", f"reals-{plan.eval_sha256[:8]}")

@@ -16,6 +16,7 @@ from typing import Any
 from eval import plots
 from pipeline.inspect import CARD_CSS, card_html
 from pipeline.pages import CSS, JPEG, RANDOM_INIT, badge_random_init, esc, fmt, img, kv_table, table
+from training.runlog import MetricsDigest
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ReportData:
     generated_at: str
     eval_sha256: str  # the current eval set; rows of other sets are listed but not plotted
     history: list[dict[str, Any]]
-    metrics: list[dict[str, Any]]  # training metrics.jsonl rows
+    metrics: MetricsDigest  # the training run log's rows, thinned
     card: dict[str, Any]  # pipeline.datacard.data_card
     plan: dict[str, Any]  # num_frames, reals_split, held_out, reals (clip ids), videos (prompt/seed/size)
     fingerprints: dict[str, Any]  # run-level: data, models, detector, eval config, code versions
@@ -104,11 +105,11 @@ def _trends(current: list[dict[str, Any]]) -> str:
 
 
 def _loss(d: ReportData, current: list[dict[str, Any]]) -> str:
-    if not d.metrics:
-        return "<h2>Training loss</h2><p>No metrics.jsonl in the run dir.</p>"
-    png = plots.loss_plot(d.metrics, sorted({r["steps_done"] for r in current}))
-    last = d.metrics[-1]
-    info = kv_table([("steps logged", len(d.metrics)), ("last loss", fmt(last.get("loss"), 4)),
+    if not d.metrics.num_rows:
+        return "<h2>Training loss</h2><p>No training metrics in the run dir.</p>"
+    png = plots.loss_plot(d.metrics.points, sorted({r["steps_done"] for r in current}))
+    last = d.metrics.last
+    info = kv_table([("steps logged", d.metrics.num_rows), ("last loss", fmt(last.get("loss"), 4)),
                      ("last tokens/s", fmt(last.get("tokens_per_s"), 0))])
     return f"<h2>Training loss</h2><figure>{img(png, 'training loss')}</figure>{info}"
 

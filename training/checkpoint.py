@@ -161,11 +161,6 @@ def load_weights(checkpoint_uri: str) -> tuple[TrainerState, dict[str, torch.Ten
         return state, load_file(path)
 
 
-def keep_rows_before(lines: list[str], steps_done: int) -> list[str]:
-    """JSON lines of steps < steps_done: a resumed run drops the rows it is about to redo."""
-    return [line for line in lines if line.strip() and json.loads(line)["step"] < steps_done]
-
-
 def to_universal(deepspeed_dir: str, out_dir: str) -> str:
     """Convert a checkpoint's DeepSpeed part to DeepSpeed's universal format; returns the load tag.
 

@@ -44,15 +44,9 @@ from training.clipreads import ClipReads
 from training.data import Loader, LoaderState, Prefetcher, Step, check_fingerprint
 from training.ema import EMA, gather
 from training.index import DATA_ERRORS, DataError, ShardIndex
-from training.metrics import (
-    RunLog,
-    StepClock,
-    mfu,
-    peak_memory_gb,
-    peak_tflops,
-    read_later,
-)
+from training.metrics import StepClock, mfu, peak_memory_gb, peak_tflops, read_later
 from training.packing import PackedBatch, pack, to_device
+from training.runlog import RunLog
 from training.settings import TrainConfig
 
 log = get_logger("training")
@@ -346,7 +340,7 @@ def _train(config: dict[str, Any]) -> None:
                 save_checkpoint(step, report)
             elif done % cfg.run.log_every == 0:
                 # A barrier over all workers (each must call it equally often) costing ~1-2 s on
-                # local Ray, hence only every log_every steps; metrics.jsonl has every step.
+                # local Ray, hence only every log_every steps; the run log has every step.
                 ray.train.report(report)
             if rank == 0 and (done % cfg.run.log_every == 0 or done == cfg.run.max_steps):
                 log.info(progress_line(row, cfg.run.max_steps, time.perf_counter() - t_start, done - steps_done))

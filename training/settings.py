@@ -169,12 +169,12 @@ class ScalingConfig:
 class RunConfig:
     """Where the run writes and how long it goes."""
 
-    # metrics.jsonl, clips.jsonl, tensorboard/, config.yaml, summary.json, checkpoint-NNNNNNNN/.
+    # metrics/, clips/ (training/runlog.py), tensorboard/, config.yaml, summary.json, checkpoint-NNNNNNNN/.
     # Relaunching with the same dir resumes from its latest checkpoint. A local path or a
     # pyarrow.fs URI (s3://, gs://) of storage every node can reach.
     dir: str = "runs/demo/train"
     max_steps: int = 200  # global optimizer steps
-    log_every: int = 10  # progress line every N steps (every step goes to metrics.jsonl)
+    log_every: int = 10  # progress line every N steps (every step goes to the run log)
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved); 0: only the last
     keep_checkpoints: int = 3  # older checkpoints are deleted
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
@@ -183,7 +183,7 @@ class RunConfig:
     # torch.compile each DiT block on its own, dynamic shapes (training/parallel.py): fuses the
     # modulation, RoPE and norms; minutes of compiling at start, so off for the CPU demo.
     compile: bool = False
-    log_clip_ids: bool = True  # clips.jsonl: which clips every step trained on (audit, resume checks)
+    log_clip_ids: bool = True  # <dir>/clips/: which clips every step trained on (audit, resume checks)
     tensorboard: bool = True  # event files in <dir>/tensorboard
     peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: known GPUs by name, else none
 

@@ -15,7 +15,7 @@ change; a checkpoint made on other shards (manifest fingerprint) is refused unle
 Plan: parse config → check it against the run dir's saved config and latest checkpoint →
 TorchTrainer(train_loop_per_worker) with one worker per GPU (or CPU slot), checkpoints kept by
 Ray Train, restarts on worker failure → each worker reads the shards itself (training/data.py)
-and trains (training/loop.py) → summary from metrics.jsonl.
+and trains (training/loop.py) → summary from the run log (training/runlog.py).
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from pipeline.manifest import ManifestError, read_manifest
 from pipeline.shards import ShardError
 from training import backbone
 from training import checkpoint as ckpt
+from training import runlog
 from training.data import FingerprintMismatch, check_fingerprint
 from training.index import DataError, check_data
 from training.loop import data_error_uri, train_loop_per_worker
-from training.metrics import read_metrics
 from training.preflight import check_resources
 from training.settings import TrainConfig
 
@@ -203,20 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     if result.error:
         raise result.error
 
-    rows = read_metrics(run_uri)
-    head, tail = rows[:5], rows[-5:]
+    logged = runlog.summarize(run_uri)  # streamed: a long run's log does not fit in memory
     final = ckpt.latest_checkpoint(run_uri)
     model = cfg.model.name if cfg.model.kind == "ditharos" else f"wan:{cfg.model.preset or cfg.model.path}"
     summary = {
         "run_dir": run_uri, "data": cfg.data.uri, "model": model,
-        "workers": s.num_workers, "zero_stage": cfg.optim.zero_stage, "steps": len(rows),
+        "workers": s.num_workers, "zero_stage": cfg.optim.zero_stage, "steps": logged["steps"],
         "resumed_from": latest, "checkpoint": final,
-        "loss_first5": sum(r["loss"] for r in head) / max(1, len(head)),
-        "loss_last5": sum(r["loss"] for r in tail) / max(1, len(tail)),
-        "tokens": sum(r["tokens"] for r in rows),
-        "tokens_per_s": sum(r["tokens"] for r in rows) / max(1e-9, sum(r["step_s"] for r in rows)),
-        "data_wait_fraction": sum(r["data_wait_s"] for r in rows) / max(
-            1e-9, sum(r["data_wait_s"] + r["step_s"] for r in rows)),
+        **{k: logged[k] for k in ("loss_first5", "loss_last5", "tokens", "tokens_per_s", "data_wait_fraction")},
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     storage.write_bytes_atomic(storage.join(run_uri, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())

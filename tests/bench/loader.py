@@ -43,6 +43,7 @@ from training.index import ShardIndex  # noqa: E402
 from training.flops import peak_bf16_tflops, train_step_flops  # noqa: E402
 from training.flow import FlowConfig, flow_loss  # noqa: E402
 from training.model import DIT_MODELS, dit_config  # noqa: E402
+from training.runlog import read_metrics  # noqa: E402
 
 PATCH = (1, 2, 2)
 
@@ -142,7 +143,7 @@ def training_wait(steps: int) -> dict:
         summary = train_main(["--config", str(ROOT / "training/configs/demo.yaml"), "--set", f"data.uri={data}",
                               "--set", f"run.dir={tmp}/train", "--set", f"run.max_steps={steps}",
                               "--set", f"optim.total_steps={steps}", "--set", "run.checkpoint_every=0"])
-        rows = [json.loads(line) for line in (Path(tmp) / "train" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(f"{tmp}/train")
     waits = [r["data_wait_fraction"] for r in rows[1:]]  # step 0 waits for the first build by design
     return {"steps": steps, "data_wait_fraction": summary["data_wait_fraction"],
             "data_wait_fraction_after_first_step": float(np.mean(waits)),

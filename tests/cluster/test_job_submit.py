@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from cluster.local import LocalCluster, running
+from training.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -52,7 +53,7 @@ def test_pipeline_and_training_via_ray_job_submit(tmp_path: Path) -> None:
     assert manifest["random_init"] is True
     assert training.returncode == 0, train_text[-6000:]
     assert "=== DiTharos training summary ===" in training.stdout
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(str(run_dir))
     assert [r["step"] for r in metrics] == list(range(6)) and all(r["workers"] == 2 for r in metrics)
     assert (run_dir / "checkpoint-00000006" / "trainer_state.json").is_file()
     assert not running(ours), "down() left processes of the cluster running"

@@ -4,12 +4,11 @@ cluster/local.py's harness: a head that runs no tasks and two 1-CPU worker nodes
 of the 2 training workers sits on its own node. The training driver runs on the head via
 `ray job submit`; the test SIGKILLs every process of one worker node (a machine lost), adds a
 replacement node as an autoscaler would, and checks the job finishes with every step trained
-exactly once in metrics.jsonl.
+exactly once in the run's metrics log.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local import LocalCluster
+from training.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -48,8 +48,7 @@ def test_training_survives_a_lost_worker_node(demo_data: Path, tmp_path: Path) -
         killed_at = None
         deadline = time.monotonic() + 600
         while killed_at is None and job.poll() is None and time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            done = len(read_metrics(str(run_dir)))
             if done >= 6:  # past the step-4 checkpoint
                 killed_at = done
                 cluster.kill_worker("worker-2")
@@ -65,7 +64,7 @@ def test_training_survives_a_lost_worker_node(demo_data: Path, tmp_path: Path) -
     text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text())
     assert "=== DiTharos training summary ===" in text
     assert "resumed from" in text, text[-4000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(str(run_dir))
     assert [r["step"] for r in metrics] == list(range(steps))  # each step once: none lost, none twice
     assert all(r["workers"] == 2 for r in metrics)
     assert (run_dir / f"checkpoint-{steps:08d}" / "trainer_state.json").is_file()

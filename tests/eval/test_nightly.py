@@ -13,6 +13,7 @@ from eval.history import append_rows, history_key, pending_checkpoints, read_his
 from eval.plan import PlanError, RealClip, choose_num_frames, choose_reals, plan_videos
 from eval.weights import CONVERTED_SHA256
 from training import checkpoint as ckpt
+from training.runlog import RunLog
 from tests.browser import render
 from tests.training.test_sample import decode_mp4, make_checkpoint
 
@@ -99,8 +100,10 @@ def tiny_run(demo_pipeline_output: Path, tmp_path_factory: pytest.TempPathFactor
     run = root / "run"
     for steps in (2, 4):
         make_checkpoint(run, demo_pipeline_output, steps, seed=steps)
-    rows = [{"step": s, "epoch": 0, "loss": 1.0 / (1 + s), "lr": 1e-3} for s in range(4)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = RunLog(str(run), steps_done=0, tensorboard=False)
+    for s in range(4):
+        log.write({"step": s, "epoch": 0, "loss": 1.0 / (1 + s), "lr": 1e-3})
+    log.close()
     return run
 
 
@@ -144,6 +147,7 @@ def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) ->
     report = (tiny_run / "eval" / "report.html").read_text()
     assert "checkpoint-00000002" in report and "checkpoint-00000004" in report
     assert "random-init" in report and "Reals are not held out" in report
+    assert "steps logged" in report and "No training metrics" not in report  # the run log was read
     # What a reader's browser makes of it: no console errors, every image decodes, a screenshot kept.
     page = render(tiny_run / "eval" / "report.html", "nightly-report")
     assert page.console_errors == [] and page.broken_images == [], page

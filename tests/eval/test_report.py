@@ -16,6 +16,7 @@ from pipeline.config import to_dict
 from pipeline.datacard import SCORE_AXES, bin_counts, bin_edges
 from pipeline.filters import FilterConfig
 from tests.browser import render
+from training.runlog import MetricsDigest
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 SHA = {"data": "d" * 64, "ckpt2": "a" * 64, "ckpt4": "b" * 64, "clip": "c" * 64, "vae": "e" * 64,
@@ -103,7 +104,9 @@ def data() -> ReportData:
                     "CLIP (text encoder + captions)": {"arch": "tiny", "weights": "random-init",
                                                        "weights_sha256": SHA["clip"]},
                     "VAE": {"class": "AutoencoderKL", "weights": "random-init", "weights_sha256": SHA["vae"]}}
-    metrics = [{"step": s, "loss": 1.0 / (1 + s), "lr": 1e-3} for s in range(6)]
+    metrics = MetricsDigest()
+    for s in range(6):
+        metrics.add({"step": s, "loss": 1.0 / (1 + s), "lr": 1e-3})
     return ReportData(run_uri="/runs/x", generated_at="2026-11-21T02:10:00+00:00", eval_sha256=SHA["eval"],
                       history=history, metrics=metrics, card=card, plan=plan, fingerprints=fingerprints,
                       config_yaml="sampling:\n  steps: 8\n", strips={history[1]["samples_uri"]: strip},
@@ -161,9 +164,9 @@ def test_report_shows_metrics_labels_and_fingerprints(parsed: tuple[str, Checker
 
 
 def test_report_without_history_or_metrics(data: ReportData) -> None:
-    empty = ReportData(**{**data.__dict__, "history": [], "metrics": [], "strips": {}, "evaluated_now": []})
+    empty = ReportData(**{**data.__dict__, "history": [], "metrics": MetricsDigest(), "strips": {}, "evaluated_now": []})
     page = render_report(empty)
-    assert "No evaluated checkpoints yet" in page and "No metrics.jsonl" in page
+    assert "No evaluated checkpoints yet" in page and "No training metrics" in page
 
 
 def test_strips_and_smoothing() -> None:

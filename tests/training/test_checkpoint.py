@@ -1,4 +1,5 @@
-"""training/checkpoint.py and training/metrics.py: the plain pieces of checkpointing and metrics."""
+"""training/checkpoint.py and training/metrics.py: the plain pieces of checkpointing and metrics
+(the run log: test_runlog.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from pipeline.config import from_dict, to_dict
 from training import checkpoint as ckpt
 from training.data import LoaderState
-from training.metrics import RunLog, mfu, peak_memory_gb, peak_tflops
+from training.metrics import mfu, peak_memory_gb, peak_tflops
 from training.settings import TrainConfig
 
 
@@ -73,12 +74,6 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes() -> None:
     assert ckpt.resume_changes(saved, to_dict(TrainConfig()))[0] == ["model.kind", "model.path", "model.preset"]
 
 
-def test_keep_rows_before() -> None:
-    lines = [json.dumps({"step": i}) for i in (0, 1, 2, 3, 2)] + [""]
-    assert ckpt.keep_rows_before(lines, 2) == lines[:2]
-    assert ckpt.keep_rows_before(lines, 0) == []
-
-
 def test_weights_round_trip(tmp_path: Path) -> None:
     (tmp_path / ckpt.STATE_FILE).write_text(state().to_json())
     tensors = {"a.weight": torch.randn(3, 4, dtype=torch.float64), "b": torch.arange(5.0)}
@@ -99,20 +94,6 @@ def test_mfu_and_peaks() -> None:
     assert [peak_bf16_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
                                           "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB",
                                           "NVIDIA GeForce RTX 4090")] == [989.0, 756.0, 835.0, 989.0, 835.0, 312.0, None]
-
-
-def test_runlog_resume_drops_redone_rows(tmp_path: Path) -> None:
-    log = RunLog(str(tmp_path), steps_done=0, tensorboard=False)
-    for step in range(5):
-        log.write({"step": step, "epoch": 0, "loss": 1.0}, clip_ids=[f"c{step}"])
-    log.close()
-    again = RunLog(str(tmp_path), steps_done=3, tensorboard=False)  # resumed at step 3
-    again.write({"step": 3, "epoch": 0, "loss": 0.5}, clip_ids=["c3"])
-    again.close()
-    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    clips = [json.loads(x) for x in (tmp_path / "clips.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in metrics] == [0, 1, 2, 3] and metrics[-1]["loss"] == 0.5
-    assert [r["clip_ids"] for r in clips] == [["c0"], ["c1"], ["c2"], ["c3"]]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -22,6 +22,9 @@ import pytest
 import torch
 import yaml
 
+from tests.training.test_runlog import tensorboard_scalars
+from training.runlog import CLIPS, METRICS, iter_rows
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +45,8 @@ def train(data: Path, run_dir: Path, *overrides: str) -> dict:
     return main(args)
 
 
-def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+def rows(run_dir: Path, kind: str = METRICS) -> list[dict]:
+    return list(iter_rows(str(run_dir), kind))
 
 
 def resume_two_ways(data: Path, tmp_path: Path, *settings: str) -> tuple[Path, Path, Path]:
@@ -67,24 +70,6 @@ def resume_two_ways(data: Path, tmp_path: Path, *settings: str) -> tuple[Path, P
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     return whole, split, one
-
-
-def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
-    """tag → {step: value} from TensorBoard event files (TFRecord framing + tensorboardX's Event proto)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = Event.FromString(data[pos + 12:pos + 12 + n])  # skip the length's CRC
-            pos += 12 + n + 4
-            for v in event.summary.value:
-                out.setdefault(v.tag, {})[event.step] = v.simple_value
-    return out
 
 
 def test_zero2_on_demo_shards_loss_decreases(demo_data: Path, tmp_path: Path) -> None:
@@ -131,8 +116,8 @@ def test_zero2_on_demo_shards_loss_decreases(demo_data: Path, tmp_path: Path) ->
     # TensorBoard events with our scalars.
     tb = tensorboard_scalars(run_dir / "tensorboard")
     assert sorted(tb["train/loss"]) == list(range(steps))
-    # clips.jsonl: epoch 0 trains every clip exactly once.
-    clips = rows(run_dir, "clips.jsonl")
+    # Clip ids: epoch 0 trains every clip exactly once.
+    clips = rows(run_dir, CLIPS)
     epoch0 = [c for r in clips if r["epoch"] == 0 for c in r["clip_ids"]]
     assert len(epoch0) == len(set(epoch0)) == 12
 
@@ -154,13 +139,13 @@ def test_resume_is_exact_and_elastic(demo_data: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in got] == list(range(10))  # rows of redone steps are not duplicated
     for a, b in zip(ref, got):
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
-    assert rows(split, "clips.jsonl") == rows(whole, "clips.jsonl")
+    assert rows(split, CLIPS) == rows(whole, CLIPS)
 
     # Elastic: 1 worker continues the 2-worker run on exactly the next clips.
     train(demo_data, one_worker, "run.max_steps=10", "scaling.num_workers=1", *common)
     got1 = rows(one_worker)
     assert [r["workers"] for r in got1] == [2] * 6 + [1] * 4
-    clips_ref, clips1 = rows(whole, "clips.jsonl"), rows(one_worker, "clips.jsonl")
+    clips_ref, clips1 = rows(whole, CLIPS), rows(one_worker, CLIPS)
     assert clips1 == clips_ref
     by_epoch: dict[int, list[str]] = {}
     for r in clips1:
@@ -264,8 +249,7 @@ def test_killed_worker_restores_from_checkpoint(demo_data: Path, tmp_path: Path)
     try:
         deadline = time.monotonic() + 300
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            done = len(rows(run_dir))
             pid = _rank_pid(log_path.read_text(), rank=1)
             if done >= 6 and pid is not None:  # past the step-4 checkpoint, before the end
                 worker = psutil.Process(pid)
@@ -336,7 +320,7 @@ def test_data_errors_in_workers_stop_the_run_once_with_one_line(demo_data: Path,
     assert re.match(r"error: .*shards/.*\.arrow row \d+ \(clip .*\): latents hold NaN or inf", last), text[-3000:]
     # One worker group (2 workers) ran: a restart would start new worker processes.
     assert 1 <= len(set(re.findall(r"RayTrainWorker pid=(\d+)", text))) <= 2, text[-3000:]
-    assert not (run_dir / "metrics.jsonl").exists()
+    assert rows(run_dir) == []
     # With --verify the same shards fail their recorded checksum first.
     run2 = tmp_path / "run2"
     assert finish(launch(data, run2, "run.max_steps=3", extra=("--verify",)), 300) == 1
@@ -357,10 +341,8 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_resumes(demo_data: Path, tmp_path: 
     run_dir = tmp_path / "run"
     common = ("run.checkpoint_every=2", "optim.total_steps=40", "run.log_every=1")
     proc = launch(demo_data, run_dir, "run.max_steps=40", *common)
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while proc.poll() is None and time.monotonic() < deadline and len(rows(run_dir)) < 3:
         time.sleep(0.1)
     assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
