@@ -65,13 +65,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float = 0.5) -> Any:
+def fit_or_data_error(trainer: TorchTrainer, marker_uri: str, poll_s: float | None = None) -> Any:
     """trainer.fit(), unless a worker reports a data error first: then stop Ray and exit with it.
 
     Ray Train restarts a failed worker group up to run.max_failures times whatever the error;
     damaged data fails identically each time, so the workers leave the error at `marker_uri`
-    (training.loop.train_loop_per_worker) and this stops the run on it (one storage HEAD per poll).
+    (training.loop.train_loop_per_worker) and this stops the run on it. Each poll is one stat —
+    on S3 a HEAD and a LIST (pyarrow's check for a missing key): every 0.5 s that is ~10M
+    requests over a month-long run, so object stores are polled every 5 s (restarting a worker
+    group takes longer than that anyway).
     """
+    if poll_s is None:
+        poll_s = 0.5 if storage.is_local(marker_uri) else 5.0
     done: dict[str, Any] = {}
 
     def fit() -> None:
