@@ -44,6 +44,9 @@ _NAME = re.compile(r"^checkpoint-(\d{8})$")
 FIXED_ON_RESUME = ("model", "flow", "data.seed", "data.split", "data.token_budget", "data.packs_per_step",
                    "data.shuffle_window_shards", "data.image_fraction",
                    "run.seed", "optim.zero_stage")
+# ... except these: the same parameters and math through another kernel (a run started with flash-attn
+# may go on where only torch's SDPA is installed).
+FREE_ON_RESUME = ("model.overrides.attn_backend",)
 
 
 def checkpoint_name(steps_done: int) -> str:
@@ -115,7 +118,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key != "model.overrides":
+        if isinstance(v, dict):  # an empty dict adds no keys: {} and absent are the same
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -133,7 +136,8 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
     """
     a, b = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(now)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    refused = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME)]
+    refused = [k for k in changed if k not in FREE_ON_RESUME
+               and any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME)]
     return refused, [k for k in changed if k not in refused]
 
 

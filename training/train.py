@@ -142,7 +142,8 @@ def check_resume(cfg: TrainConfig, run_uri: str) -> str | None:
         refused, allowed = ckpt.resume_changes(saved, to_dict(cfg), to_dict(TrainConfig()))
         if refused:
             sys.exit(f"{run_uri} holds a run whose {', '.join(refused)} differ from this config; these define "
-                     f"the run and cannot change on resume (valid to change: anything else). "
+                     f"the run and cannot change on resume (valid to change: anything else, and "
+                     f"{', '.join(ckpt.FREE_ON_RESUME)}). "
                      f"Use another run.dir to start a new run.")
         if allowed:
             log.info("relaunch of %s with changed settings: %s", run_uri, ", ".join(allowed))

@@ -53,12 +53,17 @@ def test_resume_changes_split_fixed_from_free_keys() -> None:
     assert ckpt.resume_changes(saved, now) == ([], [])
     now["scaling"]["num_workers"] = 1
     now["run"]["max_steps"] = 500
-    now["model"]["overrides"] = {"attn_backend": "sdpa_masked"}
+    now["model"]["overrides"] = {"attn_backend": "sdpa_masked", "depth": 3}
     now["data"]["seed"] = 3
     now["optim"]["zero_stage"] = 3
     refused, allowed = ckpt.resume_changes(saved, now)
-    assert refused == ["data.seed", "model.overrides", "optim.zero_stage"]
-    assert allowed == ["run.max_steps", "scaling.num_workers"]
+    assert refused == ["data.seed", "model.overrides.depth", "optim.zero_stage"]
+    # Another attention kernel over the same weights may resume; so may dropping an override of it.
+    assert allowed == ["model.overrides.attn_backend", "run.max_steps", "scaling.num_workers"]
+    assert ckpt.resume_changes(now, {**now, "model": {**now["model"], "overrides": {"depth": 3}}}) == (
+        [], ["model.overrides.attn_backend"])
+    assert ckpt.resume_changes(now, {**now, "model": {**now["model"], "overrides": {}}})[0] == [
+        "model.overrides.depth"]
 
 
 def test_a_run_saved_before_a_config_key_existed_still_resumes() -> None:
