@@ -149,9 +149,9 @@ def test_training_rayjob_config_loads() -> None:
 
     (job,) = [j for j in _rayjobs() if j["metadata"]["labels"]["ditharos.io/job"] == "train"]
     args = _entrypoint_args(job)
-    assert args[1] == "training/train.py"
+    assert args[1:4] == ["training/train.py", "--config", "training/configs/production.yaml"]
     cfg = load_config(TrainConfig, ROOT / args[args.index("--config") + 1], _overrides(args))
-    assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8 and cfg.model.name == "DiT-XL/2-hd128"
     assert cfg.data.uri == "s3://bucket/ditharos/data" and cfg.run.dir.startswith("s3://bucket/ditharos/")
 
 
