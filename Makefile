@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) tests/bench/packing.py
 	$(PY) tests/bench/loader.py
 	$(PY) tests/bench/fvd.py
+	$(PY) tests/bench/runlog.py
 
 # The prepared GPU check (issue 13; tests/bench/gpu_check.py): production sizes on a CUDA machine,
 # a dry run at tiny sizes elsewhere. It needs only torch + einops + numpy, so it runs with the venv

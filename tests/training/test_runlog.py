@@ -177,3 +177,19 @@ def test_s3_run_dir_uploads_each_segment_once(s3_env: dict, tmp_path: Path) -> N
 def test_segment_names_grow_past_eight_digits() -> None:
     assert runlog.segment_name(METRICS, 123_456_789) == "metrics/123456789.jsonl"
     assert runlog._SEGMENT.match("123456789.jsonl")
+
+
+def test_runlog_bench_uploads_each_byte_once() -> None:
+    """tests/bench/runlog.py at a small size: the uploads over a run equal what is stored (no
+    segment re-uploaded), a late sync uploads only its own interval, a resume reads one segment."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "tests/bench/runlog.py", "--steps", "400", "--checkpoint-every", "50",
+                          "--clip-ids", "16"], cwd=root, capture_output=True, text=True, timeout=300, check=True)
+    figures = json.loads(out.stdout)
+    assert figures["run"]["put_mb"] == pytest.approx(figures["stored_mb"], abs=0.02)
+    assert figures["run"]["put_calls"] == 3 * 8  # metrics, clips, one event file per sync
+    assert figures["last_sync"]["put_mb"] < figures["stored_mb"] / 6
+    assert figures["resume"]["read_calls"] == 2 and figures["resume"]["read_mb"] < figures["stored_mb"] / 6
