@@ -22,14 +22,13 @@ import torch
 
 from eval.clip_score import clip_score_from_embeddings
 from eval.fvd import FVD, Features, frechet_distance, pick_device
-from eval.plan import EvalPlan, decode_reals
+from eval.plan import EvalPlan, decode_reals, open_index
 from eval.settings import NightlyConfig
 from pipeline import storage
 from pipeline.captions import keyframe_indices
 from pipeline.clip_model import ClipModel, load_clip
 from pipeline.logs import get_logger
 from pipeline.manifest import read_manifest
-from training.index import ShardIndex
 from training.sample import load_data_models, load_sampler, write_video
 
 log = get_logger("eval.evaluate")
@@ -196,7 +195,7 @@ def evaluate_reals(plan: EvalPlan, cfg: NightlyConfig, out_uri: str) -> SetResul
     device = pick_device(cfg.compute.device)
     manifest = read_manifest(plan.data_uri)
     data_clip, vae = load_data_models(plan.data_uri, manifest, device)
-    index = ShardIndex.open(plan.data_uri, (1, 1, 1), split=None)
+    index = open_index(plan.data_uri, plan.reals_split)  # the index the plan's RealClip.file points into
     fvd = FVD(cfg.metrics.i3d_weights or None, str(device), cfg.metrics.fvd_batch_size)
     clip = _scorer(cfg, data_clip, device)
     r = cfg.report

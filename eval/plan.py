@@ -6,7 +6,8 @@ size and frame count the generated videos have, through the same decoder: FVD th
 the DiT, not the VAE's reconstruction error (which every generated video shares).
 
 `build_plan` is deterministic given the shards and the config: the eval clips are the first
-`reals.max_clips` usable clips of `reals.split` by clip id; video i is paired with real clip
+`reals.max_clips` usable clips of `reals.split` by clip id (only that split's clip index is
+read, as columns); video i is paired with real clip
 i mod N (its caption is the default prompt, its size the default size) and drawn with seed + i.
 """
 
@@ -15,18 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from eval.fvd import MIN_FRAMES
 from eval.settings import EVAL_SECTIONS, NightlyConfig
 from pipeline.config import to_dict
+from pipeline.manifest import index_dataset, read_manifest
 from pipeline.vae import VideoVAE
 from training.index import ClipRef, ShardIndex
 from training.sample import read_prompts_file
+
+
+ALL = "all"  # EvalPlan.reals_split when the reals were drawn from every split
 
 
 class PlanError(ValueError):
@@ -87,50 +94,82 @@ class EvalPlan:
 # ---------------------------------------------------------------------------
 
 
-def list_clips(index: ShardIndex) -> list[RealClip]:
-    """Every clip with the scalar columns eval needs, sorted by clip id: from the clip index
-    (opened with `scalars=True`), no shard is opened."""
+def open_index(data_uri: str, reals_split: str, scalars: bool = False) -> ShardIndex:
+    """The clip index of one split ("all": every clip), shards closed: RealClip.file points into
+    this index's files, so the plan and the eval tasks open it the same way. One split is what
+    keeps this small — the held-out split is ~1% of a 100M-clip corpus."""
+    # patch (1, 1, 1): every latent shape fits
+    return ShardIndex.open(data_uri, (1, 1, 1), split=None if reals_split == ALL else reals_split, scalars=scalars)
+
+
+def real_clips(index: ShardIndex, positions: Sequence[int]) -> list[RealClip]:
+    """The clips at `positions` of an index opened with `scalars=True`, from its columns alone."""
     if index.scalars is None:
-        raise ValueError("list_clips needs ShardIndex.open(..., scalars=True)")
-    col = {k: index.scalars.column(k).to_pylist() for k in ("split", "caption", "width_px", "height_px", "num_frames")}
-    return [RealClip(c.clip_id, col["split"][i], c.bucket, c.file, c.row, col["caption"][i], col["width_px"][i],
-                     col["height_px"][i], col["num_frames"][i]) for i, c in enumerate(index.clips)]
+        raise ValueError("real_clips needs ShardIndex.open(..., scalars=True)")
+    at = pa.array(np.asarray(positions, np.int64), pa.int64())
+    col = {k: index.scalars.column(k).take(at).to_pylist()
+           for k in ("split", "caption", "width_px", "height_px", "num_frames")}
+    out = []
+    for i, position in enumerate(positions):
+        c = index.clips[int(position)]
+        out.append(RealClip(c.clip_id, col["split"][i], c.bucket, c.file, c.row, col["caption"][i],
+                            col["width_px"][i], col["height_px"][i], col["num_frames"][i]))
+    return out
 
 
-def choose_num_frames(clips: list[RealClip]) -> int:
-    """The most common frame count >= FVD's minimum (ties: the longer)."""
-    counts = Counter(c.num_frames for c in clips if c.num_frames >= MIN_FRAMES)
-    if not counts:
+def choose_num_frames(num_frames: np.ndarray) -> int:
+    """The most common frame count >= FVD's minimum (ties: the longer), of clips' frame counts."""
+    values, counts = np.unique(np.asarray(num_frames, np.int64), return_counts=True)
+    keep = values >= MIN_FRAMES
+    if not keep.any():
         raise PlanError(f"no clip has >= {MIN_FRAMES} frames (FVD's minimum); "
-                        f"frame counts present: {sorted({c.num_frames for c in clips})}")
-    return max(counts, key=lambda n: (counts[n], n))
+                        f"frame counts present: {values.tolist()}")
+    values, counts = values[keep], counts[keep]
+    return int(values[np.lexsort((values, counts))[-1]])
 
 
-def choose_reals(clips: list[RealClip], split: str, allow_train: bool, max_clips: int,
-                 num_frames: int) -> tuple[list[RealClip], int, bool]:
-    """(eval clips, frames per video, held out?) from all clips of the shards.
+def usable(num_frames: np.ndarray, max_clips: int, frames: int) -> tuple[np.ndarray, int] | None:
+    """(positions, frames): the first `max_clips` (0: all) clips of a pool with >= `frames` frames
+    (0: `choose_num_frames` of the pool); None when fewer than 2 (FVD fits a covariance)."""
+    try:
+        frames = frames or choose_num_frames(num_frames)
+    except PlanError:
+        return None
+    positions = np.flatnonzero(np.asarray(num_frames) >= frames)
+    if len(positions) < 2:
+        return None
+    return (positions[:max_clips] if max_clips else positions), frames
 
-    Clips with at least `num_frames` frames (0: `choose_num_frames` of the split) are usable;
-    at least 2 are needed (FVD fits a covariance). Falls back to every split only if allowed.
+
+def choose_reals(data_uri: str, split: str, allow_train: bool, max_clips: int,
+                 num_frames: int) -> tuple[list[RealClip], int, str]:
+    """(eval clips, frames per video, the split they come from: `split`, or "all" after the
+    allow_train fallback) — the first usable clips by clip id.
+
+    Only `split`'s index is read (Arrow columns; RealClips made for the chosen clips only), and
+    every clip's only when falling back to all splits is allowed (small and demo data).
     """
-    held = [c for c in clips if c.split == split]
-    for pool, held_out in ((held, True), (clips, False)):
-        if not held_out and not allow_train:
+    for pool in (split, ALL):
+        if pool == ALL and not allow_train:
             break
-        if not pool:
-            continue
-        try:
-            frames = num_frames or choose_num_frames(pool)
-        except PlanError:
-            continue
-        usable = [c for c in pool if c.num_frames >= frames]
-        if len(usable) >= 2:
-            return (usable[:max_clips] if max_clips else usable), frames, held_out
-    splits = dict(Counter(c.split for c in clips))
+        index = open_index(data_uri, pool, scalars=True)
+        found = usable(index.num_frames, max_clips, num_frames)
+        if found is not None:
+            positions, frames = found
+            return real_clips(index, positions), frames, pool
     hint = ("" if allow_train else " or set reals.allow_train=true (reals then include training clips)")
     raise PlanError(f"need >= 2 clips of split {split!r} with >= {num_frames or MIN_FRAMES} frames for FVD; the "
-                    f"shards have {splits} clips by split. Hold out more sources (pipeline "
+                    f"shards have {split_counts(data_uri)} clips by split. Hold out more sources (pipeline "
                     f"--set output.val_fraction=0.1){hint}")
+
+
+def split_counts(data_uri: str) -> dict[str, int]:
+    """Clips per split, streamed from the clip index (one column, record batch by record batch)."""
+    counts: Counter[str] = Counter()
+    for batch in index_dataset(data_uri, read_manifest(data_uri)).to_batches(columns=["split"]):
+        found = pc.value_counts(batch.column(0))
+        counts.update(dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist())))
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))}
 
 
 def plan_videos(reals: list[RealClip], prompts: list[str], seed: int, num_videos: int, width_px: int,
@@ -149,11 +188,9 @@ def plan_videos(reals: list[RealClip], prompts: list[str], seed: int, num_videos
 
 def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
     """Read the clip index's scalar columns (shards stay closed) and fix the night's eval set."""
-    # patch (1, 1, 1): every latent shape fits
-    index = ShardIndex.open(data_uri, (1, 1, 1), split=None, scalars=True)
-    clips = list_clips(index)
     r = cfg.reals
-    reals, frames, held_out = choose_reals(clips, r.split, r.allow_train, r.max_clips, r.num_frames)
+    reals, frames, reals_split = choose_reals(data_uri, r.split, r.allow_train, r.max_clips, r.num_frames)
+    held_out = reals_split != ALL
     prompts = list(cfg.prompts.prompts) or (read_prompts_file(cfg.prompts.file) if cfg.prompts.file else [])
     s = cfg.sampling
     videos = plan_videos(reals, prompts, cfg.prompts.seed, cfg.prompts.num_videos, s.width_px, s.height_px, frames)
@@ -161,11 +198,11 @@ def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
         raise PlanError(f"{len(videos)} video(s) planned; FVD needs >= 2 (set prompts.num_videos)")
     defining = {k: to_dict(getattr(cfg, k)) for k in EVAL_SECTIONS}
     defining["metrics"].pop("fvd_batch_size")  # batching does not change the numbers
-    defining["plan"] = {"data_sha256": index.fingerprint, "num_frames": frames,
+    fingerprint = read_manifest(data_uri)["fingerprint"]["data_sha256"]
+    defining["plan"] = {"data_sha256": fingerprint, "num_frames": frames,
                         "reals": [c.clip_id for c in reals], "videos": [asdict(v) for v in videos]}
     sha = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
-    split = r.split if held_out else "all"
-    return EvalPlan(index.data_uri, index.fingerprint, reals, videos, frames, split, held_out, sha)
+    return EvalPlan(data_uri, fingerprint, reals, videos, frames, reals_split, held_out, sha)
 
 
 def read_latents(index: ShardIndex, clip: RealClip) -> torch.Tensor:
@@ -180,5 +217,5 @@ def decode_reals(index: ShardIndex, vae: VideoVAE, reals: list[RealClip], num_fr
         yield np.ascontiguousarray(video[:num_frames])
 
 
-__all__ = ["EvalPlan", "PlanError", "RealClip", "VideoSpec", "build_plan", "choose_num_frames", "choose_reals",
-           "decode_reals", "list_clips", "plan_videos", "read_latents"]
+__all__ = ["ALL", "EvalPlan", "PlanError", "RealClip", "VideoSpec", "build_plan", "choose_num_frames", "choose_reals",
+           "decode_reals", "open_index", "plan_videos", "read_latents", "real_clips", "split_counts", "usable"]

@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import torch
 
 from pipeline import storage
-from pipeline.manifest import ManifestError, index_dataset, read_index, read_manifest
+from pipeline.manifest import INDEX_SCHEMA, ManifestError, index_dataset, read_manifest
 from pipeline.shards import REDO, RowReader, ShardError, as_float32, missing_shard, read_shard, resized_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
@@ -129,40 +129,33 @@ class ShardIndex:
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
         remote = not storage.is_local(data_uri)
-        columns = ["clip_id", "bucket", "shard", "row", "num_frames"] + (
-            [c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
+        extra = ([c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
             ["batch_offset", "batch_bytes"] if remote else [])
-        table = read_index(data_uri, manifest, columns, split=split).sort_by([("clip_id", "ascending")])
-        ids = table["clip_id"].cast(pa.large_string()).combine_chunks()  # > 2 GiB of ids past ~48M clips
+        cols = _read_columns(data_uri, manifest, split, index.bucket_names, extra)
+        # Sorted by clip_id: the order every worker agrees on. Each column is taken in that order
+        # on its own, so the peak holds the ids twice, not the whole index.
+        order = pc.sort_indices(cols.ids)
+        ids = cols.ids.take(order).combine_chunks()
+        cols.ids = None
         same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
         if pc.any(same).as_py():
             first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
             raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
         index.clip_ids = ids
-        codes = pc.index_in(table["bucket"], value_set=pa.array(index.bucket_names, pa.string()))
-        if codes.null_count:
-            raise ShardError(f"{data_uri}: the clip index names bucket(s) the manifest does not, e.g. "
-                             f"{table['bucket'].filter(pc.is_null(codes))[0].as_py()!r}")
-        index.bucket_code = codes.to_numpy().astype(np.int32)
+        at = order.to_numpy()
+        index.bucket_code = cols.bucket_code[at]
         index.num_tokens = tokens[index.bucket_code]
-        index.num_frames = table["num_frames"].to_numpy().astype(np.int64)
-        index.row_of = table["row"].to_numpy().astype(np.int64)
+        index.num_frames = cols.num_frames[at]
+        index.row_of = cols.row[at]
+        index.file_of = cols.file_of[at]
         if remote:
-            index.batch_offset = pc.fill_null(table["batch_offset"], -1).to_numpy().astype(np.int64)
-            index.batch_bytes = pc.fill_null(table["batch_bytes"], 0).to_numpy().astype(np.int64)
-        index._files_from(table["shard"], split)
+            index.batch_offset = cols.extra["batch_offset"][at]
+            index.batch_bytes = cols.extra["batch_bytes"][at]
+        index.files, index.file_bytes, index.file_sha256 = cols.files, cols.file_bytes, cols.file_sha256
         if scalars:
-            index.scalars = table.select(list(SCALAR_COLUMNS))
+            schema = pa.schema([INDEX_SCHEMA.field(c) for c in SCALAR_COLUMNS])
+            index.scalars = pa.Table.from_batches(cols.scalar_batches, schema).take(order)
         return index
-
-    def _files_from(self, shard: pa.ChunkedArray, split: str | None) -> None:
-        """files (sorted), file_of per clip, and each file's committed size and sha256."""
-        names = pc.unique(shard).sort()
-        self.files = names.to_pylist()
-        self.file_of = pc.index_in(shard, value_set=names).to_numpy(zero_copy_only=False).astype(np.int32)
-        committed = per_file(self.data_uri, self.manifest, split, ["shard_bytes", "shard_sha256"])
-        self.file_bytes = [committed[f][0] for f in self.files]
-        self.file_sha256 = [committed[f][1] for f in self.files]
 
     @property
     def clips(self) -> ClipList:
@@ -316,6 +309,78 @@ class ShardIndex:
         latents, text = self._values(clip, ("latents", "text_embedding"))
         return (self._finite(clip, latents), torch.from_numpy(as_float32(text)),
                 torch.ones(text.shape[0], dtype=torch.bool))
+
+
+@dataclass
+class _Columns:
+    """The clip index's columns a ShardIndex keeps, in index order (before sorting by clip_id)."""
+
+    ids: pa.ChunkedArray | None
+    bucket_code: np.ndarray
+    file_of: np.ndarray  # → files, sorted by path
+    row: np.ndarray
+    num_frames: np.ndarray
+    extra: dict[str, np.ndarray]
+    scalar_batches: list[pa.RecordBatch]
+    files: list[str]
+    file_bytes: list[int]
+    file_sha256: list[str]
+
+
+def _read_columns(data_uri: str, manifest: dict[str, Any], split: str | None, bucket_names: list[str],
+                  extra: list[str]) -> _Columns:
+    """One streamed pass over the clip index (record batches): ids and small integer columns per
+    clip, the shard path as a code into the sorted file list, each file's committed size and
+    sha256 — never the index's strings per clip beyond the ids (a shard path is ~60 bytes; 6 GB
+    at 100M clips)."""
+    numeric = [c for c in extra if c in ("batch_offset", "batch_bytes")]
+    scalar = [c for c in extra if c not in numeric]
+    columns = ["clip_id", "bucket", "shard", "row", "num_frames", "shard_bytes", "shard_sha256", *extra]
+    flt = (pads.field("split") == split) if split is not None else None
+    buckets = pa.array(bucket_names, pa.string())
+    code_of: dict[str, int] = {}  # shard path → code, in order of first appearance
+    committed: list[tuple[int, str]] = []
+    ids, bucket, files, rows, frames, scalars = [], [], [], [], [], []
+    more: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
+    for batch in index_dataset(data_uri, manifest).to_batches(columns=columns, filter=flt):
+        if not batch.num_rows:
+            continue
+        codes = pc.index_in(batch["bucket"], value_set=buckets)
+        if codes.null_count:
+            raise ShardError(f"{data_uri}: the clip index names bucket(s) the manifest does not, e.g. "
+                             f"{batch['bucket'].filter(pc.is_null(codes))[0].as_py()!r}")
+        paths, first, inverse = np.unique(batch["shard"].to_numpy(zero_copy_only=False), return_index=True,
+                                          return_inverse=True)
+        shard_bytes, shard_sha = batch["shard_bytes"].to_numpy(), batch["shard_sha256"]
+        batch_codes = np.empty(len(paths), np.int32)
+        for i, (path, row) in enumerate(zip(paths.tolist(), first.tolist())):
+            if path not in code_of:
+                code_of[path] = len(code_of)
+                committed.append((int(shard_bytes[row]), shard_sha[row].as_py()))
+            batch_codes[i] = code_of[path]
+        ids.append(batch["clip_id"].cast(pa.large_string()))  # > 2 GiB of ids past ~48M clips
+        bucket.append(codes.to_numpy().astype(np.int32))
+        files.append(batch_codes[inverse.reshape(-1)])
+        rows.append(batch["row"].to_numpy().astype(np.int64))
+        frames.append(batch["num_frames"].to_numpy().astype(np.int64))
+        for c in numeric:
+            more[c].append(pc.fill_null(batch[c], -1 if c == "batch_offset" else 0).to_numpy().astype(np.int64))
+        if scalar:
+            scalars.append(batch.select(list(SCALAR_COLUMNS)))
+    names = list(code_of)
+    by_name = sorted(range(len(names)), key=names.__getitem__)
+    sorted_code = np.empty(len(names), np.int32)
+    sorted_code[by_name] = np.arange(len(names), dtype=np.int32)
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    file_codes = cat(files, np.int32)
+    return _Columns(ids=pa.chunked_array(ids, pa.large_string()), bucket_code=cat(bucket, np.int32),
+                    file_of=sorted_code[file_codes] if len(file_codes) else file_codes, row=cat(rows, np.int64),
+                    num_frames=cat(frames, np.int64), extra={c: cat(v, np.int64) for c, v in more.items()},
+                    scalar_batches=scalars, files=[names[i] for i in by_name],
+                    file_bytes=[committed[i][0] for i in by_name], file_sha256=[committed[i][1] for i in by_name])
 
 
 def per_file(data_uri: str, manifest: dict[str, Any], split: str | None, columns: list[str]) -> dict[str, tuple]:

@@ -7,12 +7,17 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eval.history import append_rows, history_key, pending_checkpoints, read_history
-from eval.plan import PlanError, RealClip, choose_num_frames, choose_reals, plan_videos
+from eval.plan import (
+    ALL, PlanError, RealClip, choose_num_frames, choose_reals, open_index, plan_videos, split_counts, usable,
+)
 from eval.weights import CONVERTED_SHA256
+from pipeline.shards import read_shard
 from training import checkpoint as ckpt
+from training.index import ShardIndex
 from training.runlog import RunLog
 from tests.browser import render
 from tests.training.test_sample import decode_mp4, make_checkpoint
@@ -20,33 +25,71 @@ from tests.training.test_sample import decode_mp4, make_checkpoint
 FAST = ["--set", "sampling.steps=2", "--set", "reals.max_clips=3", "--set", "report.strip_videos=2"]
 
 
-def clip(i: int, split: str = "train", frames: int = 17, w: int = 224) -> RealClip:
-    return RealClip(f"c{i:02d}", split, f"b{frames}", 0, i, f"caption {i}", w, 128, frames)
-
-
 # ---------------------------------------------------------------------------
 # The eval set (no Ray, no models)
 # ---------------------------------------------------------------------------
 
 
-def test_reals_are_held_out_clips_when_there_are_enough() -> None:
-    clips = [clip(0, "val"), clip(1, "train"), clip(2, "val", 9), clip(3, "val"), clip(4, "val", 33)]
-    reals, frames, held_out = choose_reals(clips, "val", allow_train=True, max_clips=0, num_frames=0)
-    assert (frames, held_out) == (17, True)
-    assert [c.clip_id for c in reals] == ["c00", "c03", "c04"]  # 33 frames are cut to 17; 9 are too few
-    reals, _, _ = choose_reals(clips, "val", True, max_clips=2, num_frames=0)
-    assert [c.clip_id for c in reals] == ["c00", "c03"]
-
-
-def test_reals_fall_back_to_every_split_only_when_allowed() -> None:
-    clips = [clip(0, "val"), clip(1), clip(2), clip(3, "train", 9)]
-    reals, frames, held_out = choose_reals(clips, "val", allow_train=True, max_clips=0, num_frames=0)
-    assert ([c.clip_id for c in reals], frames, held_out) == (["c00", "c01", "c02"], 17, False)
-    with pytest.raises(PlanError, match=r"need >= 2 clips of split 'val'.*output.val_fraction.*allow_train=true"):
-        choose_reals(clips, "val", allow_train=False, max_clips=0, num_frames=0)
+def test_usable_clips_and_frame_count() -> None:
+    frames = np.array([17, 17, 9, 17, 33])  # clips in clip-id order
+    positions, n = usable(frames, max_clips=0, frames=0)
+    assert (positions.tolist(), n) == ([0, 1, 3, 4], 17)  # 33 frames are cut to 17; 9 are too few
+    assert usable(frames, max_clips=2, frames=0)[0].tolist() == [0, 1]
+    assert usable(frames, max_clips=0, frames=33) is None  # one clip: FVD needs two
     with pytest.raises(PlanError, match=">= 10 frames"):
-        choose_num_frames([clip(0, frames=9), clip(1, frames=1)])
-    assert choose_num_frames([clip(0, frames=17), clip(1, frames=33), clip(2, frames=33), clip(3, frames=9)]) == 33
+        choose_num_frames(np.array([9, 1]))
+    assert choose_num_frames(np.array([17, 33, 33, 9])) == 33
+    assert choose_num_frames(np.array([17, 33, 17, 33])) == 33  # ties: the longer
+
+
+def eval_data(out: Path, frames_by_split: dict[str, list[int]]) -> Path:
+    """Real shards of one bucket whose clips have the given splits and frame counts."""
+    from tests import datasets
+    from tests.pipeline.test_shards import make_columns
+
+    parts = []
+    for part, (split, frames) in enumerate(frames_by_split.items()):
+        cols = make_columns(len(frames), seed=part)
+        cols["latents"] = np.zeros((len(frames), 4, 2, 4, 4), np.float16)
+        cols["clip_id"] = [f"c-{split}-{i:02d}" for i in range(len(frames))]
+        cols["split"], cols["num_frames"] = [split] * len(frames), frames
+        cols["caption"] = [f"{split} caption {i}" for i in range(len(frames))]
+        parts.append(cols)
+    datasets.write_dataset(out, parts, {"code_version": "git:test", "models": {"vae": {"weights": "sha:1"}}})
+    return out
+
+
+def test_reals_are_held_out_clips_read_from_their_split_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = str(eval_data(tmp_path / "d", {"train": [17] * 4, "val": [17, 9, 33, 17]}))
+    opened = []
+    real_open = ShardIndex.open
+    monkeypatch.setattr(ShardIndex, "open", lambda *a, **k: opened.append(k.get("split")) or real_open(*a, **k))
+    reals, frames, split = choose_reals(data, "val", allow_train=True, max_clips=0, num_frames=0)
+    assert opened == ["val"]  # the training clips' index is never read
+    assert (frames, split) == (17, "val") and [c.clip_id for c in reals] == ["c-val-00", "c-val-02", "c-val-03"]
+    assert [(c.caption, c.num_frames, c.split) for c in reals] == [
+        ("val caption 0", 17, "val"), ("val caption 2", 33, "val"), ("val caption 3", 17, "val")]
+    # Each RealClip points at its own row in the index the eval tasks open.
+    index = open_index(data, split)
+    for c in reals:
+        table = read_shard(str(Path(data) / index.files[c.file]))
+        assert table.slice(c.row, 1).column("clip_id")[0].as_py() == c.clip_id
+    reals, _, _ = choose_reals(data, "val", True, max_clips=2, num_frames=0)
+    assert [c.clip_id for c in reals] == ["c-val-00", "c-val-02"]
+
+
+def test_reals_fall_back_to_every_split_only_when_allowed(tmp_path: Path) -> None:
+    data = str(eval_data(tmp_path / "d", {"train": [17, 17, 9], "val": [17]}))
+    reals, frames, split = choose_reals(data, "val", allow_train=True, max_clips=0, num_frames=0)
+    assert ([c.clip_id for c in reals], frames, split) == (["c-train-00", "c-train-01", "c-val-00"], 17, ALL)
+    with pytest.raises(PlanError, match=r"need >= 2 clips of split 'val'.*'train': 3, 'val': 1.*"
+                                        r"output.val_fraction.*allow_train=true"):
+        choose_reals(data, "val", allow_train=False, max_clips=0, num_frames=0)
+    assert split_counts(data) == {"train": 3, "val": 1}
+
+
+def clip(i: int, split: str = "train", frames: int = 17, w: int = 224) -> RealClip:
+    return RealClip(f"c{i:02d}", split, f"b{frames}", 0, i, f"caption {i}", w, 128, frames)
 
 
 def test_videos_pair_with_reals_and_take_seed_plus_index() -> None:

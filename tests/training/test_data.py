@@ -114,10 +114,10 @@ def test_index_lists_clips_sorted_with_token_counts(data_dir: Path, index: Shard
 
 def test_columnar_index_matches_the_shards_and_eval_lists_clips_without_opening_one(data_dir: Path) -> None:
     """Every ClipRef made from the columns points at its own row; eval's real clips come from the index alone."""
-    from eval.plan import list_clips
+    from eval.plan import real_clips
 
     idx = ShardIndex.open(str(data_dir), PATCH, split=None, scalars=True)
-    clips = list_clips(idx)
+    clips = real_clips(idx, range(len(idx.clips)))
     assert idx.opened == 0  # the index said it all
     assert len(clips) == len(idx.clips) == len(idx.clip_ids)
     for ref, real in zip(idx.clips, clips):
@@ -132,7 +132,7 @@ def test_columnar_index_matches_the_shards_and_eval_lists_clips_without_opening_
     small = idx.smallest_clip()
     assert small == min(idx.clips, key=lambda c: (c.num_tokens, c.clip_id))
     with pytest.raises(ValueError, match="scalars=True"):
-        list_clips(ShardIndex.open(str(data_dir), PATCH, split=None))
+        real_clips(ShardIndex.open(str(data_dir), PATCH, split=None), [0])
 
 
 def test_index_naming_an_unknown_bucket_is_refused(tmp_path: Path, data_dir: Path) -> None:
