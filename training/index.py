@@ -342,7 +342,9 @@ def _read_columns(data_uri: str, manifest: dict[str, Any], split: str | None, bu
     committed: list[tuple[int, str]] = []
     ids, bucket, files, rows, frames, scalars = [], [], [], [], [], []
     more: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
-    for batch in index_dataset(data_uri, manifest).to_batches(columns=columns, filter=flt):
+    # One batch decoded at a time: threaded scans decode row groups ahead of the loop and held
+    # ~4x the live memory (220 vs 57 MB at 1M clips), for no faster open (tests/bench/loader_scale.py).
+    for batch in index_dataset(data_uri, manifest).to_batches(columns=columns, filter=flt, use_threads=False):
         if not batch.num_rows:
             continue
         codes = pc.index_in(batch["bucket"], value_set=buckets)
