@@ -155,6 +155,10 @@ class ShardIndex:
         if scalars:
             schema = pa.schema([INDEX_SCHEMA.field(c) for c in SCALAR_COLUMNS])
             index.scalars = pa.Table.from_batches(cols.scalar_batches, schema).take(order)
+        del cols, order
+        # Arrow's allocator keeps the decoded batches' pages for reuse; a worker holds this index
+        # for the whole run, so hand them back (1M clips: +325 -> +200 MB of RSS).
+        pa.default_memory_pool().release_unused()
         return index
 
     @property
