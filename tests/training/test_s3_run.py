@@ -1,7 +1,8 @@
-"""A training run dir on a real object store: pyarrow's S3 client against a local S3 server (moto).
+"""Training on a real object store: pyarrow's S3 client against a local S3 server (moto).
 
-Train with checkpoints, relaunch to resume, sample from the run dir and run the nightly eval on
-it — every write (Ray Train's checkpoint upload, the run log's segments, TensorBoard files,
+The demo shards and the run dir both on `s3://`: train with checkpoints (the workers read each
+clip by one ranged GET), relaunch to resume, sample from the run dir and run the nightly eval
+on it — every write (Ray Train's checkpoint upload, the run log's segments, TensorBoard files,
 summary.json, samples, eval history and report) and every read through `s3://`, the path a
 cluster on AWS takes. Each job is launched as a user launches it (its own local Ray), with the
 S3 settings in its environment so Ray's workers see them too.
@@ -25,6 +26,7 @@ from training.runlog import CLIPS, iter_rows, read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 RUN = "s3://train-runs/demo"
+DATA = "s3://train-data/demo"
 
 
 def job(env: dict[str, str], script: str, *args: str) -> subprocess.CompletedProcess:
@@ -32,8 +34,8 @@ def job(env: dict[str, str], script: str, *args: str) -> subprocess.CompletedPro
                           env={**os.environ, **env, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"})
 
 
-def train(env: dict[str, str], data: Path, steps: int) -> subprocess.CompletedProcess:
-    done = job(env, "training/train.py", "--config", "training/configs/demo.yaml", "--set", f"data.uri={data}",
+def train(env: dict[str, str], steps: int) -> subprocess.CompletedProcess:
+    done = job(env, "training/train.py", "--config", "training/configs/demo.yaml", "--set", f"data.uri={DATA}",
                "--set", f"run.dir={RUN}", "--set", f"run.max_steps={steps}", "--set", "run.checkpoint_every=3",
                "--set", "optim.total_steps=10", "--set", "run.log_every=3")
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
@@ -46,9 +48,14 @@ def names(prefix: str) -> list[str]:
 
 
 def test_train_resume_sample_and_evaluate_on_s3(s3_env: dict[str, str], demo_pipeline_output: Path) -> None:
-    s3fs().create_dir("train-runs")
-    train(s3_env, demo_pipeline_output, 6)
-    second = train(s3_env, demo_pipeline_output, 9)
+    fs = s3fs()
+    fs.create_dir("train-runs")
+    fs.create_dir("train-data")
+    pafs.copy_files(str(demo_pipeline_output), "train-data/demo", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    first = train(s3_env, 6)
+    assert "clip reads:" in first.stdout + first.stderr  # remote data, read clip by clip
+    second = train(s3_env, 9)
     assert f"resumed     {RUN}/checkpoint-00000006" in second.stdout
 
     metrics = read_metrics(RUN)
@@ -65,7 +72,7 @@ def test_train_resume_sample_and_evaluate_on_s3(s3_env: dict[str, str], demo_pip
             "config.yaml", "summary.json"} <= set(stored)
     summary = json.loads(storage.read_bytes(f"{RUN}/summary.json"))
     assert summary["steps"] == 9 and summary["resumed_from"] == f"{RUN}/checkpoint-00000006"
-    assert summary["checkpoint"] == f"{RUN}/checkpoint-00000009"
+    assert summary["checkpoint"] == f"{RUN}/checkpoint-00000009" and summary["data"] == DATA
 
     sampled = job(s3_env, "training/sample.py", "--checkpoint", RUN, "--prompt", "a dog on a beach",
                   "--steps", "2", "--frames", "5")
