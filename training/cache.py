@@ -42,7 +42,8 @@ CHUNK_BYTES = 8 << 20
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing), held for the block; freed if the process dies."""
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -96,7 +97,7 @@ class ShardCache:
         path = self.path(uri, sha256)
         try:
             if not _touch_complete(path, size):
-                with _flock(path.with_suffix(".lock")):  # another process downloading it: wait here
+                with file_lock(path.with_suffix(".lock")):  # another process downloading it: wait here
                     if not _touch_complete(path, size):  # (evicted between the checks: download again)
                         self._download(uri, path, size)
                         return path
@@ -131,7 +132,7 @@ class ShardCache:
 
     def _make_room(self, size: int) -> None:
         """Remove least recently used complete shards until `size` more bytes fit under max_bytes."""
-        with _flock(self.dir / ".evict.lock"):
+        with file_lock(self.dir / ".evict.lock"):
             entries, in_flight = [], 0
             for e in os.scandir(self.dir):
                 try:

@@ -11,11 +11,14 @@ default `vm.max_map_count` of 65,530.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +33,7 @@ from pipeline.shards import REDO, RowReader, ShardError, as_float32, missing_sha
 from pipeline.state import check_shards
 from training.cache import ShardCache
 from training.clipreads import ClipLoc, ClipReads
+from training.indexfile import load_or_build
 from training.packing import Patch, num_patches
 
 class DataError(ValueError):
@@ -114,10 +118,13 @@ class ShardIndex:
 
     @classmethod
     def open(cls, data_uri: str, patch: Patch, split: str | None = "train", max_open_shards: int = 512,
-             max_open_bytes: int = 16 << 30, verify: bool = False, scalars: bool = False) -> ShardIndex:
+             max_open_bytes: int = 16 << 30, verify: bool = False, scalars: bool = False,
+             shared_dir: str | None = None) -> ShardIndex:
         """Read the manifest and list its clips from the clip index; `split=None` keeps every clip.
 
         No shard is opened here. `scalars=True` also keeps SCALAR_COLUMNS (eval's real clips).
+        `shared_dir`: a node-local folder where the node's workers share one memory-mapped copy of
+        the columns (training/indexfile.py) instead of each building its own.
         """
         manifest = read_manifest(data_uri)
         index = cls(data_uri, manifest, patch, max_open_shards, max_open_bytes, verify)
@@ -129,37 +136,45 @@ class ShardIndex:
             except ValueError as e:
                 raise ValueError(f"bucket {bucket!r}: {e}") from None
         remote = not storage.is_local(data_uri)
-        extra = ([c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
-            ["batch_offset", "batch_bytes"] if remote else [])
-        cols = _read_columns(data_uri, manifest, split, index.bucket_names, extra)
-        # Sorted by clip_id: the order every worker agrees on. Each column is taken in that order
-        # on its own, so the peak holds the ids twice, not the whole index.
-        order = pc.sort_indices(cols.ids)
-        ids = cols.ids.take(order).combine_chunks()
-        cols.ids = None
-        same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
-        if pc.any(same).as_py():
-            first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
-            raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
-        index.clip_ids = ids
-        at = order.to_numpy()
-        index.bucket_code = cols.bucket_code[at]
-        index.num_tokens = tokens[index.bucket_code]
-        index.num_frames = cols.num_frames[at]
-        index.row_of = cols.row[at]
-        index.file_of = cols.file_of[at]
-        if remote:
-            index.batch_offset = cols.extra["batch_offset"][at]
-            index.batch_bytes = cols.extra["batch_bytes"][at]
-        index.files, index.file_bytes, index.file_sha256 = cols.files, cols.file_bytes, cols.file_sha256
-        if scalars:
-            schema = pa.schema([INDEX_SCHEMA.field(c) for c in SCALAR_COLUMNS])
-            index.scalars = pa.Table.from_batches(cols.scalar_batches, schema).take(order)
-        del cols, order
+
+        def build() -> tuple[pa.Table, pa.Table]:
+            clips, files, order, cols = _sorted_tables(data_uri, manifest, split, index.bucket_names, tokens, remote,
+                                                       scalars)
+            if scalars:
+                schema = pa.schema([INDEX_SCHEMA.field(c) for c in SCALAR_COLUMNS])
+                index.scalars = pa.Table.from_batches(cols.scalar_batches, schema).take(order)
+            return clips, files
+
+        if shared_dir is not None and not scalars:
+            key = hashlib.sha256(json.dumps([SHARED_FORMAT, index.fingerprint, storage.canonical(data_uri), split,
+                                             list(index.patch), remote]).encode()).hexdigest()[:32]
+            clips, files = load_or_build(Path(shared_dir), key, build)
+        else:
+            clips, files = build()
+        index._assign(clips, files, remote)
+        del clips, files
         # Arrow's allocator keeps the decoded batches' pages for reuse; a worker holds this index
-        # for the whole run, so hand them back (1M clips: +325 -> +200 MB of RSS).
+        # for the whole run, so hand them back (1M clips: +325 -> +200 MB of RSS when built here).
         pa.default_memory_pool().release_unused()
         return index
+
+    def _assign(self, clips: pa.Table, files: pa.Table, remote: bool) -> None:
+        """Columns from `_sorted_tables`' tables: numpy views of them, no copy (mapped or not)."""
+        def one(name: str) -> pa.Array:  # combine_chunks copies even a single chunk
+            column = clips[name]
+            return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+        def col(name: str) -> np.ndarray:
+            return one(name).to_numpy(zero_copy_only=False)
+
+        self.clip_ids = one("clip_id")
+        self.bucket_code, self.file_of, self.row_of = col("bucket_code"), col("file_of"), col("row")
+        self.num_frames, self.num_tokens = col("num_frames"), col("num_tokens")
+        if remote:
+            self.batch_offset, self.batch_bytes = col("batch_offset"), col("batch_bytes")
+        self.files = files["path"].to_pylist()
+        self.file_bytes = files["bytes"].to_pylist()
+        self.file_sha256 = files["sha256"].to_pylist()
 
     @property
     def clips(self) -> ClipList:
@@ -313,6 +328,35 @@ class ShardIndex:
         latents, text = self._values(clip, ("latents", "text_embedding"))
         return (self._finite(clip, latents), torch.from_numpy(as_float32(text)),
                 torch.ones(text.shape[0], dtype=torch.bool))
+
+
+SHARED_FORMAT = 1  # of the tables below; part of the shared file's key
+
+
+def _sorted_tables(data_uri: str, manifest: dict[str, Any], split: str | None, bucket_names: list[str],
+                   tokens: np.ndarray, remote: bool, scalars: bool) -> tuple[pa.Table, pa.Table, pa.Array, _Columns]:
+    """(clips, files, order, columns): the clip columns sorted by clip_id — the order every worker
+    agrees on — and the shard files sorted by path. Each column is taken in that order on its
+    own, so the peak holds the ids twice, not the whole index."""
+    extra = ([c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
+        ["batch_offset", "batch_bytes"] if remote else [])
+    cols = _read_columns(data_uri, manifest, split, bucket_names, extra)
+    order = pc.sort_indices(cols.ids)
+    ids = cols.ids.take(order).combine_chunks()
+    cols.ids = None
+    same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
+    if pc.any(same).as_py():
+        first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
+        raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
+    at = order.to_numpy()
+    bucket_code = cols.bucket_code[at]
+    clips = {"clip_id": ids, "bucket_code": bucket_code, "file_of": cols.file_of[at], "row": cols.row[at],
+             "num_frames": cols.num_frames[at], "num_tokens": tokens[bucket_code]}
+    if remote:
+        clips.update(batch_offset=cols.extra["batch_offset"][at], batch_bytes=cols.extra["batch_bytes"][at])
+    files = pa.table({"path": pa.array(cols.files, pa.string()), "bytes": pa.array(cols.file_bytes, pa.int64()),
+                      "sha256": pa.array(cols.file_sha256, pa.string())})
+    return pa.table(clips), files, order, cols
 
 
 @dataclass

@@ -153,11 +153,13 @@ def _train(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     stage3 = cfg.optim.zero_stage == 3
 
+    node_dir = Path(cfg.data.cache_dir or Path(tempfile.gettempdir()) / "ditharos-shard-cache")
+    # One memory-mapped copy of the clip index per node, not one per worker (training/indexfile.py).
     index = ShardIndex.open(cfg.data.uri, patch_of(cfg.model), cfg.data.split,
-                            cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20), cfg.data.verify)
+                            cfg.data.max_open_shards, int(cfg.data.max_open_mb * 2**20), cfg.data.verify,
+                            shared_dir=str(node_dir / "index"))
     if not storage.is_local(cfg.data.uri):
-        index.use_cache(ShardCache(cfg.data.cache_dir or str(Path(tempfile.gettempdir()) / "ditharos-shard-cache"),
-                                   int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
+        index.use_cache(ShardCache(str(node_dir), int(cfg.data.cache_mb * 2**20), cfg.data.fetch_threads))
         if cfg.data.reads_clips():
             index.use_clip_reads(ClipReads(int(cfg.data.clip_reads_mb * 2**20), cfg.data.fetch_threads,
                                            max_open=cfg.data.max_open_shards))

@@ -40,6 +40,8 @@ class DataConfig:
     # windows (smaller: fetched shards are evicted before use and fetched again); disk in use
     # can exceed cache_mb by the evicted shards workers still hold open (≤ max_open_mb each).
     # "" = the system temp folder. Local data is memory-mapped in place and never cached.
+    # cache_dir/index/ holds the node's one memory-mapped copy of the clip index (local and remote
+    # data; ~90 bytes per clip, training/indexfile.py), outside cache_mb.
     # 0: each epoch is one uniform permutation of all clips (local data; remote data is then read
     # clip by clip, one ranged GET each — see remote_reads).
     # W > 0: shard files permuted and cut into windows of W, clips permuted within a window —

@@ -7,7 +7,9 @@
    `--index-shards` shard files (the pipeline's index schema and manifest, 12 buckets, 40-char
    clip ids; no shard needs to exist to open it), opened by `ShardIndex.open` in a fresh process.
    RSS is the process's growth from before the open to after it (imports excluded).
-   Goals: ≤ 10 s, ≤ 1024 MB.
+   Goals: ≤ 10 s, ≤ 1024 MB. Then as training workers open it (`shared_builder`: the node's
+   first worker builds the memory-mapped copy; `shared_mapper`: the others map it):
+   `index_private_mb` is the growth of memory no other process shares.
 2. `touch`: `--touch-shards` real shard files (one tiny clip each, the real shard writer) all
    loaded once through one ShardIndex with the default LRU bounds: `max_open_shards_observed`
    and the process's peak memory-map count (Linux's default limit is 65,530).
@@ -104,15 +106,24 @@ def synthetic_index(out: Path, num_clips: int, num_shards: int, seed: int = 0, b
     return paths
 
 
-def open_in_child(data: Path) -> dict:
-    """`ShardIndex.open` in this process (run as a child: fresh RSS)."""
+def private_mb() -> float:
+    """This process's unique set size (pages no other process shares: not a mapped file's)."""
+    import psutil
+
+    return psutil.Process().memory_full_info().uss / 2**20
+
+
+def open_in_child(data: Path, shared_dir: str | None = None) -> dict:
+    """`ShardIndex.open` in this process (run as a child: fresh RSS); with `shared_dir`, the node's
+    memory-mapped copy (built by the first child, mapped by the next)."""
     from training.index import ShardIndex
 
-    before = rss_mb()
+    before, before_private = rss_mb(), private_mb()
     t = time.perf_counter()
-    index = ShardIndex.open(str(data), PATCH, split="train")
+    index = ShardIndex.open(str(data), PATCH, split="train", shared_dir=shared_dir)
     seconds = time.perf_counter() - t
     return {"index_open_s": round(seconds, 2), "index_rss_mb": round(rss_mb() - before, 1),
+            "index_private_mb": round(private_mb() - before_private, 1),
             "process_rss_mb": round(rss_mb(), 1), "clips": len(index.clips), "shard_files": len(index.files),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -292,9 +303,10 @@ def main() -> None:
     p.add_argument("--remote-max-open", type=int, default=16,
                    help="open shards per worker: below the shard count, so re-reads go through the cache")
     p.add_argument("--child-open", help=argparse.SUPPRESS)
+    p.add_argument("--child-shared", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_open:
-        print(json.dumps(open_in_child(Path(args.child_open))))
+        print(json.dumps(open_in_child(Path(args.child_open), args.child_shared)))
         return
     result: dict = {"machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="ditharos-loader-scale-") as tmp:
@@ -308,6 +320,13 @@ def main() -> None:
             raise SystemExit(r.stderr[-3000:])
         result["index"] = {"clips": args.clips, "shard_files": args.index_shards, "generation_s": round(gen_s, 1),
                            **json.loads(r.stdout.strip().splitlines()[-1])}
+        # The training workers' way: one node-local memory-mapped copy (training/indexfile.py).
+        for who in ("shared_builder", "shared_mapper"):
+            r = subprocess.run([sys.executable, __file__, "--child-open", str(data), "--child-shared",
+                                str(Path(tmp) / "node-index")], capture_output=True, text=True, cwd=ROOT)
+            if r.returncode:
+                raise SystemExit(r.stderr[-3000:])
+            result["index"][who] = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps(result["index"]), file=sys.stderr, flush=True)
         if args.touch_shards:
             result["touch"] = touch_shards(Path(tmp) / "touch", args.touch_shards)

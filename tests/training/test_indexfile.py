@@ -1,0 +1,107 @@
+"""training/indexfile.py: one memory-mapped copy of a ShardIndex's columns per node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.training.test_data import PATCH, write_dataset
+from training import index as index_module
+from training.index import ShardIndex
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def same(a: ShardIndex, b: ShardIndex) -> None:
+    assert a.clip_ids.equals(b.clip_ids) and a.files == b.files
+    for name in ("bucket_code", "file_of", "row_of", "num_frames", "num_tokens"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+    assert (a.file_bytes, a.file_sha256) == (b.file_bytes, b.file_sha256)
+
+
+def test_shared_index_equals_a_private_one_and_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    write_dataset(data)
+    shared = tmp_path / "node" / "index"
+    private = ShardIndex.open(str(data), PATCH, split="train")
+    first = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
+    same(first, private)
+    built = sorted(p.name for p in shared.iterdir() if p.suffix == ".arrow")
+    assert len(built) == 2 and built[0].endswith(".clips.arrow")
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the clip index was read again")
+
+    monkeypatch.setattr(index_module, "_read_columns", refuse)
+    allocated = pa.total_allocated_bytes()
+    again = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))  # mapped, not built
+    # Views of the mapped file, not copies (a copy of the columns would come from Arrow's pool).
+    columns_bytes = again.clip_ids.nbytes + again.row_of.nbytes + again.file_of.nbytes + again.num_tokens.nbytes
+    assert pa.total_allocated_bytes() - allocated < columns_bytes / 4, (pa.total_allocated_bytes() - allocated)
+    same(again, private)
+    assert not again.row_of.flags.writeable
+    assert again.clips[3] == private.clips[3] and again.latents(again.clips[3]).equal(private.latents(private.clips[3]))
+    # Another split, patch or dataset is another file; the built ones are not rebuilt or touched.
+    monkeypatch.undo()
+    val = ShardIndex.open(str(data), PATCH, split="val", shared_dir=str(shared))
+    assert len(val.clips) and len([p for p in shared.iterdir() if p.suffix == ".arrow"]) == 4
+
+
+def test_a_crashed_build_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    write_dataset(data)
+    shared = tmp_path / "index"
+
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_module.pa.ipc, "new_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
+    assert not [p for p in shared.iterdir() if ".arrow" in p.name]  # no file, no temp debris
+    monkeypatch.undo()
+    same(ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared)),
+         ShardIndex.open(str(data), PATCH, split="train"))
+
+
+def test_processes_of_a_node_build_it_once(tmp_path: Path) -> None:
+    """Four processes open the index at once: one builds it under the lock, all see the same columns."""
+    data = tmp_path / "data"
+    write_dataset(data)
+    shared = tmp_path / "index"
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]);"
+            "from training import index as m; calls = [];"
+            "real = m._read_columns; m._read_columns = lambda *a: calls.append(1) or real(*a);"
+            "i = m.ShardIndex.open(sys.argv[2], (1, 2, 2), split='train', shared_dir=sys.argv[3]);"
+            "print(json.dumps([len(calls), len(i.clips), i.clip_ids[0].as_py()]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(data), str(shared)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    import json
+
+    results = [json.loads(o) for o in outs]
+    assert sum(r[0] for r in results) == 1  # one reader of the index
+    assert len({tuple(r[1:]) for r in results}) == 1
+
+
+def test_stale_files_of_other_data_are_removed_by_the_next_build(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_dataset(data)
+    shared = tmp_path / "index"
+    shared.mkdir()
+    old, recent = shared / "index-0000.clips.arrow", shared / "index-1111.clips.arrow"
+    old.write_bytes(b"x")
+    recent.write_bytes(b"x")
+    week = time.time() - 8 * 86400
+    os.utime(old, (week, week))
+    ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
+    assert not old.exists() and recent.exists()
