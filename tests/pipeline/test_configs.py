@@ -1,4 +1,4 @@
-"""The shipped example configs parse and validate against the pipeline's config tree."""
+"""What the pipeline's shipped configs say (tests/test_configs.py: every config loads and round-trips)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.config import load_config, to_dict
 from pipeline.settings import PipelineConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "pipeline" / "configs").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_example_config_loads(path: Path, tmp_path: Path) -> None:
-    cfg = load_config(PipelineConfig, path)
-    again = tmp_path / "again.yaml"
-    again.write_text(dump_yaml(cfg))
-    assert to_dict(load_config(PipelineConfig, again)) == to_dict(cfg)
 
 
 def test_demo_yaml_equals_defaults() -> None:
