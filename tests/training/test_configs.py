@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from pipeline.config import load_config
 from training.model import dit_config
 from training.settings import TrainConfig
