@@ -258,8 +258,9 @@ class RunLog:
             return
         self._tb.close()
         self._tb = None
-        for path in sorted((self.local_dir / TB_DIR).glob("*")):
-            storage.put_file_atomic(str(path), storage.join(self.run_uri, TB_DIR, path.name))
+        for path in sorted(p for p in (self.local_dir / TB_DIR).rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local_dir).as_posix()
+            storage.put_file_atomic(str(path), storage.join(self.run_uri, rel))
             path.unlink()
 
     def close(self) -> None:
