@@ -6,7 +6,8 @@ clips, 8 workers a node — and one read of the index per worker. Here the first
 builds the sorted columns under a file lock and writes them as uncompressed Arrow IPC files;
 every worker then memory-maps them, so the node holds one copy in its page cache and reads the
 index once. A file is written under a temporary name and renamed, clip columns last: a crash
-leaves no half file, and the next worker builds it again.
+leaves no half file, and the next worker builds it again. A disk that cannot take the files
+(full, read-only) costs memory, not the run: that worker keeps its own copy, with a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.logs import get_logger
 from training.cache import file_lock
+
+log = get_logger("training")
 
 STALE_S = 7 * 86400  # index files of other data left this long unused are removed by the next build
 
@@ -31,8 +35,13 @@ def load_or_build(folder: Path, key: str, build: Callable[[], tuple[pa.Table, pa
     with file_lock(folder / f"index-{key}.lock"):
         if not clips_path.is_file():
             clips, files = build()
-            _write(files_path, files)
-            _write(clips_path, clips)  # last: its presence says both are complete
+            try:
+                _write(files_path, files)
+                _write(clips_path, clips)  # last: its presence says both are complete
+            except OSError as e:  # a full or read-only disk: train on a private copy rather than not at all
+                log.warning("could not write the node's shared clip index to %s (%s): this worker keeps its "
+                            "own copy in memory", folder, e)
+                return clips, files
             del clips, files
             _remove_stale(folder, key)
     return _map(clips_path), _map(files_path)

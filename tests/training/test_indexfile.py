@@ -55,21 +55,29 @@ def test_shared_index_equals_a_private_one_and_is_built_once(tmp_path: Path, mon
     assert len(val.clips) and len([p for p in shared.iterdir() if p.suffix == ".arrow"]) == 4
 
 
-def test_a_crashed_build_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_nothing_and_the_worker_keeps_a_private_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
     write_dataset(data)
     shared = tmp_path / "index"
+    real_new_file = pa.ipc.new_file
+    calls = []
 
-    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise OSError("disk full")
+    def full(sink, schema):  # noqa: ANN001, ANN202 — the disk fills while the second file is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real_new_file(sink, schema)
 
-    monkeypatch.setattr(index_module.pa.ipc, "new_file", fail)
-    with pytest.raises(OSError, match="disk full"):
-        ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
-    assert not [p for p in shared.iterdir() if ".arrow" in p.name]  # no file, no temp debris
+    monkeypatch.setattr(pa.ipc, "new_file", full)
+    got = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
+    same(got, ShardIndex.open(str(data), PATCH, split="train"))  # trains on, from its own copy
+    assert "could not write the node's shared clip index" in caplog.text and "No space left" in caplog.text
+    assert not [p for p in shared.iterdir() if ".clips.arrow" in p.name or ".tmp-" in p.name]  # nothing half-written
     monkeypatch.undo()
     same(ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared)),
-         ShardIndex.open(str(data), PATCH, split="train"))
+         ShardIndex.open(str(data), PATCH, split="train"))  # the next worker builds it whole
+    assert len([p for p in shared.iterdir() if p.suffix == ".arrow"]) == 2
 
 
 def test_processes_of_a_node_build_it_once(tmp_path: Path) -> None:
