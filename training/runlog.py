@@ -85,7 +85,11 @@ def parse_lines(data: bytes, uri: str) -> list[tuple[dict[str, Any], bytes]]:
 def iter_rows(run_uri: str, kind: str = METRICS) -> Iterator[dict[str, Any]]:
     """A run's rows of `kind` in step order, one segment in memory at a time."""
     for _, uri in segments(run_uri, kind):
-        for row, _ in parse_lines(storage.read_bytes(uri), uri):
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:  # deleted by a resume since the listing: its rows are being redone
+            continue
+        for row, _ in parse_lines(data, uri):
             yield row
 
 
@@ -116,13 +120,17 @@ def summarize(run_uri: str) -> dict[str, Any]:
 @dataclass
 class MetricsDigest:
     """A run's metrics for reports in bounded memory: the row count, the last row, and the loss
-    curve as at most 2·max_points points (means of runs of consecutive steps, lr at the run's end)."""
+    curve as at most 2·max_points points, each the mean of `stride` consecutive rows (lr at
+    the last of them); the stride doubles whenever the points reach 2·max_points, so every point
+    covers the same number of rows, whatever the run's length."""
 
     num_rows: int = 0
     last: dict[str, Any] | None = None
-    points: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "lr"}
     max_points: int = 2000
-    _weights: list[int] = field(default_factory=list, repr=False)  # steps averaged into each point
+    stride: int = 1
+    _done: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _open: list[float] = field(default_factory=list, repr=False)  # [loss sum, rows] of the point being filled
+    _open_row: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
     def of_run(cls, run_uri: str, max_points: int = 2000) -> MetricsDigest:
@@ -131,20 +139,31 @@ class MetricsDigest:
             digest.add(row)
         return digest
 
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        """{"step", "loss", "lr", "rows"} per point, in step order; the last may hold fewer rows."""
+        tail = []
+        if self._open:
+            total, n = self._open
+            tail = [{"step": self._open_row["step"], "loss": total / n, "lr": self._open_row.get("lr"), "rows": n}]
+        return self._done + tail
+
     def add(self, row: dict[str, Any]) -> None:
         self.num_rows += 1
         self.last = row
         if row.get("loss") is None:
             return
-        self.points.append({"step": row["step"], "loss": row["loss"], "lr": row.get("lr")})
-        self._weights.append(1)
-        if len(self.points) >= 2 * self.max_points:  # halve: merge neighbours, weighted by their steps
-            merged, weights = [], []
-            for i in range(0, len(self.points) - 1, 2):
-                a, b, wa, wb = self.points[i], self.points[i + 1], self._weights[i], self._weights[i + 1]
-                merged.append({"step": b["step"], "loss": (a["loss"] * wa + b["loss"] * wb) / (wa + wb), "lr": b["lr"]})
-                weights.append(wa + wb)
-            self.points, self._weights = merged, weights
+        total, n = self._open or (0.0, 0)
+        self._open, self._open_row = [total + row["loss"], n + 1], row
+        if n + 1 < self.stride:
+            return
+        self._done.append({"step": row["step"], "loss": (total + row["loss"]) / self.stride, "lr": row.get("lr"),
+                           "rows": self.stride})
+        self._open = []
+        if len(self._done) >= 2 * self.max_points:  # halve: each pair of equal points becomes one
+            self._done = [{"step": b["step"], "loss": (a["loss"] + b["loss"]) / 2, "lr": b["lr"], "rows": a["rows"] * 2}
+                          for a, b in zip(self._done[0::2], self._done[1::2])]
+            self.stride *= 2
 
 
 # ---------------------------------------------------------------------------

@@ -122,13 +122,14 @@ def test_summary_and_digest_stream_the_rows(tmp_path: Path) -> None:
     digest = MetricsDigest(max_points=16)
     for r in rows:
         digest.add({**r, "loss": float(r["step"])})
+    points = digest.points
     assert digest.num_rows == 1000 and digest.last["step"] == 999
-    assert 16 <= len(digest.points) < 32 and digest.points[-1]["step"] == 999
-    weights = digest._weights
-    assert sum(weights) == 1000  # every row in exactly one point, each point the mean of its steps
-    assert sum(p["loss"] * w for p, w in zip(digest.points, weights)) == pytest.approx(sum(range(1000)))
-    steps = [p["step"] for p in digest.points]
-    assert steps == sorted(steps)
+    assert 16 <= len(points) <= 32 and points[-1]["step"] == 999
+    # Every point but the last covers the same number of consecutive steps, early ones included.
+    assert len({p["rows"] for p in points[:-1]}) == 1 and points[-1]["rows"] <= points[0]["rows"]
+    assert sum(p["rows"] for p in points) == 1000 and points[0]["step"] == points[0]["rows"] - 1
+    assert points[0]["loss"] == pytest.approx((points[0]["rows"] - 1) / 2)  # mean of steps 0 .. rows-1
+    assert sum(p["loss"] * p["rows"] for p in points) == pytest.approx(sum(range(1000)))
     assert MetricsDigest.of_run(str(tmp_path)).num_rows == 1000
 
 
