@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -115,6 +115,7 @@ class ShardIndex:
         self.cache: ShardCache | None = None  # remote shards through a node-local cache (use_cache)
         self.clip_reads: ClipReads | None = None  # remote clips one by one, by range (use_clip_reads)
         self._lock = threading.Lock()  # the prefetch thread and the main thread may both open files
+        self._shared_lock: IO | None = None  # held while the columns map a node's shared file (indexfile.py)
 
     @classmethod
     def open(cls, data_uri: str, patch: Patch, split: str | None = "train", max_open_shards: int = 512,
@@ -148,7 +149,7 @@ class ShardIndex:
         if shared_dir is not None and not scalars:
             key = hashlib.sha256(json.dumps([SHARED_FORMAT, index.fingerprint, storage.canonical(data_uri), split,
                                              list(index.patch), remote]).encode()).hexdigest()[:32]
-            clips, files = load_or_build(Path(shared_dir), key, build)
+            clips, files, index._shared_lock = load_or_build(Path(shared_dir), key, build)
         else:
             clips, files = build()
         index._assign(clips, files, remote)

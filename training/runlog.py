@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -201,6 +202,21 @@ def truncate(run_uri: str, kind: str, steps_done: int) -> None:
 # ---------------------------------------------------------------------------
 
 
+STAGING = "ditharos-run-"  # + pid: a remote run dir's local staging folder, in the temp folder
+
+
+def remove_dead_staging() -> None:
+    """Staging folders of rank-0 processes that died (killed, a worker group restarted): whatever
+    they held was either uploaded or belongs to steps a resume redoes."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING}*-*"):
+        try:
+            os.kill(int(folder.name[len(STAGING):].split("-")[0]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 class _Segment:
     """The open segment of one kind: a local file (in the run dir, or staged for an object store)."""
 
@@ -224,8 +240,11 @@ class RunLog:
         self.run_uri = run_uri
         self.remote = not storage.is_local(run_uri)
         # Local/NFS: write in the run dir itself; object store: a local staging folder.
-        self.local_dir = Path(tempfile.mkdtemp(prefix="ditharos-run-")) if self.remote \
-            else Path(storage.resolve(run_uri)[1])
+        if self.remote:
+            remove_dead_staging()
+            self.local_dir = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-"))
+        else:
+            self.local_dir = Path(storage.resolve(run_uri)[1])
         self.local_dir.mkdir(parents=True, exist_ok=True)
         for kind in KINDS:
             truncate(run_uri, kind, steps_done)

@@ -72,7 +72,7 @@ def test_a_failed_write_leaves_nothing_and_the_worker_keeps_a_private_copy(
     monkeypatch.setattr(pa.ipc, "new_file", full)
     got = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
     same(got, ShardIndex.open(str(data), PATCH, split="train"))  # trains on, from its own copy
-    assert "could not write the node's shared clip index" in caplog.text and "No space left" in caplog.text
+    assert "could not share the clip index" in caplog.text and "No space left" in caplog.text
     assert not [p for p in shared.iterdir() if ".clips.arrow" in p.name or ".tmp-" in p.name]  # nothing half-written
     monkeypatch.undo()
     same(ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared)),
@@ -101,15 +101,33 @@ def test_processes_of_a_node_build_it_once(tmp_path: Path) -> None:
     assert len({tuple(r[1:]) for r in results}) == 1
 
 
-def test_stale_files_of_other_data_are_removed_by_the_next_build(tmp_path: Path) -> None:
+def test_stale_files_of_other_data_go_unless_a_worker_maps_them(tmp_path: Path) -> None:
+    import fcntl
+
     data = tmp_path / "data"
     write_dataset(data)
     shared = tmp_path / "index"
     shared.mkdir()
-    old, recent = shared / "index-0000.clips.arrow", shared / "index-1111.clips.arrow"
-    old.write_bytes(b"x")
-    recent.write_bytes(b"x")
     week = time.time() - 8 * 86400
-    os.utime(old, (week, week))
-    ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
-    assert not old.exists() and recent.exists()
+    for key in ("0000", "1111", "2222"):  # stale, stale but mapped by a running worker, recent
+        for name in (f"index-{key}.clips.arrow", f"index-{key}.files.arrow", f"index-{key}.lock"):
+            (shared / name).write_bytes(b"x")
+            if key != "2222":
+                os.utime(shared / name, (week, week))
+    with open(shared / "index-1111.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        index = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(shared))
+    names = {p.name for p in shared.iterdir()}
+    assert "index-0000.clips.arrow" not in names and "index-0000.files.arrow" not in names
+    assert {"index-1111.clips.arrow", "index-2222.clips.arrow"} <= names
+    assert index._shared_lock is not None and len(index.clips)
+
+
+def test_an_unusable_folder_costs_the_sharing_not_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+    write_dataset(data)
+    not_a_folder = tmp_path / "index"
+    not_a_folder.write_text("a file where the folder should be")
+    index = ShardIndex.open(str(data), PATCH, split="train", shared_dir=str(not_a_folder / "sub"))
+    same(index, ShardIndex.open(str(data), PATCH, split="train"))
+    assert index._shared_lock is None and "could not share the clip index" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from pathlib import Path
@@ -194,3 +195,21 @@ def test_runlog_bench_uploads_each_byte_once() -> None:
     assert figures["run"]["put_calls"] == 3 * 8  # metrics, clips, one event file per sync
     assert figures["last_sync"]["put_mb"] < figures["stored_mb"] / 6
     assert figures["resume"]["read_calls"] == 2 and figures["resume"]["read_mb"] < figures["stored_mb"] / 6
+
+
+def test_staging_folders_of_dead_processes_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{runlog.STAGING}{int(dead.stdout)}-abc"
+    mine = tmp_path / f"{runlog.STAGING}{os.getpid()}-def"
+    for folder in (gone, mine):
+        (folder / "metrics").mkdir(parents=True)
+        (folder / "metrics" / "00000000.jsonl").write_text("{}\n")
+    with mock.patch.object(storage, "is_local", lambda uri: False):
+        log = RunLog(str(tmp_path / "run"), 0, tensorboard=False)
+    assert not gone.exists() and mine.exists() and log.local_dir.parent == tmp_path
+    log.close()
