@@ -61,7 +61,8 @@ def _claim(run_id: str) -> bytes:
     return json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}).encode()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -115,4 +116,4 @@ def _dead(fs: pafs.FileSystem, info: pafs.FileInfo, now_ns: int, ttl_s: float) -
             claim = json.loads(f.read())
     except (OSError, ValueError):
         return False  # being written right now: live
-    return claim.get("host") == socket.gethostname() and not _pid_alive(int(claim.get("pid", -1)))
+    return claim.get("host") == socket.gethostname() and not pid_alive(int(claim.get("pid", -1)))

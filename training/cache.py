@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.lease import pid_alive
 from pipeline.shards import missing_shard, resized_shard
 
 CHUNK_BYTES = 8 << 20
@@ -169,12 +170,9 @@ def _writer_alive(part_name: str) -> bool:
     """Whether the process named in `<key>.arrow.part-<pid>-<thread>` still runs on this node."""
     try:
         pid = int(part_name.rsplit(".part-", 1)[1].split("-")[0])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+    except (ValueError, IndexError):
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _complete(path: Path, size: int) -> bool:

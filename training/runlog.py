@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import storage
+from pipeline.lease import pid_alive
 
 METRICS = "metrics"
 CLIPS = "clips"
@@ -209,12 +210,9 @@ def remove_dead_staging() -> None:
     """Staging folders of rank-0 processes that died (killed, a worker group restarted): whatever
     they held was either uploaded or belongs to steps a resume redoes."""
     for folder in Path(tempfile.gettempdir()).glob(f"{STAGING}*-*"):
-        try:
-            os.kill(int(folder.name[len(STAGING):].split("-")[0]), 0)
-        except (ValueError, ProcessLookupError):
+        pid = folder.name[len(STAGING):].split("-")[0]
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
 
 
 class _Segment:
