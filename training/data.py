@@ -7,8 +7,10 @@ count:
   * `training.index.ShardIndex` lists every clip as (bucket, file, row) with its token count,
     taken from the bucket's latent shape and the patch, sorted by `clip_id` (so the shard
     layout does not matter either).
-  * `epoch_order(n, seed, epoch, ...)` is a permutation of that list (uniform, or shuffled
-    within windows of shard files for remote data: see there).
+  * An epoch's order is a permutation of that list (uniform, or shuffled within windows of
+    shard files for remote data: `epoch_order` says why), computed a block of positions at a
+    time by `training.order.ShuffledOrder` in O(shard files) memory. Runs begun before that
+    (loader state format 1) keep `epoch_order`'s arrays, so they resume exactly.
   * A global step takes the next clips of the order while first-fit-decreasing
     (`plan_packs`) still fits them into `packs_per_step` packs of `token_budget` tokens.
     Clips larger than the budget are skipped and counted.
@@ -31,17 +33,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from training.ffd import GrowingFFD
 from training.index import DataError, ShardIndex
+from training.order import ArrayOrder, ShuffledOrder
 from training.packing import PackedBatch, pack
 
 log = logging.getLogger("ditharos.data")
+
+EpochOrder = ArrayOrder | ShuffledOrder  # len() and at(lo, hi) -> clip indices
+PLAN_BLOCK = 4096  # order positions computed at a time while planning (a step takes ~1-20k clips)
 
 
 # ---------------------------------------------------------------------------
@@ -52,7 +58,8 @@ log = logging.getLogger("ditharos.data")
 def epoch_order(num_clips: int, seed: int, epoch: int, file_of: np.ndarray | None = None,
                 window_shards: int = 0, is_image: np.ndarray | None = None,
                 image_fraction: float | None = None) -> np.ndarray:
-    """The epoch's permutation of clip indices: a function of (seed, epoch) and the index only.
+    """The epoch's permutation of clip indices, whole (loader state format 1; format 2 computes the
+    same kind of order on demand: training/order.py). A function of (seed, epoch) and the index only.
 
     window_shards = 0: one uniform permutation of all clips. Every step then reads from all
     over the dataset — right for memory-mapped local shards (only the pages read are read),
@@ -97,6 +104,9 @@ def mix_images(order: np.ndarray, is_image: np.ndarray, fraction: float, rng: np
     return mixed
 
 
+ORDER_FORMAT = 2  # 2: training/order.py's computed orders; 1: epoch_order's arrays (runs begun before)
+
+
 @dataclass(frozen=True)
 class LoaderState:
     """Where the global order stands: the next step starts at `order(epoch)[position]`."""
@@ -104,13 +114,17 @@ class LoaderState:
     epoch: int = 0
     position: int = 0
     step: int = 0  # global steps taken so far
+    order: int = ORDER_FORMAT  # how epochs are ordered: fixed for a run (a resume keeps its format)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoaderState:
-        return cls(epoch=int(d["epoch"]), position=int(d["position"]), step=int(d.get("step", 0)))
+        order = int(d.get("order", 1))  # states saved before the format was recorded are format 1
+        if order not in (1, ORDER_FORMAT):
+            raise ValueError(f"loader state has epoch-order format {order}; this version knows 1 and {ORDER_FORMAT}")
+        return cls(epoch=int(d["epoch"]), position=int(d["position"]), step=int(d.get("step", 0)), order=order)
 
 
 @dataclass(frozen=True)
@@ -124,62 +138,76 @@ class StepPlan:
     state: LoaderState  # after this step
 
 
-def plan_step(token_counts: list[int], order: np.ndarray, state: LoaderState, packs_per_step: int,
-              token_budget: int) -> tuple[list[list[int]], list[int], int]:
+def plan_step(token_counts: np.ndarray | list[int], order: EpochOrder | np.ndarray, state: LoaderState,
+              packs_per_step: int, token_budget: int) -> tuple[list[list[int]], list[int], int]:
     """Greedily take clips from `order[state.position:]` while FFD fits them in `packs_per_step` packs.
 
     Returns (packs as clip indices, skipped clip indices, next position). Packs are FFD's
     plan of the taken clips (`packing.plan_packs`); a step ends at the first clip that would
     need one pack more, or at the end of the order. `training.ffd` answers "does FFD still
-    fit?" per clip without re-running FFD over all taken clips.
+    fit?" per clip without re-running FFD over all taken clips. The order is read PLAN_BLOCK
+    positions at a time (`EpochOrder.at`), the token counts only for those clips.
     """
+    tokens = np.asarray(token_counts)
+    order = ArrayOrder(order) if isinstance(order, np.ndarray) else order
     ffd = GrowingFFD(token_budget, packs_per_step)
     skipped: list[int] = []
-    pos = state.position
-    while pos < len(order):
-        clip = int(order[pos])
-        n = token_counts[clip]
-        if n > token_budget:
-            skipped.append(clip)
+    pos, end = state.position, len(order)
+    while pos < end:
+        clips = order.at(pos, min(pos + PLAN_BLOCK, end))
+        for clip, n in zip(clips.tolist(), tokens[clips].tolist()):  # list items: the fastest per clip
+            if n > token_budget:
+                skipped.append(clip)
+                pos += 1
+                continue
+            if ffd.total + n > packs_per_step * token_budget:  # cannot fit: no need to ask FFD
+                return ffd.plan(), skipped, pos
+            ffd.add(clip, n)
+            if not ffd.fits():
+                ffd.remove_last(n)
+                return ffd.plan(), skipped, pos
             pos += 1
-            continue
-        if ffd.total + n > packs_per_step * token_budget:  # cannot fit: no need to ask FFD
-            break
-        ffd.add(clip, n)
-        if not ffd.fits():
-            ffd.remove_last(n)
-            break
-        pos += 1
     return ffd.plan(), skipped, pos
+
+
+def epoch_orders(index: ShardIndex, state: LoaderState, seed: int, window_shards: int = 0,
+                 image_fraction: float | None = None) -> Callable[[int], EpochOrder]:
+    """epoch → its order, in the state's format (2: computed on demand; 1: arrays, as runs begun before)."""
+    if state.order == 1:
+        is_image = index.num_frames == 1
+        return lambda epoch: ArrayOrder(epoch_order(len(index.num_tokens), seed, epoch, index.file_of,
+                                                    window_shards, is_image, image_fraction))
+    return lambda epoch: ShuffledOrder(index.by_file, index.file_videos, index.file_images, seed, epoch,
+                                       window_shards, image_fraction)
 
 
 def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step: int,
                token_budget: int, window_shards: int = 0, image_fraction: float | None = None) -> Iterator[StepPlan]:
-    """Global step plans from `state` on, endlessly over epochs."""
-    counts = index.num_tokens.tolist()  # plan_step indexes it per clip: list items are the fastest
-    if not any(n <= token_budget for n in counts):
+    """Global step plans from `state` on, endlessly over epochs.
+
+    Memory: the index's columns (shared by the node's workers, training/indexfile.py) and, per
+    epoch, O(shard files) of order state — no array per clip (format 1 states: two)."""
+    counts = index.num_tokens
+    smallest = int(counts.min()) if len(counts) else 0
+    if not len(counts) or smallest > token_budget:
         raise DataError(f"no clip of {index.data_uri} fits a pack of {token_budget} tokens "
-                         f"(smallest has {min(counts, default=0)})")
-    is_image = index.num_frames == 1
-
-    def order_of(epoch: int) -> np.ndarray:
-        return epoch_order(len(counts), seed, epoch, index.file_of, window_shards, is_image, image_fraction)
-
+                        f"(smallest has {smallest})")
+    order_of = epoch_orders(index, state, seed, window_shards, image_fraction)
     epoch, order = state.epoch, order_of(state.epoch)
     while True:
         skipped: list[int] = []
         packs: list[list[int]] = []
         while not packs:  # never an empty step: an epoch whose rest is all oversized rolls on
             if state.position >= len(order):
-                state = LoaderState(state.epoch + 1, 0, state.step)
+                state = replace(state, epoch=state.epoch + 1, position=0)
             if state.epoch != epoch:
                 epoch, order = state.epoch, order_of(state.epoch)
             packs, more, pos = plan_step(counts, order, state, packs_per_step, token_budget)
             skipped += more
-            state = LoaderState(state.epoch, pos, state.step)
+            state = replace(state, position=pos)
         # The step that finishes an epoch leaves the state at the next epoch's start.
         done = pos >= len(order)
-        after = LoaderState(epoch + 1 if done else epoch, 0 if done else pos, state.step + 1)
+        after = replace(state, epoch=epoch + 1 if done else epoch, position=0 if done else pos, step=state.step + 1)
         yield StepPlan(step=state.step, epoch=epoch, packs=packs, skipped=skipped, state=after)
         state = after
 

@@ -102,11 +102,14 @@ class ShardIndex:
         self.batch_offset = np.zeros(0, np.int64)
         self.batch_bytes = np.zeros(0, np.int64)
         self.scalars: pa.Table | None = None  # SCALAR_COLUMNS asked for at open, same row order
+        self.by_file = np.zeros(0, np.int64)  # clip indices grouped by file, videos first (training/order.py)
         self.bucket_names: list[str] = []
         # One entry per shard file, sorted by path (relative to data_uri):
         self.files: list[str] = []
         self.file_bytes: list[int] = []  # committed size
         self.file_sha256: list[str] = []
+        self.file_videos = np.zeros(0, np.int64)  # clips of more than one frame in each file
+        self.file_images = np.zeros(0, np.int64)  # 1-frame clips in each file
         # file → (table, {column: (chunk starts, chunk arrays)}); views die with their table
         self._open: OrderedDict[int, tuple[pa.Table, dict[str, tuple[np.ndarray, list[np.ndarray]]]]] = OrderedDict()
         self._open_bytes = 0
@@ -173,9 +176,11 @@ class ShardIndex:
         self.num_frames, self.num_tokens = col("num_frames"), col("num_tokens")
         if remote:
             self.batch_offset, self.batch_bytes = col("batch_offset"), col("batch_bytes")
+        self.by_file = col("by_file")
         self.files = files["path"].to_pylist()
         self.file_bytes = files["bytes"].to_pylist()
         self.file_sha256 = files["sha256"].to_pylist()
+        self.file_videos, self.file_images = (files[c].to_numpy() for c in ("videos", "images"))
 
     @property
     def clips(self) -> ClipList:
@@ -331,7 +336,7 @@ class ShardIndex:
                 torch.ones(text.shape[0], dtype=torch.bool))
 
 
-SHARED_FORMAT = 1  # of the tables below; part of the shared file's key
+SHARED_FORMAT = 2  # of the tables below; part of the shared file's key
 
 
 def _sorted_tables(data_uri: str, manifest: dict[str, Any], split: str | None, bucket_names: list[str],
@@ -351,13 +356,27 @@ def _sorted_tables(data_uri: str, manifest: dict[str, Any], split: str | None, b
         raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
     at = order.to_numpy()
     bucket_code = cols.bucket_code[at]
-    clips = {"clip_id": ids, "bucket_code": bucket_code, "file_of": cols.file_of[at], "row": cols.row[at],
-             "num_frames": cols.num_frames[at], "num_tokens": tokens[bucket_code]}
+    file_of, num_frames = cols.file_of[at], cols.num_frames[at]
+    clips = {"clip_id": ids, "bucket_code": bucket_code, "file_of": file_of, "row": cols.row[at],
+             "num_frames": num_frames, "num_tokens": tokens[bucket_code]}
     if remote:
         clips.update(batch_offset=cols.extra["batch_offset"][at], batch_bytes=cols.extra["batch_bytes"][at])
+    clips["by_file"], videos, images = group_by_file(file_of, num_frames, len(cols.files))
     files = pa.table({"path": pa.array(cols.files, pa.string()), "bytes": pa.array(cols.file_bytes, pa.int64()),
-                      "sha256": pa.array(cols.file_sha256, pa.string())})
+                      "sha256": pa.array(cols.file_sha256, pa.string()), "videos": videos, "images": images})
     return pa.table(clips), files, order, cols
+
+
+def group_by_file(file_of: np.ndarray, num_frames: np.ndarray, num_files: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(by_file, videos, images): clip indices grouped by file, each file's videos (more than one
+    frame) before its images, in index order within each; and each file's counts of the two —
+    the populations training/order.py orders (int32 indices below 2^31 clips: 4 bytes a clip)."""
+    image = num_frames == 1
+    by_file = np.lexsort((image, file_of))
+    return (by_file.astype(np.int32) if len(by_file) < 2**31 else by_file,
+            np.bincount(file_of[~image], minlength=num_files).astype(np.int64),
+            np.bincount(file_of[image], minlength=num_files).astype(np.int64))
 
 
 @dataclass

@@ -47,7 +47,7 @@ def main() -> None:
     out = {"budget": args.budget, "runs": []}
     for packs in [int(x) for x in args.packs.split(",")]:
         shapes, _ = draw_mix(packs * 12 * (args.steps + 1), args.budget, seed=0)
-        counts = [tokens_of(s) for s in shapes]
+        counts = np.array([tokens_of(s) for s in shapes])
         order = np.random.default_rng(0).permutation(len(counts))
         new_s, plans = time_steps(lambda pos: plan_step(counts, order, LoaderState(0, pos, 0), packs, args.budget),
                                   counts, order, packs, args.budget, args.steps)

@@ -24,7 +24,7 @@ from training.data import (
     epoch_order,
     plan_steps,
 )
-from training.index import ShardIndex
+from training.index import ShardIndex, group_by_file
 from training.packing import plan_packs, unpack
 
 PATCH = (1, 2, 2)
@@ -456,6 +456,8 @@ def test_image_fraction_in_the_step_plan_is_the_same_for_any_worker_count(data_d
     index = ShardIndex.open(str(data_dir), PATCH, split="train")
     assert index.num_frames.tolist() == [9] * len(index.num_frames)  # read from the clip index
     index.num_frames = np.where(np.array(index.bucket_names)[index.bucket_code] == "a", 1, 9)
+    index.by_file, index.file_videos, index.file_images = group_by_file(index.file_of, index.num_frames,
+                                                                        len(index.files))
     is_image = index.num_frames == 1
     plans = list(islice(plan_steps(index, LoaderState(), 7, PACKS, BUDGET, image_fraction=0.25), 40))
     drawn = [c for p in plans if p.epoch == 0 for pack in p.packs for c in pack]
