@@ -259,6 +259,29 @@ def test_resume_with_other_worker_count_neither_skips_nor_repeats(index: ShardIn
     assert len(epoch0) == len(set(epoch0))
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_a_state_saved_before_order_formats_resumes_along_the_whole_array_order(index: ShardIndex,
+                                                                               window: int) -> None:
+    # trainer_state.json of runs begun before training/order.py has no "order": format 1, whose
+    # steps take consecutive runs of epoch_order's array — the order those runs were trained on.
+    state = LoaderState.from_dict({"epoch": 1, "position": 5, "step": 9})
+    assert state.order == 1
+    epoch, pos = 1, 5
+    for plan in islice(plan_steps(index, state, 7, PACKS, BUDGET, window), 8):  # past the epoch end
+        if plan.epoch != epoch:
+            epoch, pos = plan.epoch, 0
+        order = epoch_order(len(index.clips), 7, epoch, index.file_of, window)
+        taken = [i for pk in plan.packs for i in pk] + plan.skipped
+        assert taken and sorted(taken) == sorted(order[pos:pos + len(taken)].tolist())
+        pos += len(taken)
+        assert plan.state.order == 1  # and it stays format 1 through the next checkpoints
+    assert epoch > 1  # across epoch ends
+    new = [sorted(i for pk in p.packs for i in pk) for p in islice(plan_steps(
+        index, LoaderState(1, 5, 9), 7, PACKS, BUDGET, window), 3)]
+    old = [sorted(i for pk in p.packs for i in pk) for p in islice(plan_steps(index, state, 7, PACKS, BUDGET, window), 3)]
+    assert new != old  # a new run's format-2 order is another order
+
+
 def test_small_budget_without_fitting_clips_fails_clearly(index: ShardIndex, data_dir: Path) -> None:
     from training.index import DataError, check_data
     from training.loop import usable
