@@ -27,7 +27,7 @@ import torch
 from eval.fvd import MIN_FRAMES
 from eval.settings import EVAL_SECTIONS, NightlyConfig
 from pipeline.config import to_dict
-from pipeline.manifest import index_dataset, read_manifest
+from pipeline.manifest import read_manifest, stream_index
 from pipeline.vae import VideoVAE
 from training.index import ClipRef, ShardIndex
 from training.sample import read_prompts_file
@@ -166,7 +166,7 @@ def choose_reals(data_uri: str, split: str, allow_train: bool, max_clips: int,
 def split_counts(data_uri: str) -> dict[str, int]:
     """Clips per split, streamed from the clip index (one column, record batch by record batch)."""
     counts: Counter[str] = Counter()
-    for batch in index_dataset(data_uri, read_manifest(data_uri)).to_batches(columns=["split"]):
+    for batch in stream_index(data_uri, read_manifest(data_uri), ["split"]):
         found = pc.value_counts(batch.column(0))
         counts.update(dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist())))
     return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))}

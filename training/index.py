@@ -24,11 +24,10 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 
 from pipeline import storage
-from pipeline.manifest import INDEX_SCHEMA, ManifestError, index_dataset, read_manifest
+from pipeline.manifest import INDEX_SCHEMA, ManifestError, read_manifest, stream_index
 from pipeline.shards import REDO, RowReader, ShardError, as_float32, missing_shard, read_shard, resized_shard
 from pipeline.state import check_shards
 from training.cache import ShardCache
@@ -343,24 +342,33 @@ def _sorted_tables(data_uri: str, manifest: dict[str, Any], split: str | None, b
                    tokens: np.ndarray, remote: bool, scalars: bool) -> tuple[pa.Table, pa.Table, pa.Array, _Columns]:
     """(clips, files, order, columns): the clip columns sorted by clip_id — the order every worker
     agrees on — and the shard files sorted by path. Each column is taken in that order on its
-    own, so the peak holds the ids twice, not the whole index."""
+    own, and each unsorted column goes as soon as its sorted one is made, so the peak holds the
+    ids twice, not the whole index twice (peak at 10M clips +2.1 GB, was +2.8 GB)."""
     extra = ([c for c in SCALAR_COLUMNS if c != "num_frames"] if scalars else []) + (
         ["batch_offset", "batch_bytes"] if remote else [])
     cols = _read_columns(data_uri, manifest, split, bucket_names, extra)
-    order = pc.sort_indices(cols.ids)
-    ids = cols.ids.take(order).combine_chunks()
+    # Take would concatenate the chunks into a copy of its own while they live: combine them
+    # once and let them go first (a third copy of the ids fewer at the peak).
+    ids = cols.ids.combine_chunks()
     cols.ids = None
+    order = pc.sort_indices(ids)
+    ids = ids.take(order)
     same = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
     if pc.any(same).as_py():
         first = ids[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
         raise ShardError(f"{pc.sum(same).as_py()} clip id(s) appear twice in {data_uri}, e.g. {first}")
     at = order.to_numpy()
-    bucket_code = cols.bucket_code[at]
-    file_of, num_frames = cols.file_of[at], cols.num_frames[at]
-    clips = {"clip_id": ids, "bucket_code": bucket_code, "file_of": file_of, "row": cols.row[at],
+
+    def take(name: str) -> np.ndarray:
+        column = getattr(cols, name)[at]
+        setattr(cols, name, None)
+        return column
+
+    bucket_code, file_of, num_frames = take("bucket_code"), take("file_of"), take("num_frames")
+    clips = {"clip_id": ids, "bucket_code": bucket_code, "file_of": file_of, "row": take("row"),
              "num_frames": num_frames, "num_tokens": tokens[bucket_code]}
     if remote:
-        clips.update(batch_offset=cols.extra["batch_offset"][at], batch_bytes=cols.extra["batch_bytes"][at])
+        clips.update({c: cols.extra.pop(c)[at] for c in ("batch_offset", "batch_bytes")})
     clips["by_file"], videos, images = group_by_file(file_of, num_frames, len(cols.files))
     files = pa.table({"path": pa.array(cols.files, pa.string()), "bytes": pa.array(cols.file_bytes, pa.int64()),
                       "sha256": pa.array(cols.file_sha256, pa.string()), "videos": videos, "images": images})
@@ -383,11 +391,11 @@ def group_by_file(file_of: np.ndarray, num_frames: np.ndarray, num_files: int
 class _Columns:
     """The clip index's columns a ShardIndex keeps, in index order (before sorting by clip_id)."""
 
-    ids: pa.ChunkedArray | None
-    bucket_code: np.ndarray
-    file_of: np.ndarray  # → files, sorted by path
-    row: np.ndarray
-    num_frames: np.ndarray
+    ids: pa.ChunkedArray | None  # these five: None once sorted (_sorted_tables)
+    bucket_code: np.ndarray | None
+    file_of: np.ndarray | None  # → files, sorted by path
+    row: np.ndarray | None
+    num_frames: np.ndarray | None
     extra: dict[str, np.ndarray]
     scalar_batches: list[pa.RecordBatch]
     files: list[str]
@@ -404,7 +412,6 @@ def _read_columns(data_uri: str, manifest: dict[str, Any], split: str | None, bu
     numeric = [c for c in extra if c in ("batch_offset", "batch_bytes")]
     scalar = [c for c in extra if c not in numeric]
     columns = ["clip_id", "bucket", "shard", "row", "num_frames", "shard_bytes", "shard_sha256", *extra]
-    flt = (pads.field("split") == split) if split is not None else None
     buckets = pa.array(bucket_names, pa.string())
     code_of: dict[str, int] = {}  # shard path → code, in order of first appearance
     committed: list[tuple[int, str]] = []
@@ -412,7 +419,7 @@ def _read_columns(data_uri: str, manifest: dict[str, Any], split: str | None, bu
     more: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
     # One batch decoded at a time: threaded scans decode row groups ahead of the loop and held
     # ~4x the live memory (220 vs 57 MB at 1M clips), for no faster open (tests/bench/loader_scale.py).
-    for batch in index_dataset(data_uri, manifest).to_batches(columns=columns, filter=flt, use_threads=False):
+    for batch in stream_index(data_uri, manifest, columns, split, use_threads=False):
         if not batch.num_rows:
             continue
         codes = pc.index_in(batch["bucket"], value_set=buckets)
@@ -457,8 +464,7 @@ def per_file(data_uri: str, manifest: dict[str, Any], split: str | None, columns
     """shard path → (the given per-file columns) from the clip index, streamed in record batches:
     memory is one entry per shard file (~100k at 100M clips), never one per clip."""
     out: dict[str, tuple] = {}
-    flt = (pads.field("split") == split) if split is not None else None
-    for batch in index_dataset(data_uri, manifest).to_batches(columns=["shard", *columns], filter=flt):
+    for batch in stream_index(data_uri, manifest, ["shard", *columns], split):
         if not batch.num_rows:
             continue
         paths, first = np.unique(batch.column(0).to_numpy(zero_copy_only=False), return_index=True)
