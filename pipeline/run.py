@@ -297,8 +297,9 @@ def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerp
     return (
         # Few sources per task: a shuffle block holds thousands (see compute.sources_per_task).
         todo.repartition(target_num_rows_per_block=cfg.compute.sources_per_task)
-        # Probing reads each file once (hash + container scan).
-        .map(make_probe_fn(cfg))
+        # Probing reads each file once (hash + container scan): CPU and network work that, like
+        # the cut, stays off the GPU nodes with compute.cut_resources (and fuses with the cut).
+        .map(make_probe_fn(cfg), resources=cfg.compute.cut_resources or None)
         # Per source: decode + scene cut + sampling share one pass over the frames.
         .flat_map(make_cut_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
                   resources=cfg.compute.cut_resources or None)

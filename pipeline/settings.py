@@ -54,8 +54,9 @@ class ComputeConfig:
     # long source hold back the others of its task. Outputs stream out of a task as it goes.
     # Measured (tests/bench/scale.py, 2,000 sources): 1 → 2.6× the bare pass, 8 → 1.17×, 16 → 0.99×.
     sources_per_task: int = 16
-    # Extra Ray resources per cut task, e.g. {cpu_node: 1} to keep decoding on the CPU node type
-    # of cluster/*.yaml (which advertise cpu_node = their CPU count) and off the GPU nodes.
+    # Extra Ray resources per probe and cut task, e.g. {cpu_node: 1} to keep reading, hashing and
+    # decoding on the CPU node type of cluster/*.yaml (which advertise cpu_node = their CPU count)
+    # and off the GPU nodes.
     cut_resources: dict[str, float] = field(default_factory=dict)
     caption_batch_size: int = 8
     caption_actors: int = 1

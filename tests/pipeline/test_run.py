@@ -575,3 +575,35 @@ def test_the_manifest_reads_back_the_commits_whatever_the_writers_report(
     on_disk = _clip_ids(out)
     assert on_disk and summary["clips"] == manifest["totals"]["clips"] == len(on_disk)
     assert sorted(read_index(str(out), manifest, ["clip_id"])["clip_id"].to_pylist()) == sorted(on_disk)
+
+
+def test_probe_and_cut_tasks_both_ask_for_the_cpu_node_resources() -> None:
+    """compute.cut_resources keeps probing (a read + hash of every source) and the cut off GPU
+    nodes alike; the model stages ask for GPUs instead. The plan's calls are recorded, not run."""
+    from types import SimpleNamespace
+
+    from pipeline.run import Resume, build_plan
+    from pipeline.settings import PipelineConfig
+
+    calls: list[tuple[str, dict]] = []
+
+    class Recorder:
+        def __getattr__(self, name: str):
+            def call(*args, **kwargs):
+                calls.append((name, kwargs))
+                return self
+            return call
+
+    fake_ray = SimpleNamespace(cluster_resources=lambda: {"GPU": 8.0},
+                               data=SimpleNamespace(ActorPoolStrategy=lambda size: ("pool", size)))
+    sha = {"weights_sha256": "0" * 64}
+    fingerprints = {"clip": sha, "text": sha, "text_encoder": sha, "vae": sha}
+    for resources, want in (({"cpu_node": 1.0}, {"cpu_node": 1.0}), ({}, None)):
+        cfg = PipelineConfig()
+        cfg.compute.cut_resources = resources
+        calls.clear()
+        build_plan(fake_ray, cfg, "/tmp/out", Recorder(), Resume([]), fingerprints, [])
+        names = [n for n, _ in calls]
+        assert names[:3] == ["repartition", "map", "flat_map"]
+        assert calls[1][1]["resources"] == want and calls[2][1]["resources"] == want
+        assert [kw.get("num_gpus") for n, kw in calls if n == "map_batches"] == [1.0, 1.0, None]  # caption, VAE, router
