@@ -135,6 +135,9 @@ def parse_sidecar(name: str, data: bytes) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+CONTENT_ID_PREFIX = "src"  # + the first 29 hex digits of the bytes' sha256: 32 characters
+
+
 def content_id(uri: str) -> str:
-    """Stable source id: sha256 of the file's bytes (first 32 hex digits)."""
-    return "src" + storage.sha256(uri)[:29]
+    """Stable source id: sha256 of the file's bytes (first 32 characters with the prefix)."""
+    return CONTENT_ID_PREFIX + storage.sha256(uri)[:29]

@@ -61,7 +61,7 @@ from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import column_shapes, read_shard
 from pipeline.state import add_totals, check_shards, drop_near_duplicates, status_block, totals_block, totals_json
-from pipeline.steps import CaptionStage, VAEStage, make_cut_fn, make_probe_fn
+from pipeline.steps import CaptionStage, VAEStage, make_source_fn
 from pipeline.text_encoder import null_text_uri
 from pipeline.version import code_version
 from pipeline.writer_actors import Router, Stalled, flush_writers, run_streaming, start_writers
@@ -297,11 +297,9 @@ def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerp
     return (
         # Few sources per task: a shuffle block holds thousands (see compute.sources_per_task).
         todo.repartition(target_num_rows_per_block=cfg.compute.sources_per_task)
-        # Probing reads each file once (hash + container scan): CPU and network work that, like
-        # the cut, stays off the GPU nodes with compute.cut_resources (and fuses with the cut).
-        .map(make_probe_fn(cfg), resources=cfg.compute.cut_resources or None)
-        # Per source: decode + scene cut + sampling share one pass over the frames.
-        .flat_map(make_cut_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
+        # Per source, over one local copy (hashed as it is made): probe, then decode + scene cut +
+        # sampling in one pass over the frames; off the GPU nodes with compute.cut_resources.
+        .flat_map(make_source_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
                   resources=cfg.compute.cut_resources or None)
         .map_batches(
             CaptionStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,

@@ -68,6 +68,11 @@ class ComputeConfig:
     # is reserved). Rows are spread over them by (bucket, source); more writers, more bandwidth.
     writer_actors: int = 1
     writer_open_mb: float = 8192.0  # local disk a writer may fill with open shards before committing early
+    # Where writers live. Empty: on the driver's node (soft), right for one machine or a small
+    # cluster. Custom resources, e.g. {cpu_node: 0.001}: spread over the nodes that have them, so
+    # each node's disk (writer_open_mb per writer), NIC and memory carry only its writers' share
+    # of the latents (50 TB through the head node would take days and outgrow its disk).
+    writer_resources: dict[str, float] = field(default_factory=dict)
     shuffle_blocks: int = 0  # partitions of the dedupe / resume shuffles; 0 = 2 per cluster CPU
     # Small state skips Ray Data's hash shuffles (seconds of fixed cost each): commit records up
     # to this many MB in all are read by the driver in one go, and a listing up to this size is
@@ -97,11 +102,11 @@ class ComputeConfig:
             raise ValueError("compute.writer_actors must be >= 1")
         if self.lease_ttl_s <= 0:
             raise ValueError("compute.lease_ttl_s must be > 0")
-        bad = {k: v for k, v in self.cut_resources.items()
-               if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
-        if bad:
-            raise ValueError(f"compute.cut_resources: {bad} — give custom resources with positive amounts "
-                             "(CPUs are compute.cut_cpus)")
+        for name, why in (("cut_resources", "CPUs are compute.cut_cpus"), ("writer_resources", "writers take no CPU")):
+            bad = {k: v for k, v in getattr(self, name).items()
+                   if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
+            if bad:
+                raise ValueError(f"compute.{name}: {bad} — give custom resources with positive amounts ({why})")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -208,13 +209,17 @@ def delete_dir(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(uri: str) -> Iterator[str]:
+def local_copy(uri: str, hasher: Any = None) -> Iterator[str]:
     """A local file path for `uri`: the path itself when local, else a streamed temp copy (a tar
-    member's bytes are always copied out)."""
+    member's bytes are always copied out). `hasher` (a hashlib object) is fed the bytes on the
+    way — for a remote file, the same single read that makes the copy."""
     member = member_span(uri)
     if member is None:
         fs, path = resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
+            if hasher is not None:
+                for chunk in iter_chunks(uri):
+                    hasher.update(chunk)
             yield path
             return
     tmpdir = tempfile.mkdtemp(prefix="ditharos-src-")
@@ -223,6 +228,8 @@ def local_copy(uri: str) -> Iterator[str]:
         with open(local, "wb") as dst:
             for chunk in iter_chunks(uri):
                 dst.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
         yield local
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -49,12 +49,17 @@ class WriterActor:
 
 
 def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
-    """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway —
+    or, with compute.writer_resources, spread over the nodes that have those resources."""
+    if cfg.compute.writer_resources:
+        placement = {"resources": dict(cfg.compute.writer_resources), "scheduling_strategy": "SPREAD"}
+    else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)}
     actor = ray.remote(num_cpus=0, max_restarts=WRITER_RESTARTS, max_task_retries=WRITER_RESTARTS,
-                       scheduling_strategy=here)(WriterActor)
+                       **placement)(WriterActor)
     return [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
                          int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
             for i in range(cfg.compute.writer_actors)]

@@ -35,9 +35,11 @@ def test_pipeline_and_training_via_ray_job_submit(tmp_path: Path) -> None:
     cluster = LocalCluster(tmp_path / "cluster", workers=1, cpus_per_worker=2, head_cpus=0)
     cluster.up()
     try:
-        # Cut tasks pinned to the harness' CPU node type, as production.yaml does on a cloud cluster.
+        # Probe and cut tasks pinned to the harness' CPU node type and the writer placed there by
+        # resources, as production.yaml does on a cloud cluster.
         pipeline, text = submit(cluster, "python", "pipeline/run.py", "--config", "pipeline/configs/demo.yaml",
-                                "--output", str(out), "--set", "compute.cut_resources={cpu_node: 1}")
+                                "--output", str(out), "--set", "compute.cut_resources={cpu_node: 1}",
+                                "--set", "compute.writer_resources={cpu_node: 0.01}")
         assert pipeline.returncode == 0, text[-6000:]
         training, train_text = submit(
             cluster, "python", "training/train.py", "--config", "training/configs/demo.yaml",

@@ -295,11 +295,12 @@ def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
     assert load_config(PipelineConfig, path) == PipelineConfig()
 
 
-def test_cut_resources_must_be_custom_and_positive() -> None:
+@pytest.mark.parametrize("key", ["cut_resources", "writer_resources"])
+def test_cut_and_writer_resources_must_be_custom_and_positive(key: str) -> None:
     from pipeline.settings import PipelineConfig
 
-    cfg = load_config(PipelineConfig, None, ["compute.cut_resources={cpu_node: 1}"])
-    assert cfg.compute.cut_resources == {"cpu_node": 1}
+    cfg = load_config(PipelineConfig, None, [f"compute.{key}={{cpu_node: 1}}"])
+    assert getattr(cfg.compute, key) == {"cpu_node": 1}
     for bad in ("{CPU: 2}", "{cpu_node: 0}", "{cpu_node: lots}"):
-        with pytest.raises((ConfigError, ValueError), match="cut_resources"):
-            load_config(PipelineConfig, None, [f"compute.cut_resources={bad}"])
+        with pytest.raises((ConfigError, ValueError), match=key):
+            load_config(PipelineConfig, None, [f"compute.{key}={bad}"])

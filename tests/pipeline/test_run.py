@@ -577,7 +577,7 @@ def test_the_manifest_reads_back_the_commits_whatever_the_writers_report(
     assert sorted(read_index(str(out), manifest, ["clip_id"])["clip_id"].to_pylist()) == sorted(on_disk)
 
 
-def test_probe_and_cut_tasks_both_ask_for_the_cpu_node_resources() -> None:
+def test_probe_and_cut_tasks_ask_for_the_cpu_node_resources() -> None:
     """compute.cut_resources keeps probing (a read + hash of every source) and the cut off GPU
     nodes alike; the model stages ask for GPUs instead. The plan's calls are recorded, not run."""
     from types import SimpleNamespace
@@ -604,6 +604,6 @@ def test_probe_and_cut_tasks_both_ask_for_the_cpu_node_resources() -> None:
         calls.clear()
         build_plan(fake_ray, cfg, "/tmp/out", Recorder(), Resume([]), fingerprints, [])
         names = [n for n, _ in calls]
-        assert names[:3] == ["repartition", "map", "flat_map"]
-        assert calls[1][1]["resources"] == want and calls[2][1]["resources"] == want
+        assert names[:2] == ["repartition", "flat_map"]  # probe and cut: one task per source block
+        assert calls[1][1]["resources"] == want
         assert [kw.get("num_gpus") for n, kw in calls if n == "map_batches"] == [1.0, 1.0, None]  # caption, VAE, router

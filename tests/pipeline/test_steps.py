@@ -82,3 +82,55 @@ def test_vae_failure_rejects_that_clip_only_and_side_rows_pass(sample_clips: dic
     good = [i for i, k in enumerate(out["kind"]) if k == "clip"]
     assert all(out["latents"][i].ndim == 4 and out["latents"][i].size > 0 for i in good)
     assert "frames" not in out
+
+
+def test_source_fn_reads_a_remote_source_once_and_gives_what_probe_then_cut_give(
+        sample_clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tar member stands for a remote file (its bytes are always copied out): the fused step reads
+    it once — hashed for its id while copied — where probe + cut read it three times."""
+    import tarfile
+
+    from pipeline import storage
+    from pipeline.steps import make_source_fn
+
+    src = sample_clips["carphone_pristine"]
+    tar = tmp_path / "videos.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(src, arcname="a/carphone.mp4")
+    with tarfile.open(tar) as t:
+        info = t.getmember("a/carphone.mp4")
+    uri = storage.member_uri(str(tar), info.offset_data, info.size, info.name)
+    row = dict(listing_row(uri, info.size, 0), source_id="", dup_of="")
+    reads: list[str] = []
+    real = storage.iter_chunks
+
+    def counting(u: str, *a, **kw):
+        reads.append(u)
+        return real(u, *a, **kw)
+
+    monkeypatch.setattr(storage, "iter_chunks", counting)
+    cfg = PipelineConfig()
+    fused = list(make_source_fn(cfg)(row))
+    assert len(reads) == 1
+    reads.clear()
+    apart = list(make_cut_fn(cfg)(make_probe_fn(cfg)(row)))
+    assert len(reads) == 3  # the two-stage path: hash, probe's copy, cut's copy
+    assert [r["kind"] for r in fused] == [r["kind"] for r in apart] and "clip" in [r["kind"] for r in fused]
+    assert [r["clip_id"] for r in fused] == [r["clip_id"] for r in apart]
+    assert json.loads(fused[-1]["record_json"]) == json.loads(apart[-1]["record_json"])  # same source id and row
+    assert all(np.array_equal(a["frames"], b["frames"]) for a, b in zip(fused, apart) if a["kind"] == "clip")
+
+
+def test_source_fn_rejects_unreadable_and_listed_rejects_without_a_copy(tmp_path: Path) -> None:
+    from pipeline.steps import make_source_fn
+
+    cfg = PipelineConfig()
+    gone = dict(listing_row(str(tmp_path / "gone.mp4"), 1000, 0), source_id="", dup_of="")
+    out = list(make_source_fn(cfg)(gone))
+    rej = json.loads(out[0]["record_json"])
+    assert [r["kind"] for r in out] == ["reject", "source"] and rej["stage"] == "probe"
+    assert "cannot read file" in rej["reason"]
+    dup = dict(listing_row(str(tmp_path / "gone.mp4"), 1000, 0), source_id="src" + "0" * 29,
+               dup_of=str(tmp_path / "first.mp4"))
+    rej = json.loads(list(make_source_fn(cfg)(dup))[0]["record_json"])
+    assert rej["stage"] == "dedupe" and "same content as" in rej["reason"]

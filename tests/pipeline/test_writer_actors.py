@@ -111,3 +111,35 @@ def test_rows_route_by_bucket_and_source_stably() -> None:
     got = writer_of(batch, 7)
     assert got[0] == got[1] == zlib.crc32(b"b1|s1") % 7  # one source's clips of a bucket share a writer
     assert got[2] == zlib.crc32(b"|u1") % 7 and got[3] == zlib.crc32(b"|u2") % 7
+
+
+def test_writers_spread_over_nodes_with_writer_resources_else_stay_on_the_drivers_node() -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.settings import PipelineConfig
+
+    made: list[dict] = []
+
+    class Handle:
+        def remote(self, *args):
+            made.append({"args": args})
+            return self
+
+    def remote(**options):
+        made.append(options)
+        return lambda cls: Handle()
+
+    ray = types.SimpleNamespace(remote=remote, get_runtime_context=lambda: types.SimpleNamespace(
+        get_node_id=lambda: "ab" * 28))
+    cfg = PipelineConfig()
+    cfg.compute.writer_actors = 3
+    writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
+    here = made[0]["scheduling_strategy"]
+    assert isinstance(here, NodeAffinitySchedulingStrategy) and here.soft and "resources" not in made[0]
+    assert len(made) == 1 + 3 and made[0]["num_cpus"] == 0
+    made.clear()
+    cfg.compute.writer_resources = {"cpu_node": 0.001}
+    writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
+    assert made[0]["resources"] == {"cpu_node": 0.001} and made[0]["scheduling_strategy"] == "SPREAD"
+    assert made[0]["num_cpus"] == 0 and made[0]["max_restarts"] == writer_actors.WRITER_RESTARTS
+    assert [m["args"][1] for m in made[1:]] == ["run-w000", "run-w001", "run-w002"]
