@@ -14,8 +14,16 @@ clips. Rows still in open files when a writer dies were never committed: their s
 incomplete and the next pass redoes them. A restarted writer reads its own records of this
 run back, so a row re-sent after a retried call is not committed twice.
 
-Memory per writer: one incoming batch. Local disk per writer: at most `max_open_bytes`; past
-that the largest open file is committed early (a smaller shard rather than a full disk).
+With `max_pending_commits` = k > 0 (the writer actors use COMMITS_IN_FLIGHT) steps 1-2 run in
+one background thread, in order, while `append` goes on filling new files: hashing and
+uploading a 512 MB shard takes seconds, and done inside `append` it held up the router and so
+the whole stream. At most k closed shards wait for their commit (an `append` that would make
+k + 1 waits), and a commit's error is raised by the next `append` or `flush`. A crash loses the
+waiting shards as it loses open ones. k = 0 commits inline.
+
+Memory per writer: one incoming batch (plus the index rows of the waiting shards). Local disk
+per writer: at most `max_open_bytes` of open files, past which the largest is committed early (a
+smaller shard rather than a full disk), plus k closed shards waiting.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +51,7 @@ from pipeline.shards import (ROWS_PER_BATCH, SCALAR_COLUMNS, SCORE_COLUMNS, TENS
 log = get_logger("writer")
 SHARD_COLUMNS = list(SCALAR_COLUMNS) + list(TENSOR_COLUMNS)
 DIT_PATCH_HW = 2  # index num_tokens counts tokens at the DiT's default (1, 2, 2) patch
+COMMITS_IN_FLIGHT = 2  # closed shards a writer actor may have waiting for their background commit
 
 
 def shard_path(bucket: str, name: str) -> str:
@@ -66,9 +77,15 @@ class ShardWriter:
     """Appends clip rows to rolling per-bucket shards and commits them with records."""
 
     def __init__(self, out_uri: str, name: str, target_bytes: int, max_open_bytes: int,
-                 skip_clip_ids: frozenset[str] | set[str] = frozenset(), local_dir: str | None = None) -> None:
+                 skip_clip_ids: frozenset[str] | set[str] = frozenset(), local_dir: str | None = None,
+                 max_pending_commits: int = 0) -> None:
         if target_bytes <= 0 or max_open_bytes < target_bytes:
             raise ValueError(f"need 0 < target_bytes ({target_bytes}) <= max_open_bytes ({max_open_bytes})")
+        if max_pending_commits < 0:
+            raise ValueError(f"max_pending_commits must be >= 0, got {max_pending_commits}")
+        self.max_pending = max_pending_commits
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="ditharos-commit") if max_pending_commits else None
+        self._pending: deque[Future] = deque()  # background commits, oldest first
         self.out_uri = out_uri
         self.name = name  # unique per run and writer, e.g. "<run_id>-w003"
         self.target_bytes = target_bytes
@@ -110,14 +127,19 @@ class ShardWriter:
             len(v) for v in by_bucket.values())}
 
     def flush(self) -> dict[str, int]:
-        """Commit every open shard and any side rows still pending (end of the stream)."""
+        """Commit every open shard and any side rows still pending (end of the stream); returns
+        once every commit is done."""
         for bucket in sorted(self.open):
             self._commit(bucket)
         if self.side_rows:
             self._write_record([], self._next_name())
+        self._wait(0)
         return dict(self.stats)
 
     def close(self) -> None:
+        """Let waiting commits finish (their errors are not raised here), then drop open files."""
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
         for shard in self.open.values():
             shard.writer.close()
             shard.sink.close()
@@ -179,22 +201,48 @@ class ShardWriter:
         shard = self.open.pop(bucket)
         shard.writer.close()
         shard.sink.close()
-        name = self._next_name()
+        # a unique local name: the bucket's next open file may be created before this one is uploaded
+        closed = f"{shard.path}.{self.seq}"
+        os.replace(shard.path, closed)
+        name, side, self.side_rows = self._next_name(), self.side_rows, []
+        self._run(lambda: self._place(bucket, closed, shard.index_rows, name, side))
+
+    def _place(self, bucket: str, path: str, index_rows: list[dict[str, Any]], name: str,
+               side_rows: list[dict[str, Any]]) -> None:
+        """Steps 1 and 2 for one closed shard (in the commit thread when there is one)."""
         rel = shard_path(bucket, name)
-        size, digest = os.path.getsize(shard.path), storage.sha256(shard.path)
-        storage.put_file_atomic(shard.path, storage.join(self.out_uri, rel))  # 1. shard in place
-        os.remove(shard.path)
+        size, digest = os.path.getsize(path), storage.sha256(path)
+        storage.put_file_atomic(path, storage.join(self.out_uri, rel))  # 1. shard in place
+        os.remove(path)
         fault_point("after_shard_move")
-        rows = [dict(r, shard=rel, shard_bytes=size, shard_sha256=digest) for r in shard.index_rows]
-        self._write_record(rows, name, {"path": rel, "bytes": size, "sha256": digest,
-                                        "rows": len(rows)})  # 2. the record: now it is committed
+        rows = [dict(r, shard=rel, shard_bytes=size, shard_sha256=digest) for r in index_rows]
+        write_record(self.out_uri, name, rows + side_rows, {"path": rel, "bytes": size, "sha256": digest,
+                                                            "rows": len(rows)})  # 2. the record: committed
+        self.stats["records"] += 1
         self.stats["shards"] += 1
         self.stats["shard_bytes"] += size
 
-    def _write_record(self, clip_rows: list[dict[str, Any]], name: str, shard: dict[str, Any] | None = None) -> None:
-        write_record(self.out_uri, name, clip_rows + self.side_rows, shard)
-        self.side_rows = []
-        self.stats["records"] += 1
+    def _write_record(self, clip_rows: list[dict[str, Any]], name: str) -> None:
+        """A record of side rows (and these clip rows) without a shard, after the commits before it."""
+        side, self.side_rows = self.side_rows, []
+
+        def write() -> None:
+            write_record(self.out_uri, name, clip_rows + side, None)
+            self.stats["records"] += 1
+        self._run(write)
+
+    def _run(self, commit: Any) -> None:
+        """Run a commit inline, or queue it behind the earlier ones (waiting while k are queued)."""
+        if self._committer is None:
+            commit()
+            return
+        self._wait(self.max_pending - 1)
+        self._pending.append(self._committer.submit(commit))
+
+    def _wait(self, most: int) -> None:
+        """Until at most `most` commits wait; a finished commit's error is raised here."""
+        while self._pending and (len(self._pending) > most or self._pending[0].done()):
+            self._pending.popleft().result()
 
     def _recover(self) -> None:
         """After a restart: continue numbering after this writer's records and skip what they hold."""

@@ -30,9 +30,10 @@ class WriterActor:
     """Ray actor around `pipeline.writer.ShardWriter` (made with ray.remote in `start_writers`)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        from pipeline.writer import ShardWriter
+        from pipeline.writer import COMMITS_IN_FLIGHT, ShardWriter
 
-        self.writer = ShardWriter(*args, **kwargs)
+        # commits in the background: the router's hand-off does not wait for shard uploads
+        self.writer = ShardWriter(*args, max_pending_commits=COMMITS_IN_FLIGHT, **kwargs)
         self.rows = 0
 
     def append(self, batch: dict) -> None:

@@ -36,12 +36,14 @@ def all_records(out: Path) -> pa.Table:
     return pa.concat_tables([read_record(str(p)) for p in sorted((out / RECORDS_DIR).glob("*.parquet"))])
 
 
-def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pending", [0, 2])  # commits inline / in the background
+def test_rolls_shards_at_target_size_and_records_every_clip(tmp_path: Path, pending: int) -> None:
     cols = columns(40)
     stored = [cols["latents"][i].nbytes + cols["image_embedding"][i].nbytes  # text: the real tokens only
               + cols["text_embedding"][i][cols["text_mask"][i]].nbytes for i in range(40)]
     per_clip = max(stored)
-    w = ShardWriter(str(tmp_path), "run1-w000", target_bytes=10 * per_clip, max_open_bytes=100 * per_clip)
+    w = ShardWriter(str(tmp_path), "run1-w000", target_bytes=10 * per_clip, max_open_bytes=100 * per_clip,
+                    max_pending_commits=pending)
     sources = sorted(set(cols["source_id"]))
     side = [source_row(s, cols["source_uri"][cols["source_id"].index(s)], cols["source_id"].count(s))
             for s in sources]
@@ -103,12 +105,14 @@ def test_a_source_is_incomplete_until_all_its_clips_commit(tmp_path: Path) -> No
     w.close()
 
 
-def test_restarted_writer_skips_what_it_committed_and_numbers_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pending", [0, 2])
+def test_restarted_writer_skips_what_it_committed_and_numbers_on(tmp_path: Path, pending: int) -> None:
     cols = columns(10)
-    w = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30)  # commit every append
+    w = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30,  # commit every append
+                    max_pending_commits=pending)
     w.append(stream_batch({k: v[:6] for k, v in cols.items()}))
     w.close()
-    again = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30)
+    again = ShardWriter(str(tmp_path), "r-w001", target_bytes=1, max_open_bytes=1 << 30, max_pending_commits=pending)
     assert again.seq == 1
     again.append(stream_batch(cols))  # a retried call re-sends the first 6
     again.flush()
@@ -148,3 +152,63 @@ def test_record_rows_are_checked() -> None:
         record_table([{"kind": "clip", "colour": "red"}], "x")
     with pytest.raises(ValueError, match="kind 'clips' is not clip, source or reject"):
         record_table([{"kind": "clips"}], "x")
+
+
+def test_background_commits_let_append_return_in_order_bounded_and_raise_their_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload held back: appends that fill shards return without waiting for it, until k
+    closed shards wait; commits land in order; a failed upload is raised by the next call."""
+    import threading
+    import time
+
+    from pipeline import storage
+
+    gate, started, placed = threading.Event(), [], []
+    real_put = storage.put_file_atomic
+
+    def slow_put(src: str, dst: str) -> None:
+        started.append(dst)
+        assert gate.wait(10), "the test never released the upload"
+        real_put(src, dst)
+        placed.append(dst)
+
+    monkeypatch.setattr(storage, "put_file_atomic", slow_put)
+    cols = columns(8)
+    w = ShardWriter(str(tmp_path), "r-w004", target_bytes=1, max_open_bytes=1 << 30, max_pending_commits=2)
+    w.append(stream_batch({k: v[:1] for k, v in cols.items()}))  # fills a shard: its commit waits at the gate
+    w.append(stream_batch({k: v[1:2] for k, v in cols.items()}))  # a second closed shard waits too
+    assert len(started) == 1 and not placed and w.stats["shards"] == 0  # both appends returned
+    third = threading.Thread(target=w.append, args=(stream_batch({k: v[2:3] for k, v in cols.items()}),))
+    third.start()
+    time.sleep(0.3)
+    assert third.is_alive()  # a third would exceed k = 2 waiting: this append waits
+    gate.set()
+    third.join(10)
+    stats = w.flush()
+    assert stats["shards"] == 3 and placed == sorted(placed)  # r-w004-000000, -000001, -000002 in order
+    assert sorted(of_kind(all_records(tmp_path), "clip")["clip_id"].to_pylist()) == sorted(cols["clip_id"][:3])
+
+    def failing_put(src: str, dst: str) -> None:
+        raise OSError("SlowDown: please reduce your request rate")
+
+    monkeypatch.setattr(storage, "put_file_atomic", failing_put)
+    w.append(stream_batch({k: v[3:4] for k, v in cols.items()}))  # its commit fails in the background
+    with pytest.raises(OSError, match="SlowDown"):
+        w.flush()
+    w.close()
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_writer_bench_runs_both_ways_at_a_small_size() -> None:
+    """tests/bench/writer.py (inline vs background commits) at a tiny size: it runs, and both
+    ways commit the same shards."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "tests/bench/writer.py", "--mb", "24", "--clip-mb", "0.5", "--target-mb", "4",
+                          "--writers", "2", "--upload-mb-s", "1000"], capture_output=True, text=True, check=True,
+                         timeout=300)
+    inline, background = json.loads(out.stdout)["runs"]
+    assert (inline["max_pending_commits"], background["max_pending_commits"]) == (0, 2)
+    assert inline["shards"] == background["shards"] >= 4
