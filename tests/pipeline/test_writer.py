@@ -177,6 +177,9 @@ def test_background_commits_let_append_return_in_order_bounded_and_raise_their_e
     w = ShardWriter(str(tmp_path), "r-w004", target_bytes=1, max_open_bytes=1 << 30, max_pending_commits=2)
     w.append(stream_batch({k: v[:1] for k, v in cols.items()}))  # fills a shard: its commit waits at the gate
     w.append(stream_batch({k: v[1:2] for k, v in cols.items()}))  # a second closed shard waits too
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:  # the commit thread hashes, then reaches the upload
+        time.sleep(0.01)
     assert len(started) == 1 and not placed and w.stats["shards"] == 0  # both appends returned
     third = threading.Thread(target=w.append, args=(stream_batch({k: v[2:3] for k, v in cols.items()}),))
     third.start()
@@ -212,3 +215,22 @@ def test_writer_bench_runs_both_ways_at_a_small_size() -> None:
     inline, background = json.loads(out.stdout)["runs"]
     assert (inline["max_pending_commits"], background["max_pending_commits"]) == (0, 2)
     assert inline["shards"] == background["shards"] >= 4
+
+
+def test_clip_id_set_holds_every_id_through_its_merges_in_8_bytes_each() -> None:
+    import tracemalloc
+
+    from pipeline.writer import ClipIdSet
+
+    ids = [f"src{i:029x}-{i % 977:06d}-{i % 13}" for i in range(300_000)]
+    tracemalloc.start()
+    taken = ClipIdSet(frozenset(ids[:1000]))  # the committed ids it starts from
+    for cid in ids[1000:200_000]:
+        taken.add(cid)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(taken) == 200_000 and len(taken._sorted) >= 65_536  # merged into the sorted array at least once
+    assert all(cid in taken for cid in ids[:200_000:7])  # old, merged and recent ids alike
+    assert not any(cid in taken for cid in ids[200_000::7])
+    assert "src" not in taken and "" not in taken
+    assert held < 200_000 * 30  # a set of the strings: ~128 bytes an id (measured); here 8 + a recent set
