@@ -127,3 +127,44 @@ def test_listing_file_on_s3(s3_env: dict[str, str], sample_clips: dict[str, Path
     index = read_index("s3://lst/out", read_manifest("s3://lst/out"), ["source_uri", "source_meta"])
     assert set(index["source_uri"].to_pylist()) == {"s3://lst/v/carphone.mp4"}
     assert {json.loads(m)["source"] for m in index["source_meta"].to_pylist()} == {"test"}
+
+
+def test_publishing_a_parquet_folder_on_s3_copies_every_part_and_removes_the_temp(
+        s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index / rejects folders are published by server-side copies, many at a time."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from pipeline import run as job
+
+    fs = s3fs()
+    fs.create_dir("pub")
+    for i in range(40):
+        pq.write_table(pa.table({"x": [i]}), f"pub/tmp/part-{i:05d}.parquet", filesystem=fs)
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    class Counting:
+        """The S3 filesystem, counting the copies in flight (pyarrow's type cannot be patched)."""
+
+        def __getattr__(self, name: str):
+            return getattr(fs, name)
+
+        def copy_file(self, src: str, dst: str) -> None:
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            try:
+                threading.Event().wait(0.05)  # a CopyObject's round trip
+                fs.copy_file(src, dst)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+    monkeypatch.setattr(job.storage, "is_object_store", lambda f: True)
+    job._publish(Counting(), "pub/tmp", "pub/index/abc")
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector("pub/index/abc")))
+    assert names == [f"part-{i:05d}.parquet" for i in range(40)]
+    assert fs.get_file_info("pub/tmp").type == pafs.FileType.NotFound
+    assert pq.read_table("pub/index/abc", filesystem=fs)["x"].to_pylist() == list(range(40))
+    assert most[0] > 1  # copies overlap
