@@ -202,7 +202,14 @@ def plan_steps(index: ShardIndex, state: LoaderState, seed: int, packs_per_step:
                 state = replace(state, epoch=state.epoch + 1, position=0)
             if state.epoch != epoch:
                 epoch, order = state.epoch, order_of(state.epoch)
+            start = state.position
             packs, more, pos = plan_step(counts, order, state, packs_per_step, token_budget)
+            if not packs and start == 0 and pos >= len(order):  # a whole epoch: would roll on forever
+                raise DataError(
+                    f"no clip of epoch {epoch}'s order of {index.data_uri} fits a pack of {token_budget} tokens "
+                    f"({len(more)} clips, all over it)" + ("" if image_fraction is None else
+                    f"; with data.image_fraction={image_fraction} an epoch is the video clips and "
+                    f"{'no' if image_fraction == 0 else 'some'} images: raise data.token_budget or the fraction"))
             skipped += more
             state = replace(state, position=pos)
         # The step that finishes an epoch leaves the state at the next epoch's start.

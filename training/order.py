@@ -36,6 +36,7 @@ ROUNDS = 8
 BLOCK = 4096  # image-mix slots whose positions are drawn together
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finaliser
 _HYPERGEOMETRIC_MAX = 10**9  # NumPy's limit on each of ngood, nbad
+_VIDEOS, _IMAGES, _FILES, _WINDOW, _SLOTS, _BLOCK = 1, 2, 3, 4, 5, 6  # key tags: one random stream each
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -48,7 +49,10 @@ def _mix(z: np.ndarray) -> np.ndarray:
 class Permutation:
     """A keyed pseudo-random bijection of [0, n): a balanced Feistel network on the smallest even
     number of bits that covers n; values that land ≥ n are encrypted again until they fall in range
-    (cycle-walking: the domain is < 4n, so < 4 rounds of walking on average)."""
+    (cycle-walking: the domain is < 4n, so < 4 rounds of walking on average).
+
+    Feistel rounds on halves of ≥ 2 bits are even permutations, so when n is a power of 4 (no
+    walking) only even orders occur: half of all orders, which no statistic of a data order sees."""
 
     def __init__(self, n: int, key: Sequence[int]) -> None:
         self.n = int(n)
@@ -57,21 +61,24 @@ class Permutation:
         self.mask = np.uint64((1 << int(self.half)) - 1)
         self.keys = np.random.SeedSequence([int(k) for k in key]).generate_state(ROUNDS, np.uint64)
 
-    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+    def _encrypt(self, x: np.ndarray, tweak: np.ndarray | None) -> np.ndarray:
         left, right = x >> self.half, x & self.mask
         for k in self.keys:
-            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+            key = k if tweak is None else _mix(k ^ tweak)  # per element: one permutation per tweak
+            left, right = right, left ^ (_mix(right ^ key) & self.mask)
         return (left << self.half) | right
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The images of `x` (values in [0, n)) as int64."""
+    def __call__(self, x: np.ndarray, tweak: np.ndarray | None = None) -> np.ndarray:
+        """The images of `x` (values in [0, n)) as int64. `tweak` (one int ≥ 0 per value) picks one
+        of many independent permutations per value — the image cycles of an epoch in one call."""
         x = np.asarray(x, np.int64)
         if len(x) and (x.min() < 0 or x.max() >= self.n):
             raise IndexError(f"positions outside [0, {self.n})")
-        y = self._encrypt(x.astype(np.uint64))
+        t = None if tweak is None else _mix(np.asarray(tweak, np.int64).astype(np.uint64) + _M2)
+        y = self._encrypt(x.astype(np.uint64), t)
         walk = np.flatnonzero(y >= self.n)
         while len(walk):  # ends: x's cycle under the cipher comes back to x < n
-            y[walk] = self._encrypt(y[walk])
+            y[walk] = self._encrypt(y[walk], None if t is None else t[walk])
             walk = walk[y[walk] >= self.n]
         return y.astype(np.int64)
 
@@ -97,7 +104,9 @@ class _Stream:
         self.members, self.start, self.key = members, start, key
         num_files = len(count)
         windowed = 0 < window_files < num_files
-        self.place = (np.random.Generator(np.random.PCG64(list(key))).permutation(num_files) if windowed
+        # Keys end in a non-zero tag: NumPy's SeedSequence ignores trailing zeros, so (…, 0) and
+        # (…, 0, 0) would seed the same stream.
+        self.place = (np.random.Generator(np.random.PCG64([*key, _FILES])).permutation(num_files) if windowed
                       else np.arange(num_files))  # place → file
         self.cum = np.concatenate([[0], np.cumsum(count[self.place])]).astype(np.int64)  # clips before each place
         step = window_files if windowed else max(num_files, 1)
@@ -107,15 +116,16 @@ class _Stream:
     def __len__(self) -> int:
         return int(self.cum[-1])
 
-    def at(self, positions: np.ndarray) -> np.ndarray:
-        """Clip indices at these positions of the stream."""
+    def at(self, positions: np.ndarray, cycle: np.ndarray | None = None) -> np.ndarray:
+        """Clip indices at these positions of the stream; each `cycle` (one per position) permutes
+        within the windows anew (the same files, the same windows)."""
         window = np.searchsorted(self.edges, positions, side="right") - 1
         target = np.empty_like(positions)
         for w in np.unique(window).tolist():
             sel = window == w
             lo, size = int(self.edges[w]), int(self.edges[w + 1] - self.edges[w])
-            perm = self._perms.get_or(w, lambda: Permutation(size, (*self.key, w)))
-            target[sel] = lo + perm(positions[sel] - lo)
+            perm = self._perms.get_or(w, lambda: Permutation(size, (*self.key, _WINDOW, w)))
+            target[sel] = lo + perm(positions[sel] - lo, None if cycle is None else cycle[sel])
         place = np.searchsorted(self.cum, target, side="right") - 1
         file = self.place[place]
         return self.members[self.start[file] + (target - self.cum[place])].astype(np.int64)
@@ -175,15 +185,16 @@ class ShuffledOrder:
         num_videos, self.num_images = int(file_videos.sum()), int(file_images.sum())
         self.mixed = image_fraction is not None and num_videos > 0 and self.num_images > 0
         if not self.mixed:  # nothing to mix: every clip once
-            self.videos = _Stream(by_file, self.start, both, window_files, (seed, epoch, 0))
+            self.videos = _Stream(by_file, self.start, both, window_files, (seed, epoch, _VIDEOS))
             self.length, self.num_draws = len(self.videos), 0
             return
-        self.videos = _Stream(by_file, self.start, file_videos, window_files, (seed, epoch, 0))
+        self.videos = _Stream(by_file, self.start, file_videos, window_files, (seed, epoch, _VIDEOS))
+        self.images = _Stream(by_file, self.image_start, file_images, window_files, (seed, epoch, _IMAGES))
         self.num_draws = int(round(num_videos * image_fraction / (1.0 - image_fraction)))
         self.length = num_videos + self.num_draws
-        per_block = _image_blocks(self.length, self.num_draws, np.random.Generator(np.random.PCG64([seed, epoch, 2])))
+        per_block = _image_blocks(self.length, self.num_draws,
+                                  np.random.Generator(np.random.PCG64([seed, epoch, _SLOTS])))
         self.images_before = np.concatenate([[0], np.cumsum(per_block)]).astype(np.int64)
-        self._cycles = _Cache()
         self._blocks = _Cache()
 
     def __len__(self) -> int:
@@ -195,21 +206,17 @@ class ShuffledOrder:
             size = min(BLOCK, self.length - block * BLOCK)
             count = int(self.images_before[block + 1] - self.images_before[block])
             mask = np.zeros(size, bool)
-            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, 3, block]))
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, _BLOCK, block]))
             mask[rng.choice(size, count, replace=False)] = True
             return mask
         return self._blocks.get_or(block, make)
 
     def _image(self, draws: np.ndarray) -> np.ndarray:
-        """Clip indices of image draws j = 0, 1, ...: cycle j // images, position j % images in it."""
-        out = np.empty_like(draws)
+        """Clip indices of image draws j = 0, 1, ...: cycle j // images, position j % images in it.
+        The cycles share the images' files and windows and differ by the permutations' tweak, so
+        a block of few up-weighted images (many cycles) is one vectorised call, not one per cycle."""
         cycle = draws // self.num_images
-        for c in np.unique(cycle).tolist():
-            sel = cycle == c
-            stream = self._cycles.get_or(c, lambda: _Stream(self.by_file, self.image_start, self.file_images,
-                                                            self.window_files, (self.seed, self.epoch, 1, c)))
-            out[sel] = stream.at(draws[sel] - c * self.num_images)
-        return out
+        return self.images.at(draws - cycle * self.num_images, cycle)
 
     def at(self, lo: int, hi: int) -> np.ndarray:
         """Clip indices (int64) at positions [lo, hi) of the epoch."""

@@ -61,6 +61,25 @@ def test_permutation_places_every_element_and_every_pair_anywhere_with_equal_cha
     assert fixed / trials == pytest.approx(1.0, abs=0.1)  # a random permutation has one fixed point on average
 
 
+def test_tweaks_give_independent_bijections_in_one_call() -> None:
+    # The image cycles of an epoch: one permutation per tweak, computed together.
+    n, trials = 16, 8000
+    p = Permutation(n, (5, 6))
+    x = np.tile(np.arange(n), trials)
+    tweak = np.repeat(np.arange(trials), n)
+    y = p(x, tweak).reshape(trials, n)
+    assert all(np.array_equal(np.sort(row), np.arange(n)) for row in y)  # each tweak: a bijection
+    assert np.array_equal(y[3], p(np.arange(n), np.full(n, 3)))  # the same alone as among others
+    assert not np.array_equal(y[0], p(np.arange(n)))  # tweak 0 is not the untweaked permutation
+    table = np.zeros((n, n))
+    np.add.at(table, (y[:, 0], y[:, 1]), 1)  # where elements 0 and 1 land, over the tweaks
+    off = ~np.eye(n, dtype=bool)
+    expected = trials / (n * (n - 1))
+    assert ((table[off] - expected) ** 2 / expected).sum() < 340  # 239 d.o.f., p < 1e-5
+    big = Permutation(4097, (1,))(np.arange(4097), np.full(4097, 9))  # with cycle-walking
+    assert np.array_equal(np.sort(big), np.arange(4097))
+
+
 def test_uniform_order_holds_every_clip_once_and_reads_the_same_in_any_blocks() -> None:
     _, _, by_file, videos, images = population()
     order = ShuffledOrder(by_file, videos, images, seed=7, epoch=0)
@@ -146,7 +165,7 @@ def test_orders_cost_memory_per_file_not_per_clip() -> None:
     _, _, by_file, videos, images = population(num_clips=200_000, num_files=50)
     order = ShuffledOrder(by_file, videos, images, seed=7, epoch=0, window_files=5, image_fraction=0.3)
     order.at(0, 5000)
-    objects = [order, order.videos, *order._cycles.values()]
+    objects = [order, order.videos, order.images]
     held = [v for o in objects for v in vars(o).values() if isinstance(v, np.ndarray) and v is not by_file]
     held += list(order._blocks.values())
     assert len(held) > 5 and max(len(v) for v in held) <= max(50 + 1, BLOCK)  # per file or per block, never per clip
@@ -196,3 +215,22 @@ def test_epoch_order_bench_runs_and_shows_format_2_holding_no_array_per_clip() -
         assert (before["format"], fmt1["format"], fmt2["format"]) == ("before", "format_1", "format_2")
         assert fmt2["private_mb"] < before["private_mb"] / 4  # 400k clips: ~15 MB of list + permutation
         assert fmt2["clips_per_step"] == pytest.approx(fmt1["clips_per_step"], rel=0.05)
+
+
+def test_an_epoch_with_no_fitting_clip_is_an_error_not_an_endless_loop() -> None:
+    # Images fit, every video is over the budget, and image_fraction 0 leaves the images out:
+    # each epoch is all oversized; the planner rolled from epoch to epoch forever.
+    from types import SimpleNamespace
+
+    from training.data import plan_steps
+    from training.index import DataError, group_by_file
+
+    file_of, frames = np.array([0, 0, 1, 1]), np.array([9, 9, 1, 1])
+    by_file, videos, images = group_by_file(file_of, frames, 2)
+    index = SimpleNamespace(num_tokens=np.array([100, 100, 4, 4]), num_frames=frames, file_of=file_of,
+                            by_file=by_file, file_videos=videos, file_images=images, data_uri="/d")
+    for fmt in (1, 2):
+        with pytest.raises(DataError, match=r"no clip of epoch 0's order .* fits a pack of 10 tokens.*image_fraction=0"):
+            next(plan_steps(index, LoaderState(order=fmt), 1, 1, 10, 0, 0.0))
+        plan = next(plan_steps(index, LoaderState(order=fmt), 1, 1, 10, 0, 0.5))  # with images it plans
+        assert sorted(i for pk in plan.packs for i in pk) and set(plan.skipped) <= {0, 1}
