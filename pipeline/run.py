@@ -352,8 +352,14 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
     except (FileNotFoundError, ValueError):
         old = None
     index_rel, rejects_rel = f"index/{digest[:16]}", f"rejects/{digest[:16]}"
-    if (old is not None and old["fingerprint"] == dict(fingerprint, data_sha256=digest)
-            and storage.exists(storage.join(out, index_rel)) and storage.exists(storage.join(out, rejects_rel))):
+    # A folder counts as written only when the manifest names it (the manifest is written after
+    # both are complete): one left by a crash or a failed publish may hold some parts only.
+    named = old is not None and old["fingerprint"] == dict(fingerprint, data_sha256=digest)
+
+    def written(rel: str) -> bool:
+        return named and storage.exists(storage.join(out, rel))
+
+    if written(index_rel) and written(rejects_rel):
         return old  # the same records under the same settings: index, rejects and totals are as they were
     specs = {b.name: {"num_frames": b.num_frames, "height_px": b.height_px, "width_px": b.width_px, "fps": b.fps}
              for b in all_buckets(cfg.buckets)}
@@ -368,8 +374,10 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
             decided = neardup_pass.run_local(clips, out, cfg.dedup, dedup["semantic"])
             totals = drop_near_duplicates(totals, neardup_pass.dropped_counts(decided))
             clips, near = neardup_pass.kept(decided), neardup_pass.reject_rows(decided)
-        _write_table(clips.select(INDEX_COLUMNS), out, index_rel)
-        _write_table(pa.concat_tables([_reject_rows(resume.table), near]), out, rejects_rel)
+        if not written(index_rel):
+            _write_table(clips.select(INDEX_COLUMNS), out, index_rel)
+        if not written(rejects_rel):
+            _write_table(pa.concat_tables([_reject_rows(resume.table), near]), out, rejects_rel)
     elif resume.by_source is not None:
         for row in resume.by_source.map_batches(totals_json, batch_format="pyarrow", batch_size=None).take_all():
             totals = add_totals(totals, json.loads(row["totals"]))
@@ -386,10 +394,10 @@ def finalize(ray, cfg: PipelineConfig, out: str, resume: Resume, fingerprint: di
             totals = drop_near_duplicates(totals, dropped)
             rejects_ds = rejects_ds.union(clips_ds.map_batches(neardup_pass.reject_rows, batch_format="pyarrow"))
             clips_ds = clips_ds.map_batches(neardup_pass.kept, batch_format="pyarrow")
-        if not storage.exists(storage.join(out, index_rel)):
+        if not written(index_rel):
             _write_parquet(clips_ds.map_batches(lambda t: t.select(INDEX_COLUMNS), batch_format="pyarrow"),
                            out, index_rel)
-        if not storage.exists(storage.join(out, rejects_rel)):
+        if not written(rejects_rel):
             _write_parquet(rejects_ds, out, rejects_rel)
     for path in sorted(resume.shards):
         bucket = path.split("/")[1]
@@ -424,8 +432,6 @@ def _reject_rows(table: pa.Table) -> pa.Table:
 
 def _write_table(table: pa.Table, out: str, rel: str) -> None:
     """One small table as a Parquet folder of one part, atomically (see _write_parquet)."""
-    if storage.exists(storage.join(out, rel)):
-        return
     fs, path = storage.resolve(storage.join(out, rel))
     tmp = f"{path}{storage.TMP_MARK}{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)
@@ -440,6 +446,8 @@ def _write_parquet(ds, out: str, rel: str) -> None:
     tmp = f"{path}{storage.TMP_MARK}{uuid.uuid4().hex[:8]}"
     ds.write_parquet(tmp, filesystem=fs)
     if fs.get_file_info(tmp).type == pafs.FileType.NotFound:  # nothing to write: an empty folder
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
         fs.create_dir(path, recursive=True)
         return
     _publish(fs, tmp, path)
@@ -453,7 +461,10 @@ def _publish(fs, tmp: str, path: str) -> None:
 
     An index of 100M clips is ~2,000 Parquet parts (4 per shuffle block), its rejects as many
     more: one CopyObject (~0.1-0.3 s) after another was 8-25 minutes on the driver per run, so
-    the copies run PUBLISH_THREADS at a time (pyarrow's S3 client is thread-safe)."""
+    the copies run PUBLISH_THREADS at a time (pyarrow's S3 client is thread-safe). Whatever an
+    earlier, interrupted publish left at `path` goes first: its parts must not mix with these."""
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
     if storage.is_object_store(fs):  # no directory rename: copy the parts
         parts = [info for info in fs.get_file_info(pafs.FileSelector(tmp)) if info.type == pafs.FileType.File]
         with ThreadPoolExecutor(min(PUBLISH_THREADS, max(1, len(parts)))) as pool:
@@ -547,9 +558,9 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         phase("list_dedupe")
         if todo.count() == 0:
             break  # every listed file is committed (or nothing was listed): no model is loaded
-        writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
-        ds = build_plan(ray, cfg, out, todo, resume, fingerprints, writers)
         try:
+            writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
+            ds = build_plan(ray, cfg, out, todo, resume, fingerprints, writers)
             run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
         except Stalled as e:
             sys.exit(f"error: {e}")

@@ -103,10 +103,11 @@ class ComputeConfig:
         if self.lease_ttl_s <= 0:
             raise ValueError("compute.lease_ttl_s must be > 0")
         for name, why in (("cut_resources", "CPUs are compute.cut_cpus"), ("writer_resources", "writers take no CPU")):
-            bad = {k: v for k, v in getattr(self, name).items()
-                   if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
+            bad = {k: v for k, v in getattr(self, name).items()  # Ray refuses amounts below 0.0001
+                   if k in ("CPU", "GPU") or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1e-4}
             if bad:
-                raise ValueError(f"compute.{name}: {bad} — give custom resources with positive amounts ({why})")
+                raise ValueError(f"compute.{name}: {bad} — give custom resources with amounts of at least "
+                                 f"0.0001 ({why})")
 
 
 @dataclass

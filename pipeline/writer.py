@@ -66,19 +66,20 @@ class ClipIdSet:
     ~128 bytes per id: ~0.8 GB per writer at 100M clips over 16 writers.
 
     Two ids of one writer's pass sharing 64 bits (odds ~n²/2^65: 1e-6 at 6M ids) would make it
-    skip a clip as seen: that clip's source stays incomplete and the repair pass, whose writers
-    start from the committed ids as strings, redoes it — a wasted source, never a lost clip.
+    skip a clip as seen: that clip's source stays incomplete and a repair pass redoes it. The
+    hash is keyed by `salt` (the writer's name, new in every pass), so the next pass's writers do
+    not collide on the same pair: a wasted source, never a lost clip.
     """
 
-    def __init__(self, ids: frozenset[str] | set[str] = frozenset()) -> None:
+    def __init__(self, ids: frozenset[str] | set[str] = frozenset(), salt: bytes = b"") -> None:
+        self._salt = hashlib.blake2b(salt, digest_size=16).digest()  # blake2b keys are at most 64 bytes
         self._sorted = np.zeros(0, np.uint64)
         self._recent: set[int] = set()
         for clip_id in ids:
             self.add(clip_id)
 
-    @staticmethod
-    def _key(clip_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little")
+    def _key(self, clip_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8, key=self._salt).digest(), "little")
 
     def __contains__(self, clip_id: str) -> bool:
         key = self._key(clip_id)
@@ -88,6 +89,8 @@ class ClipIdSet:
         return i < len(self._sorted) and int(self._sorted[i]) == key
 
     def add(self, clip_id: str) -> None:
+        if clip_id in self:
+            return
         self._recent.add(self._key(clip_id))
         if len(self._recent) >= max(1 << 16, len(self._sorted) // 8):  # merges cost O(n) each, ~log n of them
             recent = np.fromiter(self._recent, np.uint64, len(self._recent))
@@ -130,7 +133,7 @@ class ShardWriter:
         self.name = name  # unique per run and writer, e.g. "<run_id>-w003"
         self.target_bytes = target_bytes
         self.max_open_bytes = max_open_bytes
-        self.skip = ClipIdSet(skip_clip_ids)  # committed or taken this pass: a re-sent row is not taken again
+        self.skip = ClipIdSet(skip_clip_ids, name.encode())  # committed or taken: a re-sent row is not taken again
         self.tmp = tempfile.mkdtemp(prefix="ditharos-writer-", dir=local_dir)
         self.open: dict[str, _OpenShard] = {}
         self.side_rows: list[dict[str, Any]] = []
@@ -238,6 +241,8 @@ class ShardWriter:
         return name
 
     def _commit(self, bucket: str) -> None:
+        if self._committer is not None:  # room in the queue first: at most k closed shards on disk, and
+            self._wait(self.max_pending - 1)  # an earlier commit's error is raised before this one is queued
         shard = self.open.pop(bucket)
         shard.writer.close()
         shard.sink.close()

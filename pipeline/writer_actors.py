@@ -44,9 +44,10 @@ class WriterActor:
         return {"rows": self.rows}
 
     def flush(self) -> dict:
-        stats = self.writer.flush()
-        self.writer.close()
-        return stats
+        try:
+            return self.writer.flush()
+        finally:  # the node's local disk is freed even when a commit failed
+            self.writer.close()
 
 
 def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
@@ -61,9 +62,18 @@ def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozens
             ray.get_runtime_context().get_node_id(), soft=True)}
     actor = ray.remote(num_cpus=0, max_restarts=WRITER_RESTARTS, max_task_retries=WRITER_RESTARTS,
                        **placement)(WriterActor)
-    return [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
-                         int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
-            for i in range(cfg.compute.writer_actors)]
+    writers = [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
+                            int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
+               for i in range(cfg.compute.writer_actors)]
+    if cfg.compute.writer_resources:  # no node with them (or the autoscaler at its limit): say so, do not hang
+        wait_s = cfg.compute.stall_timeout_s
+        ready, _ = ray.wait([w.progress.remote() for w in writers], num_returns=len(writers), timeout=wait_s)
+        if len(ready) < len(writers):
+            raise Stalled(f"{len(writers) - len(ready)} of {len(writers)} shard writers found no place in {wait_s:g} s: "
+                          f"no node offers compute.writer_resources {dict(cfg.compute.writer_resources)} "
+                          "(cluster/*.yaml's CPU nodes advertise cpu_node; set it to {} to keep writers on the "
+                          "driver's node)")
+    return writers
 
 
 def writer_of(batch: dict[str, np.ndarray], num_writers: int) -> np.ndarray:

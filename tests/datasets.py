@@ -137,10 +137,14 @@ def near_dup_corpus(n: int, copies: int, dim: int, seed: int) -> tuple[pa.Table,
     return cands, emb_rows, {ids[n - copies + j]: ids[int(o)] for j, o in enumerate(originals)}
 
 
-def refinalize(src: Path, out: Path, small_state_mb: float, **dedup: Any) -> tuple[dict, list, list]:
+def refinalize(src: Path, out: Path, small_state_mb: float, partial: bool = False,
+               **dedup: Any) -> tuple[dict, list, list]:
     """A copy of job output `src` less manifest / index / rejects, finalized again by the job's own
     code: on the driver (`small_state_mb` > 0) or with Ray Data shuffles (0), with other `dedup`
-    settings if given. Returns (manifest, index rows, reject rows), rows sorted by clip id."""
+    settings if given. Returns (manifest, index rows, reject rows), rows sorted by clip id.
+    `partial`: the index and rejects folders are left holding one stray part of one row each, as
+    a publish interrupted after some of its parts would."""
+    import pyarrow.parquet as pq
     import ray
 
     from pipeline.run import finalize, read_state
@@ -148,7 +152,14 @@ def refinalize(src: Path, out: Path, small_state_mb: float, **dedup: Any) -> tup
 
     shutil.copytree(src, out)
     for name in ("index", "rejects"):
-        shutil.rmtree(out / name)
+        for folder in (out / name).iterdir():
+            if partial and folder.is_dir():
+                first = pq.read_table(folder).slice(0, 1)
+                shutil.rmtree(folder)
+                folder.mkdir()
+                pq.write_table(first, folder / "part-stray.parquet")
+        if not partial:
+            shutil.rmtree(out / name)
     (out / "manifest.json").unlink()
     cfg = PipelineConfig()
     cfg.compute.small_state_mb = small_state_mb

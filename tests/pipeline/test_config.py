@@ -301,6 +301,6 @@ def test_cut_and_writer_resources_must_be_custom_and_positive(key: str) -> None:
 
     cfg = load_config(PipelineConfig, None, [f"compute.{key}={{cpu_node: 1}}"])
     assert getattr(cfg.compute, key) == {"cpu_node": 1}
-    for bad in ("{CPU: 2}", "{cpu_node: 0}", "{cpu_node: lots}"):
+    for bad in ("{CPU: 2}", "{cpu_node: 0}", "{cpu_node: lots}", "{cpu_node: true}", "{cpu_node: 0.00001}"):
         with pytest.raises((ConfigError, ValueError), match=key):
             load_config(PipelineConfig, None, [f"compute.{key}={bad}"])

@@ -124,6 +124,16 @@ def test_driver_and_ray_data_reads_of_the_records_agree(demo_out: Path, tmp_path
     assert len(small[1]) == small[0]["totals"]["clips"] > 0
 
 
+@pytest.mark.parametrize("small_state_mb", [64.0, 0.0])
+def test_an_index_folder_left_partial_by_a_failed_publish_is_written_again(demo_out: Path, tmp_path: Path,
+                                                                           small_state_mb: float) -> None:
+    """No manifest names it, so the folder is not trusted: its stray part goes and every clip is back."""
+    want = refinalize(demo_out, tmp_path / "whole", small_state_mb)
+    got = refinalize(demo_out, tmp_path / "partial", small_state_mb, partial=True)
+    assert got == want and len(got[1]) > 1
+    assert not list((tmp_path / "partial").rglob("part-stray.parquet"))
+
+
 def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
                                                sample_clips: dict[str, Path]) -> None:
     """One block vs a size shuffle: the same rows to do, the same survivors and dedupe rejects."""

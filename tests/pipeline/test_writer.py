@@ -229,7 +229,11 @@ def test_clip_id_set_holds_every_id_through_its_merges_in_8_bytes_each() -> None
         taken.add(cid)
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    for cid in ids[:5000]:
+        taken.add(cid)  # again: nothing new
     assert len(taken) == 200_000 and len(taken._sorted) >= 65_536  # merged into the sorted array at least once
+    other = ClipIdSet(frozenset(ids[:10]), salt=b"run-p1-w000")
+    assert ids[3] in other and other._key(ids[3]) != taken._key(ids[3])  # keyed per writer and pass
     assert all(cid in taken for cid in ids[:200_000:7])  # old, merged and recent ids alike
     assert not any(cid in taken for cid in ids[200_000::7])
     assert "src" not in taken and "" not in taken

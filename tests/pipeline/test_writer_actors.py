@@ -121,6 +121,8 @@ def test_writers_spread_over_nodes_with_writer_resources_else_stay_on_the_driver
     made: list[dict] = []
 
     class Handle:
+        progress = types.SimpleNamespace(remote=lambda: "ref")
+
         def remote(self, *args):
             made.append({"args": args})
             return self
@@ -129,7 +131,13 @@ def test_writers_spread_over_nodes_with_writer_resources_else_stay_on_the_driver
         made.append(options)
         return lambda cls: Handle()
 
-    ray = types.SimpleNamespace(remote=remote, get_runtime_context=lambda: types.SimpleNamespace(
+    placed = [True]
+
+    def wait(refs, num_returns, timeout):
+        assert num_returns == len(refs) and timeout == cfg.compute.stall_timeout_s
+        return (refs, []) if placed[0] else (refs[:1], refs[1:])
+
+    ray = types.SimpleNamespace(remote=remote, wait=wait, get_runtime_context=lambda: types.SimpleNamespace(
         get_node_id=lambda: "ab" * 28))
     cfg = PipelineConfig()
     cfg.compute.writer_actors = 3
@@ -143,3 +151,6 @@ def test_writers_spread_over_nodes_with_writer_resources_else_stay_on_the_driver
     assert made[0]["resources"] == {"cpu_node": 0.001} and made[0]["scheduling_strategy"] == "SPREAD"
     assert made[0]["num_cpus"] == 0 and made[0]["max_restarts"] == writer_actors.WRITER_RESTARTS
     assert [m["args"][1] for m in made[1:]] == ["run-w000", "run-w001", "run-w002"]
+    placed[0] = False  # no node offers the resources: a clear error instead of waiting forever
+    with pytest.raises(writer_actors.Stalled, match=r"2 of 3 shard writers found no place .*writer_resources"):
+        writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
