@@ -17,7 +17,8 @@ nothing else on the machine can be hit, even after a PID is recycled.
 
 Nodes, their resources and labels (the same names as the cloud node types in cluster/*.yaml):
 - `head`: `--num-cpus head_cpus`, resource `head_node: 1`, dashboard on 127.0.0.1 only.
-- `worker-<i>`: `--num-cpus cpus_per_worker`, resources `cpu_node: <cpus>` and `worker-<i>: 1`.
+- `worker-<i>`: `--num-cpus cpus_per_worker`, resources `cpu_node: <cpus>`, `writer_slot: 2` and
+  `worker-<i>: 1`.
 - labels `ditharos.io/node-kind` (head / cpu) and `ditharos.io/node-name` on every node.
 Workers are numbered from 1 and never reuse a number: a replacement for worker-1 is worker-3.
 `ray start --num-cpus` takes whole CPUs; on a 2-core box keep tasks fractional instead
@@ -195,7 +196,7 @@ class LocalCluster:
         name = f"worker-{st.next_worker}"
         st.next_worker += 1
         cpus = self.cpus_per_worker if cpus is None else cpus
-        res = {"cpu_node": float(cpus), name: 1.0, **(resources or {})}
+        res = {"cpu_node": float(cpus), "writer_slot": 2.0, name: 1.0, **(resources or {})}
         lab = {NODE_KIND_LABEL: "cpu", NODE_NAME_LABEL: name, **(labels or {})}
         node = self._start_node(name, ["start", f"--address={st.address}", f"--num-cpus={cpus}"], res, lab)
         self._wait_until(lambda: name in {n["name"] for n in self.alive_nodes()}, f"{name} to join", node)

@@ -69,7 +69,8 @@ class ComputeConfig:
     writer_actors: int = 1
     writer_open_mb: float = 8192.0  # local disk a writer may fill with open shards before committing early
     # Where writers live. Empty: on the driver's node (soft), right for one machine or a small
-    # cluster. Custom resources, e.g. {cpu_node: 0.001}: spread over the nodes that have them, so
+    # cluster. Custom resources, e.g. {writer_slot: 1} (cluster/*.yaml's CPU nodes offer 2 slots:
+    # a per-node cap, which Ray's SPREAD alone is not): spread over the nodes that have them, so
     # each node's disk (writer_open_mb per writer), NIC and memory carry only its writers' share
     # of the latents (50 TB through the head node would take days and outgrow its disk).
     writer_resources: dict[str, float] = field(default_factory=dict)

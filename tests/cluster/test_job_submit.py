@@ -39,7 +39,7 @@ def test_pipeline_and_training_via_ray_job_submit(tmp_path: Path) -> None:
         # resources, as production.yaml does on a cloud cluster.
         pipeline, text = submit(cluster, "python", "pipeline/run.py", "--config", "pipeline/configs/demo.yaml",
                                 "--output", str(out), "--set", "compute.cut_resources={cpu_node: 1}",
-                                "--set", "compute.writer_resources={cpu_node: 0.01}")
+                                "--set", "compute.writer_resources={writer_slot: 1}")
         assert pipeline.returncode == 0, text[-6000:]
         training, train_text = submit(
             cluster, "python", "training/train.py", "--config", "training/configs/demo.yaml",
