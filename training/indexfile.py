@@ -10,7 +10,10 @@ leaves no half file, and the next worker builds it again.
 
 A worker keeps a shared flock on the key's lock file for as long as it maps the files, so the
 clean-up of other data's stale files (by the next build on the node) never removes files in
-use. A folder that cannot hold the files or the lock (full, read-only, no flock) costs memory,
+use. Building takes an exclusive flock on a second file, held only while building: a worker
+never waits for an exclusive lock on the file others hold shared for the whole run (converting
+that shared lock to exclusive deadlocked when two workers found the index missing at once —
+the builder took its shared lock back first and kept it). A folder that cannot hold the files or the lock (full, read-only, no flock) costs memory,
 not the run: that worker keeps its own copy, with a warning.
 """
 
@@ -49,19 +52,19 @@ def load_or_build(folder: Path, key: str, build: Callable[[], tuple[pa.Table, pa
         return (*build(), None)
     try:
         if not clips_path.is_file():
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait here
-            if not clips_path.is_file():
-                clips, files = build()
-                try:
-                    _write(files_path, files)
-                    _write(clips_path, clips)  # last: its presence says both are complete
-                except OSError as e:  # a full disk
-                    _warn(folder, e)
-                    lock.close()
-                    return clips, files, None
-                del clips, files
-                _remove_stale(folder, key)
-            fcntl.flock(lock, fcntl.LOCK_SH)
+            with open(folder / f"index-{key}.build", "a+b") as builder:
+                fcntl.flock(builder, fcntl.LOCK_EX)  # one builder per node; the others wait here, briefly
+                if not clips_path.is_file():
+                    clips, files = build()
+                    try:
+                        _write(files_path, files)
+                        _write(clips_path, clips)  # last: its presence says both are complete
+                    except OSError as e:  # a full disk
+                        _warn(folder, e)
+                        lock.close()
+                        return clips, files, None
+                    del clips, files
+                    _remove_stale(folder, key)
         with contextlib.suppress(OSError):
             os.utime(clips_path)  # in use, so not stale (mapping a file does not touch its times)
         return _map(clips_path), _map(files_path), lock
@@ -108,5 +111,6 @@ def _remove_stale(folder: Path, keep: str) -> None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held (shared) by every worker mapping them
                 clips_path.unlink(missing_ok=True)  # first: without it the pair reads as incomplete
                 (folder / f"index-{other}.files.arrow").unlink(missing_ok=True)
+                (folder / f"index-{other}.build").unlink(missing_ok=True)
         except (BlockingIOError, OSError):
             continue

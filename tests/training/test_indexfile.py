@@ -81,15 +81,20 @@ def test_a_failed_write_leaves_nothing_and_the_worker_keeps_a_private_copy(
 
 
 def test_processes_of_a_node_build_it_once(tmp_path: Path) -> None:
-    """Four processes open the index at once: one builds it under the lock, all see the same columns."""
+    """Four processes open the index at once and keep it open, as training workers do: one builds
+    it (slowly) under the lock, all see the same columns, and none waits for another to let go
+    (the first protocol deadlocked here: a waiter asked for an exclusive lock the builder, now
+    using the index, held shared for the whole run)."""
     data = tmp_path / "data"
     write_dataset(data)
     shared = tmp_path / "index"
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]);"
+    code = ("import sys, json, time; sys.path.insert(0, sys.argv[1]);"
             "from training import index as m; calls = [];"
-            "real = m._read_columns; m._read_columns = lambda *a: calls.append(1) or real(*a);"
+            "real = m._read_columns; m._read_columns = lambda *a: calls.append(1) or time.sleep(1.5) or real(*a);"
+            "t = time.monotonic();"
             "i = m.ShardIndex.open(sys.argv[2], (1, 2, 2), split='train', shared_dir=sys.argv[3]);"
-            "print(json.dumps([len(calls), len(i.clips), i.clip_ids[0].as_py()]))")
+            "print(json.dumps([len(calls), len(i.clips), i.clip_ids[0].as_py(), time.monotonic() - t]), flush=True);"
+            "time.sleep(12)")  # holding the index, as a worker does for the whole run
     procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(data), str(shared)], stdout=subprocess.PIPE,
                               text=True) for _ in range(4)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -98,7 +103,8 @@ def test_processes_of_a_node_build_it_once(tmp_path: Path) -> None:
 
     results = [json.loads(o) for o in outs]
     assert sum(r[0] for r in results) == 1  # one reader of the index
-    assert len({tuple(r[1:]) for r in results}) == 1
+    assert len({tuple(r[1:3]) for r in results}) == 1
+    assert max(r[3] for r in results) < 9, results  # nobody waited for a holder to exit (12 s)
 
 
 def test_stale_files_of_other_data_go_unless_a_worker_maps_them(tmp_path: Path) -> None:
