@@ -175,21 +175,19 @@ class ShuffledOrder:
 
     def __init__(self, by_file: np.ndarray, file_videos: np.ndarray, file_images: np.ndarray, seed: int,
                  epoch: int, window_files: int = 0, image_fraction: float | None = None) -> None:
-        self.seed, self.epoch, self.window_files = seed, epoch, window_files
+        self.seed, self.epoch = seed, epoch
         file_videos, file_images = np.asarray(file_videos, np.int64), np.asarray(file_images, np.int64)
-        self.by_file = by_file
         both = file_videos + file_images
-        self.start = np.concatenate([[0], np.cumsum(both)[:-1]]).astype(np.int64)  # each file's first clip
-        self.file_images = file_images
-        self.image_start = self.start + file_videos  # within a file's group its images follow its videos
+        start = np.concatenate([[0], np.cumsum(both)[:-1]]).astype(np.int64)  # each file's first clip
         num_videos, self.num_images = int(file_videos.sum()), int(file_images.sum())
         self.mixed = image_fraction is not None and num_videos > 0 and self.num_images > 0
         if not self.mixed:  # nothing to mix: every clip once
-            self.videos = _Stream(by_file, self.start, both, window_files, (seed, epoch, _VIDEOS))
+            self.videos = _Stream(by_file, start, both, window_files, (seed, epoch, _VIDEOS))
             self.length, self.num_draws = len(self.videos), 0
             return
-        self.videos = _Stream(by_file, self.start, file_videos, window_files, (seed, epoch, _VIDEOS))
-        self.images = _Stream(by_file, self.image_start, file_images, window_files, (seed, epoch, _IMAGES))
+        self.videos = _Stream(by_file, start, file_videos, window_files, (seed, epoch, _VIDEOS))
+        # within a file's group its images follow its videos
+        self.images = _Stream(by_file, start + file_videos, file_images, window_files, (seed, epoch, _IMAGES))
         self.num_draws = int(round(num_videos * image_fraction / (1.0 - image_fraction)))
         self.length = num_videos + self.num_draws
         per_block = _image_blocks(self.length, self.num_draws,
