@@ -88,14 +88,16 @@ class ClipIdSet:
         i = int(np.searchsorted(self._sorted, np.uint64(key)))
         return i < len(self._sorted) and int(self._sorted[i]) == key
 
-    def add(self, clip_id: str) -> None:
+    def add(self, clip_id: str) -> bool:
+        """Take `clip_id`; False when it was already here (one lookup for the check and the add)."""
         if clip_id in self:
-            return
+            return False
         self._recent.add(self._key(clip_id))
         if len(self._recent) >= max(1 << 16, len(self._sorted) // 8):  # merges cost O(n) each, ~log n of them
             recent = np.fromiter(self._recent, np.uint64, len(self._recent))
             self._sorted = np.union1d(self._sorted, recent)
             self._recent.clear()
+        return True
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
@@ -150,10 +152,9 @@ class ShardWriter:
         for i, kind in enumerate(kinds):
             if kind == "clip":
                 cid = str(batch["clip_id"][i])
-                if cid in self.skip:
+                if not self.skip.add(cid):  # committed, or re-sent: taken once only
                     self.stats["skipped"] += 1
                     continue
-                self.skip.add(cid)
                 by_bucket.setdefault(str(batch["bucket"][i]), []).append(i)
             elif kind in ("source", "reject"):
                 record = json.loads(str(batch["record_json"][i]))
