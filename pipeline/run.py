@@ -61,7 +61,8 @@ from pipeline.records import (INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import column_shapes, read_shard
-from pipeline.state import add_totals, check_shards, drop_near_duplicates, status_block, totals_block, totals_json
+from pipeline.state import (TODO_SCHEMA, add_totals, attach_skip_ids, check_shards, drop_near_duplicates, partial_rows,
+                            status_block, todo_rows, totals_block, totals_json)
 from pipeline.steps import CaptionStage, VAEStage, make_source_fn
 from pipeline.text_encoder import null_text_uri
 from pipeline.version import code_version
@@ -123,8 +124,7 @@ class Resume:
     table: pa.Table | None = None  # every record row, when the driver read them (≤ compute.small_state_mb)
     by_source: object | None = None  # otherwise: a materialized Dataset of record rows partitioned by source_uri
     status: object | None = None  # STATUS_SCHEMA rows per committed source (a Table or a Dataset)
-    skip_clip_ids: frozenset[str] = frozenset()  # committed clips of sources not yet complete
-    incomplete: int = 0
+    incomplete: int = 0  # committed sources with clips still missing (their ids join the todo rows)
     shards: dict[str, int] = field(default_factory=dict)  # committed shard path → size, from the one listing
 
 
@@ -168,7 +168,7 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
     if sum(s for _, s in valid) <= cfg.compute.small_state_mb * 2**20:
         table = pa.concat_tables([read_record(u).replace_schema_metadata(None) for u, _ in valid])
         status = status_block(table)
-        incomplete = status.filter(pc.invert(status["complete"])).to_pylist()
+        incomplete = status.num_rows - pc.sum(status["complete"]).as_py() if status.num_rows else 0
         resume = Resume(valid, table=table, status=status, shards=shards)
     else:
         from ray.data.expressions import col
@@ -176,10 +176,9 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
         by_source = _records_ds(ray, [u for u, _ in valid]).repartition(
             num_blocks=_shuffle_blocks(ray, cfg), keys=["source_uri"]).materialize()
         status = by_source.map_batches(status_block, batch_format="pyarrow", batch_size=None).materialize()
-        incomplete = status.filter(expr=col("complete") == False).take_all()  # noqa: E712
+        incomplete = status.filter(expr=col("complete") == False).count()  # noqa: E712
         resume = Resume(valid, by_source=by_source, status=status, shards=shards)
-    resume.skip_clip_ids = frozenset(c for r in incomplete for c in r["committed_ids"])
-    resume.incomplete = len(incomplete)
+    resume.incomplete = incomplete
     return resume
 
 
@@ -278,15 +277,27 @@ def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
     watchdog of the streaming stages.
     """
     listing = listing_dataset(ray, cfg, plan).map_batches(with_committed_id, batch_format="pyarrow")
+    status = None
     if resume.status is not None:  # what earlier runs committed takes part in dedupe (and is skipped)
         status = ray.data.from_arrow(resume.status) if isinstance(resume.status, pa.Table) else resume.status
         listing = listing.union(status.map_batches(committed_rows, batch_format="pyarrow"))
     listing = non_empty_blocks(ray, listing.materialize())
-    if listing.size_bytes() <= cfg.compute.small_state_mb * 2**20:
+    small = listing.size_bytes() <= cfg.compute.small_state_mb * 2**20
+    if small:
         grouped = listing.repartition(1)  # every size group in one block: no shuffle
     else:  # rows of one size meet in one block: duplicates are found without the driver
         grouped = listing.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["size_bytes"])
-    return grouped.map_batches(dedupe_block, batch_format="numpy", batch_size=None).materialize()
+    todo = grouped.map_batches(dedupe_block, batch_format="numpy", batch_size=None).map_batches(
+        todo_rows, batch_format="pyarrow", batch_size=None)
+    if not resume.incomplete:
+        return todo.materialize()
+    # Sources an interrupted run left incomplete: each one's committed clip ids join its own row
+    # to do (by URI, in one shuffle over the rows to do, only in a run after such a crash), so the
+    # cut skips them. The driver once gathered them into one set sent to every cut task and
+    # writer: ~1 GB per copy at 10^6 ids.
+    rows = _non_empty_blocks(ray, todo.union(status.map_batches(partial_rows, batch_format="pyarrow")), TODO_SCHEMA)
+    rows = rows.repartition(1) if small else rows.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["uri"])
+    return rows.map_batches(attach_skip_ids, batch_format="pyarrow", batch_size=None).materialize()
 
 
 def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerprints: dict, writers: list):
@@ -300,7 +311,7 @@ def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerp
         todo.repartition(target_num_rows_per_block=cfg.compute.sources_per_task)
         # Per source, over one local copy (hashed as it is made): probe, then decode + scene cut +
         # sampling in one pass over the frames; off the GPU nodes with compute.cut_resources.
-        .flat_map(make_source_fn(cfg, resume.skip_clip_ids), num_cpus=cfg.compute.cut_cpus,
+        .flat_map(make_source_fn(cfg), num_cpus=cfg.compute.cut_cpus,
                   resources=cfg.compute.cut_resources or None)
         .map_batches(
             CaptionStage, fn_constructor_kwargs={"cfg": cfg, "num_gpus": gpus,
@@ -547,6 +558,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
 
     resume = read_state(ray, out, cfg, verify)
     phase("read_state")
+    resumed_in_part = resume.incomplete  # sources an interrupted run committed in part
     stats: dict = {}
     for attempt in range(cfg.compute.repair_passes + 1):
         if attempt and resume.incomplete == 0:
@@ -559,7 +571,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         if todo.count() == 0:
             break  # every listed file is committed (or nothing was listed): no model is loaded
         try:
-            writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}", resume.skip_clip_ids)
+            writers = start_writers(ray, cfg, out, f"{run_id}-p{attempt}")
             ds = build_plan(ray, cfg, out, todo, resume, fingerprints, writers)
             run_streaming(ray, ds, writers, cfg.compute.stall_timeout_s)
         except Stalled as e:
@@ -587,7 +599,7 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         "random_init": manifest["random_init"], **manifest["totals"],
         "buckets": {k: v["rows"] for k, v in manifest["buckets"].items()},
         "this_run": {"clips_written": stats.get("clips", 0), "shards": stats.get("shards", 0),
-                     "records": stats.get("records", 0)},
+                     "records": stats.get("records", 0), "sources_resumed_in_part": resumed_in_part},
         "wall_s": round(time.perf_counter() - t_start, 2),
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "driver_rss_mb": {**{k: round(v, 1) for k, v in rss.items()},

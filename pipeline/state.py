@@ -8,7 +8,9 @@ driver only ever holds O(shards) facts, never O(sources) or O(clips):
   every record's shard must be there at that size (damaged otherwise: the record is dropped,
   so its sources are redone);
 * `status_block`: per source, complete or not, plus the clip ids already committed of the
-  incomplete ones (the next cut skips them);
+  incomplete ones; `partial_rows` / `attach_skip_ids` hand each incomplete source's ids to its
+  own row to do (joined by URI in a shuffle), so the next cut skips them and no process holds
+  the ids of every incomplete source;
 * `totals_block`: the counts the manifest reports, with repeated side rows of redone sources
   counted once.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.listing import LISTING_SCHEMA
 from pipeline.records import of_kind, source_status
 
 
@@ -83,6 +86,51 @@ def status_block(table: pa.Table) -> pa.Table:
     cols = {name: status[name] for name in STATUS_SCHEMA.names if name != "committed_ids"}
     cols["committed_ids"] = pa.array(committed, pa.list_(pa.string()))
     return pa.table(cols, schema=STATUS_SCHEMA)
+
+
+# A row to do: a listing row after dedupe, with the clip ids of it an interrupted run committed
+# (skip_clip_ids, a JSON list; "" while that is not decided: see attach_skip_ids).
+TODO_SCHEMA = LISTING_SCHEMA.append(pa.field("source_id", pa.string())).append(
+    pa.field("dup_of", pa.string())).append(pa.field("skip_clip_ids", pa.string()))
+
+
+def todo_rows(t: pa.Table) -> pa.Table:
+    """Dedupe's output block, typed as TODO_SCHEMA, skip_clip_ids undecided ("")."""
+    if t.num_rows == 0:
+        return TODO_SCHEMA.empty_table()
+    t = t.select(TODO_SCHEMA.names[:-1]).cast(pa.schema(list(TODO_SCHEMA)[:-1]))
+    return t.append_column("skip_clip_ids", pa.array([""] * t.num_rows, pa.string()))
+
+
+def partial_rows(status: pa.Table) -> pa.Table:
+    """Status rows → one TODO_SCHEMA row per incomplete source: its URI and its committed clip ids
+    (never "", so attach_skip_ids tells them from rows to do); the other columns are unused."""
+    part = status.filter(pc.invert(status["complete"])) if status.num_rows else status
+    n = part.num_rows
+    if n == 0:
+        return TODO_SCHEMA.empty_table()
+    empty = pa.nulls(n, pa.string())
+    return pa.table({
+        "uri": part["source_uri"], "size_bytes": pa.nulls(n, pa.int64()), "mtime_ns": pa.nulls(n, pa.int64()),
+        "sniffed": empty, "sidecars": empty, "source_meta": empty, "candidate": pa.nulls(n, pa.bool_()),
+        "reason": empty, "source_id": empty, "dup_of": empty,
+        "skip_clip_ids": [json.dumps(ids) for ids in part["committed_ids"].to_pylist()],
+    }, schema=TODO_SCHEMA)
+
+
+def attach_skip_ids(t: pa.Table) -> pa.Table:
+    """Rows of whole URIs (rows to do and partial_rows, hash-partitioned by uri) → the rows to do,
+    each with its source's committed clip ids ("[]" for none). A partial row whose URI is not
+    to do (no longer listed, or a duplicate now) goes no further."""
+    if t.num_rows == 0:
+        return TODO_SCHEMA.empty_table()
+    t = t.cast(TODO_SCHEMA)
+    undecided = pc.equal(t["skip_clip_ids"], "")
+    part = t.filter(pc.invert(undecided))
+    ids = dict(zip(part["uri"].to_pylist(), part["skip_clip_ids"].to_pylist()))
+    todo = t.filter(undecided)
+    skip = [ids.get(u, "[]") for u in todo["uri"].to_pylist()]
+    return todo.set_column(todo.schema.get_field_index("skip_clip_ids"), "skip_clip_ids", pa.array(skip, pa.string()))
 
 
 def totals_block(table: pa.Table) -> dict[str, Any]:

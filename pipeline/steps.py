@@ -202,11 +202,12 @@ def make_probe_fn(cfg: PipelineConfig) -> Callable[[Row], Row]:
 # ---------------------------------------------------------------------------
 
 
-def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()) -> Callable[[Row], Iterator[Row]]:
+def make_cut_fn(cfg: PipelineConfig) -> Callable[[Row], Iterator[Row]]:
     """Probed source → its clip rows, then its reject rows and one source row.
 
-    `skip_clip_ids`: clips an earlier, interrupted run already committed (of sources it did
-    not finish); cutting is deterministic, so they are recognised by id and not redone.
+    The row's `skip_clip_ids` (a JSON list, from dedupe): clips of this source an earlier,
+    interrupted run already committed; cutting is deterministic, so they are recognised by id
+    and not redone (still counted in the source row's num_clips).
     """
 
     def cut_row(row: Row, local_path: str | None = None) -> Iterator[Row]:
@@ -220,6 +221,7 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
         sb = SourceBucketing(**json.loads(row["bucketing"]))
         crop = tuple(info.get("crop_px", (0, 0, 0, 0)))
         split = split_of(sid, cfg.output.val_fraction)
+        skip_clip_ids = frozenset(json.loads(row.get("skip_clip_ids") or "[]"))
         rejects: list[Row] = []
         num_clips = 0
         with storage.local_copy(row["uri"]) if local_path is None else contextlib.nullcontext(local_path) as path:
@@ -275,14 +277,14 @@ def make_cut_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()
     return cut_row
 
 
-def make_source_fn(cfg: PipelineConfig, skip_clip_ids: frozenset[str] = frozenset()) -> Callable[[Row], Iterator[Row]]:
+def make_source_fn(cfg: PipelineConfig) -> Callable[[Row], Iterator[Row]]:
     """Listing row (+ source_id, dup_of from dedupe) → its clip, reject and source rows: probe and
     cut over one local copy of the file, hashed as it is copied.
 
     Done as two stages, a remote source was read three times — hashed for its id, copied to
     probe, copied again to cut: at 10M sources of ~100 MB, 2 PB and ~250M GETs more than needed.
     """
-    probe_row, cut_row = make_probe_fn(cfg), make_cut_fn(cfg, skip_clip_ids)
+    probe_row, cut_row = make_probe_fn(cfg), make_cut_fn(cfg)
 
     def source_rows(row: Row) -> Iterator[Row]:
         if not row.get("candidate", True) or row.get("dup_of") or not int(row.get("size_bytes") or 0):

@@ -122,7 +122,7 @@ class ShardWriter:
     """Appends clip rows to rolling per-bucket shards and commits them with records."""
 
     def __init__(self, out_uri: str, name: str, target_bytes: int, max_open_bytes: int,
-                 skip_clip_ids: frozenset[str] | set[str] = frozenset(), local_dir: str | None = None,
+                 local_dir: str | None = None,
                  max_pending_commits: int = 0) -> None:
         if target_bytes <= 0 or max_open_bytes < target_bytes:
             raise ValueError(f"need 0 < target_bytes ({target_bytes}) <= max_open_bytes ({max_open_bytes})")
@@ -135,7 +135,9 @@ class ShardWriter:
         self.name = name  # unique per run and writer, e.g. "<run_id>-w003"
         self.target_bytes = target_bytes
         self.max_open_bytes = max_open_bytes
-        self.skip = ClipIdSet(skip_clip_ids, name.encode())  # committed or taken: a re-sent row is not taken again
+        # taken, or committed by this writer before a restart (_recover): a re-sent row is not taken
+        # again. Clips committed by earlier runs never reach a writer: the cut step skips them.
+        self.skip = ClipIdSet(salt=name.encode())
         self.tmp = tempfile.mkdtemp(prefix="ditharos-writer-", dir=local_dir)
         self.open: dict[str, _OpenShard] = {}
         self.side_rows: list[dict[str, Any]] = []

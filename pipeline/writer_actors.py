@@ -50,7 +50,7 @@ class WriterActor:
             self.writer.close()
 
 
-def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozenset[str]) -> list:
+def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str) -> list:
     """Writers live on the driver's node when it can hold them (soft): the node a job needs anyway —
     or, with compute.writer_resources, spread over the nodes that have those resources."""
     if cfg.compute.writer_resources:
@@ -63,7 +63,7 @@ def start_writers(ray, cfg: PipelineConfig, out: str, run_id: str, skip: frozens
     actor = ray.remote(num_cpus=0, max_restarts=WRITER_RESTARTS, max_task_retries=WRITER_RESTARTS,
                        **placement)(WriterActor)
     writers = [actor.remote(out, f"{run_id}-w{i:03d}", int(cfg.output.shard_target_mb * 2**20),
-                            int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20), skip)
+                            int(max(cfg.compute.writer_open_mb, cfg.output.shard_target_mb) * 2**20))
                for i in range(cfg.compute.writer_actors)]
     if cfg.compute.writer_resources:  # no node with them (or the autoscaler at its limit): say so, do not hang
         wait_s = cfg.compute.stall_timeout_s

@@ -136,12 +136,15 @@ def test_an_index_folder_left_partial_by_a_failed_publish_is_written_again(demo_
 
 def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
                                                sample_clips: dict[str, Path]) -> None:
-    """One block vs a size shuffle: the same rows to do, the same survivors and dedupe rejects."""
+    """One block vs a size shuffle: the same rows to do, the same survivors and dedupe rejects; after
+    an interrupted run, each incomplete source's committed clip ids reach its own row (a URI shuffle)."""
+    import pyarrow as pa
     import ray
 
     from pipeline.preflight import preflight
     from pipeline.run import Resume, sources_to_do
     from pipeline.settings import PipelineConfig
+    from pipeline.state import STATUS_SCHEMA
 
     src = tmp_path / "raw"
     (src / "b").mkdir(parents=True)
@@ -152,13 +155,27 @@ def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
     (src / "notes.md").write_text("not a video")
     (src / "empty" / "deeper").mkdir(parents=True)  # folder tasks that list nothing: empty blocks in the shuffle
     (src / "nothing").mkdir()
-    found = []
+    # an interrupted run committed some clips of 0.mp4, of a file no longer listed, and of one whose
+    # source row never committed (no size known): their ids must reach only their own row
+    partial = pa.Table.from_pylist([
+        {"source_uri": str(src / "0.mp4"), "source_id": "s0", "size_bytes": (src / "0.mp4").stat().st_size,
+         "mtime_ns": 1, "num_clips": 3, "committed_clips": 2, "complete": False, "committed_ids": ["x1", "x2"]},
+        {"source_uri": str(src / "gone.mp4"), "source_id": "sg", "size_bytes": 5, "mtime_ns": 1, "num_clips": 2,
+         "committed_clips": 1, "complete": False, "committed_ids": ["g1"]},
+        {"source_uri": str(src / "1.mp4"), "source_id": None, "size_bytes": None, "mtime_ns": None,
+         "num_clips": -1, "committed_clips": 1, "complete": False, "committed_ids": ["y1"]},
+    ], schema=STATUS_SCHEMA)
+    found, skips = [], []
     for mb in (64.0, 0.0):
         cfg = PipelineConfig()
         cfg.input.uri, cfg.output.uri, cfg.compute.small_state_mb = str(src), str(tmp_path / "out"), mb
-        todo = sources_to_do(ray, cfg, preflight(cfg), Resume([]))
-        found.append(sorted((r["uri"], r["source_id"], r["dup_of"]) for r in todo.take_all()))
-    assert found[0] == found[1] and len(found[0]) == 6
+        for resume in (Resume([]), Resume([], status=partial, incomplete=3)):
+            todo = sources_to_do(ray, cfg, preflight(cfg), resume).take_all()
+            found.append(sorted((r["uri"], r["source_id"], r["dup_of"]) for r in todo))
+            skips.append({r["uri"]: json.loads(r["skip_clip_ids"] or "[]") for r in todo if r["skip_clip_ids"] not in
+                          ("", "[]")})
+    assert all(f == found[0] for f in found) and len(found[0]) == 6
+    assert skips == [{}, {str(src / "0.mp4"): ["x1", "x2"], str(src / "1.mp4"): ["y1"]}] * 2
     dups = [r for r in found[0] if r[2]]
     carphone = sorted(str(p) for p in src.rglob("*.mp4") if p.read_bytes() == sample_clips["carphone_pristine"].read_bytes())
     assert [r[0] for r in dups] == carphone[1:] and {r[2] for r in dups} == {carphone[0]}
@@ -179,6 +196,10 @@ def test_dedupe_inputs_are_typed_even_when_empty() -> None:
     assert rows.schema == DEDUPE_INPUT_SCHEMA and rows["committed_id"].to_pylist() == [""]
     status = pa.Table.from_pylist([], schema=STATUS_SCHEMA)
     assert committed_rows(status).num_rows == 0
+    from pipeline.state import TODO_SCHEMA, attach_skip_ids, partial_rows, todo_rows
+
+    assert partial_rows(status).schema == TODO_SCHEMA == attach_skip_ids(pa.table({})).schema
+    assert todo_rows(pa.table({})).schema == TODO_SCHEMA
 
 
 def test_empty_listing_blocks_stay_out_of_the_dedupe_shuffle(ray_local: None) -> None:
@@ -245,6 +266,8 @@ def test_a_damaged_shard_is_noticed_and_its_clips_redone(demo_out: Path, tmp_pat
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
     summary = _run(out)
     assert 0 < summary["this_run"]["clips_written"] < len(expected)  # only what was lost
+    # the sources of the lost shard kept their other clips: cut again, only the lost ones rewritten
+    assert summary["this_run"]["sources_resumed_in_part"] > 0
     _assert_exactly_once(out, expected)
     gone = sorted(out.glob("shards/*/*.arrow"))[0]
     gone.unlink()  # missing entirely

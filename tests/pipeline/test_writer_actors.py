@@ -141,16 +141,16 @@ def test_writers_spread_over_nodes_with_writer_resources_else_stay_on_the_driver
         get_node_id=lambda: "ab" * 28))
     cfg = PipelineConfig()
     cfg.compute.writer_actors = 3
-    writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
+    writer_actors.start_writers(ray, cfg, "/out", "run")
     here = made[0]["scheduling_strategy"]
     assert isinstance(here, NodeAffinitySchedulingStrategy) and here.soft and "resources" not in made[0]
     assert len(made) == 1 + 3 and made[0]["num_cpus"] == 0
     made.clear()
     cfg.compute.writer_resources = {"cpu_node": 0.001}
-    writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
+    writer_actors.start_writers(ray, cfg, "/out", "run")
     assert made[0]["resources"] == {"cpu_node": 0.001} and made[0]["scheduling_strategy"] == "SPREAD"
     assert made[0]["num_cpus"] == 0 and made[0]["max_restarts"] == writer_actors.WRITER_RESTARTS
     assert [m["args"][1] for m in made[1:]] == ["run-w000", "run-w001", "run-w002"]
     placed[0] = False  # no node offers the resources: a clear error instead of waiting forever
     with pytest.raises(writer_actors.Stalled, match=r"2 of 3 shard writers found no place .*writer_resources"):
-        writer_actors.start_writers(ray, cfg, "/out", "run", frozenset())
+        writer_actors.start_writers(ray, cfg, "/out", "run")
