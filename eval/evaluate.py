@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from eval import cache
 from eval.clip_score import clip_score_from_embeddings
 from eval.fvd import FVD, Features, frechet_distance, pick_device
 from eval.plan import EvalPlan, decode_reals, open_index
@@ -35,6 +36,7 @@ log = get_logger("eval.evaluate")
 
 STRIP_GAP_PX = 2
 STRIP_FILE = "strip.jpg"
+REALS_CACHE = "reals-scores"  # eval/cache.py entry in a reals folder: features + scores of that eval set
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SetResult:
     fingerprints: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     wall_s: float = 0.0
+    from_cache: bool = False  # the reals' features and scores were read back (eval/cache.py), not computed
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +139,22 @@ def _scorer(cfg: NightlyConfig, data_clip: ClipModel, device: torch.device) -> C
     return data_clip if cfg.metrics.use_data_clip else load_clip(cfg.metrics.clip, device)
 
 
+def _scores_value(scores: VideoScores) -> dict[str, Any]:
+    """VideoScores as eval/cache.py stores them: the logits as raw bytes of their own dtype (exact)."""
+    logits = np.ascontiguousarray(scores.features.logits)
+    return {"logits": logits.tobytes(), "dtype": logits.dtype.str, "shape": list(logits.shape),
+            "num_frames": scores.features.num_frames,
+            "clip_score": scores.clip_score, "per_video": list(scores.per_video), "strip_jpeg": scores.strip_jpeg}
+
+
+def _load_scores(value: dict[str, Any] | None) -> VideoScores | None:
+    if value is None:
+        return None
+    logits = np.frombuffer(value["logits"], value["dtype"]).reshape(value["shape"]).copy()
+    return VideoScores(Features(logits, int(value["num_frames"])), float(value["clip_score"]),
+                       [float(x) for x in value["per_video"]], value["strip_jpeg"])
+
+
 def _save_scores(out_uri: str, scores: VideoScores, prompts: list[str], names: list[str]) -> None:
     storage.write_bytes_atomic(storage.join(out_uri, STRIP_FILE), scores.strip_jpeg)
     per_video = [{"name": n, "prompt": p, "clip_score": s} for n, p, s in zip(names, prompts, scores.per_video)]
@@ -190,23 +209,33 @@ def evaluate_checkpoint(checkpoint_uri: str, plan: EvalPlan, cfg: NightlyConfig,
 
 
 def evaluate_reals(plan: EvalPlan, cfg: NightlyConfig, out_uri: str) -> SetResult:
-    """Decode the plan's real clips with the data's VAE and score them against their captions."""
+    """Decode the plan's real clips with the data's VAE and score them against their captions.
+
+    The result is kept in `out_uri` (REALS_CACHE, keyed by the eval set, the VAE, the detector,
+    the CLIP scorer and the device) and read back on later nights: the reals of an unchanged
+    eval set cost loading the models, not a pass over the index and a decode of every clip."""
     t0 = time.perf_counter()
     device = pick_device(cfg.compute.device)
     manifest = read_manifest(plan.data_uri)
     data_clip, vae = load_data_models(plan.data_uri, manifest, device)
-    index = open_index(plan.data_uri, plan.reals_split)  # the index the plan's RealClip.file points into
     fvd = FVD(cfg.metrics.i3d_weights or None, str(device), cfg.metrics.fvd_batch_size)
     clip = _scorer(cfg, data_clip, device)
-    r = cfg.report
     captions = [c.caption for c in plan.reals]
-    scores = score_videos(decode_reals(index, vae, plan.reals, plan.num_frames), captions, fvd, clip,
-                          r.strip_videos, r.strip_frames, r.strip_height_px)
-    _save_scores(out_uri, scores, captions, [c.clip_id for c in plan.reals])
     fingerprints = {"data_sha256": manifest["fingerprint"]["data_sha256"], "vae": vae.fingerprint()["weights_sha256"],
                     "clips": [c.clip_id for c in plan.reals]}
+    key = cache.cache_key(what="reals_scores", eval_sha256=plan.eval_sha256, detector=fvd.detector_sha256,
+                          scorer=clip.fingerprint(), device=str(device), **fingerprints)
+    scores = _load_scores(cache.load(out_uri, REALS_CACHE, key))
+    hit = scores is not None
+    if not hit:
+        index = open_index(plan.data_uri, plan.reals_split)  # the index the plan's RealClip.file points into
+        r = cfg.report
+        scores = score_videos(decode_reals(index, vae, plan.reals, plan.num_frames), captions, fvd, clip,
+                              r.strip_videos, r.strip_frames, r.strip_height_px)
+        _save_scores(out_uri, scores, captions, [c.clip_id for c in plan.reals])
+        cache.save(out_uri, REALS_CACHE, key, _scores_value(scores))
     return SetResult("reals", plan.data_uri, None, scores, out_uri, fvd.detector_sha256, clip.fingerprint(),
-                     fingerprints, str(device), round(time.perf_counter() - t0, 2))
+                     fingerprints, str(device), round(time.perf_counter() - t0, 2), from_cache=hit)
 
 
 def checkpoint_name(checkpoint_uri: str) -> str:

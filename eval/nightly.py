@@ -8,7 +8,9 @@ Every checkpoint of the run that has no row for tonight's eval set in `RUN/eval/
 is evaluated (with `--latest`: only the newest one); a second run the same night finds nothing
 new. Outputs, all under `RUN/eval/`: history.jsonl (one row per checkpoint per eval set),
 report.html (self-contained), summary.json, samples/<checkpoint>-<set>/ (mp4 + settings JSON
-per video, strip.jpg, scores.json), samples/reals-<set>/, sets/<set>.json (config + eval set).
+per video, strip.jpg, scores.json), samples/reals-<set>/, sets/<set>.json (config + eval set),
+cache/ (the eval set's reals, their scores and the data card, per data version: eval/cache.py, so
+a night on unchanged data reads no clip index and decodes no real clip).
 The run dir must be storage every node reaches (as for training).
 
 Plan: parse config → list checkpoints, drop the evaluated ones → fix the eval set from the
@@ -32,6 +34,7 @@ if __package__ in (None, ""):  # `python eval/nightly.py`: import the package, n
 
 import ray
 
+from eval import cache
 from eval.evaluate import STRIP_FILE, SetResult, evaluate_checkpoint, evaluate_reals, fvd_between
 from eval.history import EVAL_DIR, append_rows, history_uri, make_row, now_utc, pending_checkpoints, read_history
 from eval.plan import EvalPlan, PlanError, build_plan
@@ -141,6 +144,18 @@ def _read_optional(uri: str) -> bytes | None:
     return storage.read_bytes(uri) if storage.exists(uri) else None
 
 
+def night_card(run_uri: str, data_uri: str, manifest: dict[str, Any], num_examples: int) -> dict[str, Any]:
+    """The data card (a pass over the whole clip index and rejects), computed once per data version
+    and kept in the run's eval cache for the nights after (eval/cache.py)."""
+    key = cache.cache_key(what="data_card", data_sha256=manifest["fingerprint"]["data_sha256"],
+                          num_examples=num_examples)
+    card = cache.load(cache.cache_dir(run_uri), "data_card", key)
+    if card is None:
+        card = data_card(data_uri, manifest, num_examples)
+        cache.save(cache.cache_dir(run_uri), "data_card", key, card)
+    return card
+
+
 def write_report(run_uri: str, cfg: NightlyConfig, plan: EvalPlan, manifest: dict[str, Any],
                  history: list[dict[str, Any]], evaluated: list[str], errors: list[str]) -> str:
     """Gather everything the report shows, render it, write RUN/eval/report.html; returns its URI."""
@@ -169,7 +184,7 @@ def write_report(run_uri: str, cfg: NightlyConfig, plan: EvalPlan, manifest: dic
                  "reals": [c.clip_id for c in plan.reals], "videos": [asdict(v) for v in plan.videos]}
     html = render_report(ReportData(
         run_uri=run_uri, generated_at=now_utc(), eval_sha256=plan.eval_sha256, history=history, metrics=metrics,
-        card=data_card(plan.data_uri, manifest, cfg.report.caption_examples), plan=plan_info,
+        card=night_card(run_uri, plan.data_uri, manifest, cfg.report.caption_examples), plan=plan_info,
         fingerprints=fingerprints, config_yaml=dump_yaml(cfg), strips=strips, reals_strip=reals_strip,
         evaluated_now=evaluated, errors=errors))
     uri = storage.join(run_uri, EVAL_DIR, "report.html")
@@ -192,19 +207,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_uri = storage.canonical(args.data or ckpt.read_state(checkpoints[-1][1]).data_uri)
     try:
         manifest = read_manifest(data_uri)
-        plan = build_plan(data_uri, cfg)
+        plan = build_plan(data_uri, cfg, cache.cache_dir(run_uri))
     except (FileNotFoundError, PlanError) as e:
         sys.exit(f"error: {e}")
     history = read_history(run_uri)
     todo, skipped = pending_checkpoints(checkpoints, history, plan.eval_sha256, args.latest)
-    rows, errors = [], []
+    rows, errors, reals_cached = [], [], None
     if todo:
         try:  # fetch + convert the I3D once here rather than in every first task (no-op when cached)
             ensure_weights(Path(cfg.metrics.i3d_weights) if cfg.metrics.i3d_weights else None)
         except (WeightsError, OSError) as e:
             sys.exit(f"error: FVD detector weights: {e}")
         ray.init(ignore_reinit_error=True)
-        rows, _, errors = evaluate(run_uri, todo, plan, cfg, manifest)
+        rows, reals, errors = evaluate(run_uri, todo, plan, cfg, manifest)
+        reals_cached = reals.from_cache
     else:
         log.info("nothing new to evaluate in %s (%d checkpoint(s) already in the history)", run_uri, len(skipped))
     report = write_report(run_uri, cfg, plan, manifest, read_history(run_uri), [r["checkpoint"] for r in rows], errors)
@@ -215,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skipped": [Path(uri).name for _, uri in skipped], "errors": errors,
         "n_real": len(plan.reals), "n_fake": len(plan.videos), "num_frames": plan.num_frames,
         "reals_split": plan.reals_split, "reals_held_out": plan.held_out,
+        "reals_from_cache": reals_cached,  # None: no checkpoint to evaluate, so no reals needed
         "random_init": bool(manifest.get("random_init")), "history": history_uri(run_uri), "report": report,
         "wall_s": round(time.perf_counter() - t0, 2),
     }

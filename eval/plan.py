@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from eval import cache
 from eval.fvd import MIN_FRAMES
 from eval.settings import EVAL_SECTIONS, NightlyConfig
 from pipeline.config import to_dict
@@ -186,10 +187,27 @@ def plan_videos(reals: list[RealClip], prompts: list[str], seed: int, num_videos
     return videos
 
 
-def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
-    """Read the clip index's scalar columns (shards stay closed) and fix the night's eval set."""
+def cached_reals(data_uri: str, data_sha256: str, cfg: NightlyConfig,
+                 cache_uri: str | None) -> tuple[list[RealClip], int, str]:
+    """`choose_reals` for these settings, read from `cache_uri` (eval/cache.py) when an earlier
+    night chose them from the same data; otherwise chosen (a pass over the split's index) and saved."""
     r = cfg.reals
-    reals, frames, reals_split = choose_reals(data_uri, r.split, r.allow_train, r.max_clips, r.num_frames)
+    key = cache.cache_key(what="reals", data_sha256=data_sha256, split=r.split, allow_train=r.allow_train,
+                          max_clips=r.max_clips, num_frames=r.num_frames)
+    hit = cache.load(cache_uri, "reals", key) if cache_uri else None
+    if hit is not None:
+        return [RealClip(**c) for c in hit["reals"]], int(hit["frames"]), str(hit["split"])
+    reals, frames, split = choose_reals(data_uri, r.split, r.allow_train, r.max_clips, r.num_frames)
+    if cache_uri:
+        cache.save(cache_uri, "reals", key, {"reals": [asdict(c) for c in reals], "frames": frames, "split": split})
+    return reals, frames, split
+
+
+def build_plan(data_uri: str, cfg: NightlyConfig, cache_uri: str | None = None) -> EvalPlan:
+    """Read the clip index's scalar columns (shards stay closed) and fix the night's eval set; with
+    `cache_uri` (a run's eval cache), a night on data an earlier night planned for reads no index."""
+    data_sha256 = read_manifest(data_uri)["fingerprint"]["data_sha256"]
+    reals, frames, reals_split = cached_reals(data_uri, data_sha256, cfg, cache_uri)
     held_out = reals_split != ALL
     prompts = list(cfg.prompts.prompts) or (read_prompts_file(cfg.prompts.file) if cfg.prompts.file else [])
     s = cfg.sampling
@@ -198,11 +216,10 @@ def build_plan(data_uri: str, cfg: NightlyConfig) -> EvalPlan:
         raise PlanError(f"{len(videos)} video(s) planned; FVD needs >= 2 (set prompts.num_videos)")
     defining = {k: to_dict(getattr(cfg, k)) for k in EVAL_SECTIONS}
     defining["metrics"].pop("fvd_batch_size")  # batching does not change the numbers
-    fingerprint = read_manifest(data_uri)["fingerprint"]["data_sha256"]
-    defining["plan"] = {"data_sha256": fingerprint, "num_frames": frames,
+    defining["plan"] = {"data_sha256": data_sha256, "num_frames": frames,
                         "reals": [c.clip_id for c in reals], "videos": [asdict(v) for v in videos]}
     sha = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
-    return EvalPlan(data_uri, fingerprint, reals, videos, frames, reals_split, held_out, sha)
+    return EvalPlan(data_uri, data_sha256, reals, videos, frames, reals_split, held_out, sha)
 
 
 def read_latents(index: ShardIndex, clip: RealClip) -> torch.Tensor:
@@ -217,5 +234,5 @@ def decode_reals(index: ShardIndex, vae: VideoVAE, reals: list[RealClip], num_fr
         yield np.ascontiguousarray(video[:num_frames])
 
 
-__all__ = ["ALL", "EvalPlan", "PlanError", "RealClip", "VideoSpec", "build_plan", "choose_num_frames", "choose_reals",
-           "decode_reals", "open_index", "plan_videos", "read_latents", "real_clips", "split_counts", "usable"]
+__all__ = ["ALL", "EvalPlan", "PlanError", "RealClip", "VideoSpec", "build_plan", "cached_reals", "choose_num_frames",
+           "choose_reals", "decode_reals", "open_index", "plan_videos", "read_latents", "real_clips", "split_counts", "usable"]

@@ -146,7 +146,7 @@ def _index_pass(data_uri: str, manifest: dict[str, Any], num_examples: int) -> d
     return {"per_bucket": per_bucket, "sources": sources, "lengths": lengths, "kept": kept, "kept_moving": multi,
             "examples": examples.values(),
             "captions_sample": {"clips": len(sample), "distinct": len(set(sample)),
-                                "most_common": Counter(sample).most_common(5)}}
+                                "most_common": [list(kv) for kv in Counter(sample).most_common(5)]}}
 
 
 def _rejects_pass(data_uri: str, manifest: dict[str, Any], num_examples: int) -> dict[str, Any]:

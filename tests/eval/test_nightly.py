@@ -151,7 +151,7 @@ def tiny_run(demo_pipeline_output: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.mark.slow
-def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) -> None:
+def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from eval.nightly import main
 
     first = main(["--run", str(tiny_run), "--latest", *FAST])
@@ -159,8 +159,17 @@ def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) ->
     second = main(["--run", str(tiny_run), *FAST])
     assert [r["checkpoint"] for r in second["evaluated"]] == ["checkpoint-00000002"]
     assert second["skipped"] == ["checkpoint-00000004"]
+    # the same data and eval set: the second night read the reals' features back, decoded no clip
+    assert (first["reals_from_cache"], second["reals_from_cache"]) == (False, True)
+    cached = sorted(p.name.split("-")[0] for p in (tiny_run / "eval" / "cache").glob("*.json"))
+    assert cached == ["data_card", "reals"]
+    # ... and a night with nothing new reads no clip index at all: plan and data card come from the cache
+    monkeypatch.setattr("eval.plan.choose_reals", lambda *a, **k: pytest.fail("the reals were chosen again"))
+    monkeypatch.setattr("eval.nightly.data_card", lambda *a, **k: pytest.fail("the data card was computed again"))
     third = main(["--run", str(tiny_run), *FAST])
+    monkeypatch.undo()
     assert third["evaluated"] == [] and third["skipped"] == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert third["eval_sha256"] == first["eval_sha256"] and third["reals_from_cache"] is None
     assert first["errors"] == second["errors"] == third["errors"] == []
 
     history = read_history(str(tiny_run))
@@ -199,11 +208,14 @@ def test_nights_evaluate_new_checkpoints_once(tiny_run: Path, tmp_path: Path) ->
     summary = json.loads((tiny_run / "eval" / "summary.json").read_text())
     assert summary["report"] == str(tiny_run / "eval" / "report.html") and summary["evaluated"] == []
 
-    # deterministic: the same checkpoint in another run dir scores exactly the same
+    # deterministic: the same checkpoint in another run dir scores exactly the same, so the reals
+    # read back from the cache (night 2, this checkpoint) equal reals decoded afresh (this run dir)
     other = tmp_path / "run"
-    shutil.copytree(tiny_run / "checkpoint-00000004", other / "checkpoint-00000004")
-    again = main(["--run", str(other), *FAST])["evaluated"][0]
-    ref = next(r for r in history if r["steps_done"] == 4)
+    shutil.copytree(tiny_run / "checkpoint-00000002", other / "checkpoint-00000002")
+    fresh = main(["--run", str(other), *FAST])
+    again = fresh["evaluated"][0]
+    ref = next(r for r in history if r["steps_done"] == 2)
+    assert fresh["reals_from_cache"] is False
     assert (again["fvd"], again["clip_score"]) == (ref["fvd"], ref["clip_score"])
 
 
