@@ -223,17 +223,18 @@ def evaluate_reals(plan: EvalPlan, cfg: NightlyConfig, out_uri: str) -> SetResul
     captions = [c.caption for c in plan.reals]
     fingerprints = {"data_sha256": manifest["fingerprint"]["data_sha256"], "vae": vae.fingerprint()["weights_sha256"],
                     "clips": [c.clip_id for c in plan.reals]}
+    r = cfg.report
     key = cache.cache_key(what="reals_scores", eval_sha256=plan.eval_sha256, detector=fvd.detector_sha256,
-                          scorer=clip.fingerprint(), device=str(device), **fingerprints)
+                          scorer=clip.fingerprint(), device=str(device),
+                          strip=[r.strip_videos, r.strip_frames, r.strip_height_px], **fingerprints)
     scores = _load_scores(cache.load(out_uri, REALS_CACHE, key))
     hit = scores is not None
     if not hit:
         index = open_index(plan.data_uri, plan.reals_split)  # the index the plan's RealClip.file points into
-        r = cfg.report
         scores = score_videos(decode_reals(index, vae, plan.reals, plan.num_frames), captions, fvd, clip,
                               r.strip_videos, r.strip_frames, r.strip_height_px)
-        _save_scores(out_uri, scores, captions, [c.clip_id for c in plan.reals])
         cache.save(out_uri, REALS_CACHE, key, _scores_value(scores))
+    _save_scores(out_uri, scores, captions, [c.clip_id for c in plan.reals])  # on a hit too: the files match the key
     return SetResult("reals", plan.data_uri, None, scores, out_uri, fvd.detector_sha256, clip.fingerprint(),
                      fingerprints, str(device), round(time.perf_counter() - t0, 2), from_cache=hit)
 

@@ -146,9 +146,10 @@ def _read_optional(uri: str) -> bytes | None:
 
 def night_card(run_uri: str, data_uri: str, manifest: dict[str, Any], num_examples: int) -> dict[str, Any]:
     """The data card (a pass over the whole clip index and rejects), computed once per data version
-    and kept in the run's eval cache for the nights after (eval/cache.py)."""
-    key = cache.cache_key(what="data_card", data_sha256=manifest["fingerprint"]["data_sha256"],
-                          num_examples=num_examples)
+    and kept in the run's eval cache for the nights after (eval/cache.py). The key holds the whole
+    manifest (the card shows its fingerprints and totals; a re-finalize by newer code rewrites it
+    over the same records) and the data's location (shown too; `--data` may move it)."""
+    key = cache.cache_key(what="data_card", manifest=manifest, data_uri=data_uri, num_examples=num_examples)
     card = cache.load(cache.cache_dir(run_uri), "data_card", key)
     if card is None:
         card = data_card(data_uri, manifest, num_examples)

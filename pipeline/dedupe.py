@@ -26,11 +26,17 @@ Batch = dict[str, np.ndarray]
 def dedupe_block(batch: Batch) -> Batch:
     """Rows of whole size groups → the listing rows still to process, each with source_id / dup_of.
 
-    Two kinds of input row share the columns: listing rows (`committed_id` == "") and one row
-    per source committed by an earlier run (`committed_id` = its source id; uri, size and
-    mtime as committed). A listing row whose (uri, size, mtime) was committed is done and
-    dropped; committed rows only take part as survivors. Rows that are not video candidates
-    pass through untouched.
+    Three kinds of input row share the columns (`pipeline.run.committed_rows`):
+      * listing rows: `committed_id` == "";
+      * a source committed complete by an earlier run: `committed_id` = its source id (uri,
+        size and mtime as committed), `partial` false. A listing row with its (uri, mtime) is
+        done and dropped; otherwise it only takes part as the survivor of its content;
+      * a source an interrupted run committed in part: `committed_id` = its source id, `partial`
+        true. Its listing row is to do (its committed clips are skipped by id: see
+        `pipeline.state.attach_skip_ids`), and it survives among copies of its content, even
+        when not listed now (moved): a copy under another URI is its duplicate, so the clips
+        committed under its URI are never committed again under the copy's.
+    Rows that are not video candidates pass through untouched.
     """
     n = len(batch["uri"])
     rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
@@ -40,27 +46,37 @@ def dedupe_block(batch: Batch) -> Batch:
     out: list[dict[str, Any]] = []
     for size, group in sorted(groups.items()):
         out += _dedupe_group(group, size)
-    names = [k for k in batch if k != "committed_id"] + ["source_id", "dup_of"]
+    names = [k for k in batch if k not in ("committed_id", "partial")] + ["source_id", "dup_of"]
     return _columns(out, names)
 
 
 def _dedupe_group(group: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    committed = [r for r in group if str(r.get("committed_id") or "")]
+    earlier = [r for r in group if str(r.get("committed_id") or "")]
+    committed = [r for r in earlier if not bool(r.get("partial"))]
+    partial = [r for r in earlier if bool(r.get("partial"))]
     done_keys = {(str(r["uri"]), int(r["mtime_ns"])) for r in committed}
     todo = [dict(r, source_id="", dup_of="") for r in group if not str(r.get("committed_id") or "")
             and (str(r["uri"]), int(r["mtime_ns"])) not in done_keys]
     candidates = [r for r in todo if bool(r["candidate"]) and size > 0]
-    if not candidates or len(candidates) + len(committed) < 2:
+    listed = {str(r["uri"]) for r in candidates}
+    moved = [r for r in partial if str(r["uri"]) not in listed]  # its content may be listed under another URI
+    if not candidates or len(candidates) + len(committed) + len(moved) < 2:
         return todo
-    survivors = {str(r["committed_id"]): str(r["uri"]) for r in sorted(committed, key=lambda r: str(r["uri"]))}
     hashed: dict[str, str] = {}
     for r in candidates:
         try:
             hashed[str(r["uri"])] = content_id(str(r["uri"]))
         except OSError:
             pass  # unreadable: the probe step says so
+    # survivors: a complete committed copy, then a partly committed one (listed with that content,
+    # unreadable now, or not listed), then the smallest URI
+    survivors = {str(r["committed_id"]): str(r["uri"]) for r in sorted(committed, key=lambda r: str(r["uri"]))}
+    for r in sorted(partial, key=lambda r: str(r["uri"])):
+        sid = str(r["committed_id"])
+        if hashed.get(str(r["uri"]), sid) == sid:
+            survivors.setdefault(sid, str(r["uri"]))
     for uri in sorted(hashed):
-        survivors.setdefault(hashed[uri], uri)  # smallest URI first, after committed files
+        survivors.setdefault(hashed[uri], uri)
     committed_ids = {str(r["committed_id"]) for r in committed}
     out = []
     for r in todo:

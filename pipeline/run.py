@@ -238,7 +238,10 @@ def expand_tars(ds, cfg: PipelineConfig, index_dir: str | None = None):
     return rest.union(members)
 
 
-DEDUPE_INPUT_SCHEMA = LISTING_SCHEMA.append(pa.field("committed_id", pa.string()))
+# committed_id: the source id of a source an earlier run committed ("": a listing row); partial:
+# that source is incomplete (pipeline/dedupe.py)
+DEDUPE_INPUT_SCHEMA = LISTING_SCHEMA.append(pa.field("committed_id", pa.string())).append(
+    pa.field("partial", pa.bool_()))
 
 
 def with_committed_id(t: pa.Table) -> pa.Table:
@@ -246,7 +249,9 @@ def with_committed_id(t: pa.Table) -> pa.Table:
     if t.num_rows == 0:
         return DEDUPE_INPUT_SCHEMA.empty_table()
     t = t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
-    return t.append_column("committed_id", pa.array([""] * t.num_rows, pa.string()))
+    n = t.num_rows
+    return t.append_column("committed_id", pa.array([""] * n, pa.string())).append_column(
+        "partial", pa.array([False] * n, pa.bool_()))
 
 
 def non_empty_blocks(ray, ds):
@@ -255,15 +260,18 @@ def non_empty_blocks(ray, ds):
 
 
 def committed_rows(status_table: pa.Table) -> pa.Table:
-    """Complete committed sources as listing-shaped rows for the dedupe shuffle (typed even when empty)."""
+    """Committed sources as listing-shaped rows for the dedupe shuffle (typed even when empty): the
+    complete ones, and the incomplete ones whose source row was committed (`partial`: they survive
+    among copies; one with clips but no source row yet has no size to be grouped by)."""
     if status_table.num_rows == 0:
         return DEDUPE_INPUT_SCHEMA.empty_table()
-    done = status_table.filter(status_table["complete"])
+    known = pc.and_(pc.is_valid(status_table["size_bytes"]), pc.is_valid(status_table["source_id"]))
+    done = status_table.filter(pc.or_(status_table["complete"], known))
     n = done.num_rows
     return pa.table({
-        "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": done["mtime_ns"],
+        "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": pc.fill_null(done["mtime_ns"], -1),
         "sniffed": [""] * n, "sidecars": ["[]"] * n, "source_meta": ["{}"] * n, "candidate": [True] * n,
-        "reason": [""] * n, "committed_id": done["source_id"],
+        "reason": [""] * n, "committed_id": done["source_id"], "partial": pc.invert(done["complete"]),
     }, schema=DEDUPE_INPUT_SCHEMA)
 
 
@@ -332,10 +340,12 @@ def build_plan(ray, cfg: PipelineConfig, out: str, todo, resume: Resume, fingerp
             batch_size=cfg.compute.vae_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.compute.vae_actors),
             num_gpus=gpus, num_cpus=model_cpus, batch_format="numpy",
         )
-        # Writers are long-lived actors made by the driver; this task stage only routes to them.
-        # A writer that stays unreachable is waited for as long as a stall (writer_actors.hand_off).
+        # Writers are long-lived actors made by the driver; this stage only routes to them, from
+        # routers spread over the nodes (compute.router_actors). A writer that stays unreachable
+        # is waited for as long as a stall (writer_actors.hand_off).
         .map_batches(Router, fn_constructor_args=(writers, cfg.compute.stall_timeout_s),
-                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_format="numpy")
+                     compute=ray.data.ActorPoolStrategy(size=cfg.compute.router_actors or cfg.compute.vae_actors),
+                     num_cpus=0, scheduling_strategy="SPREAD", batch_format="numpy")
     )
 
 

@@ -74,6 +74,11 @@ class ComputeConfig:
     # each node's disk (writer_open_mb per writer), NIC and memory carry only its writers' share
     # of the latents (50 TB through the head node would take days and outgrow its disk).
     writer_resources: dict[str, float] = field(default_factory=dict)
+    # Routers: the last stage, handing each batch of latents to its writers. Every byte of the
+    # output passes through one of them, so one router is one process and one node's NIC for the
+    # whole corpus (50 TB at ~1 GB/s: ~14 h, whatever the cluster). 0 = one per VAE actor; they
+    # are spread over the nodes (no CPU reserved: they wait on the network).
+    router_actors: int = 0
     shuffle_blocks: int = 0  # partitions of the dedupe / resume shuffles; 0 = 2 per cluster CPU
     # Small state skips Ray Data's hash shuffles (seconds of fixed cost each): commit records up
     # to this many MB in all are read by the driver in one go, and a listing up to this size is
@@ -101,6 +106,8 @@ class ComputeConfig:
             raise ValueError("compute.sources_per_task must be >= 1")
         if self.writer_actors < 1:
             raise ValueError("compute.writer_actors must be >= 1")
+        if self.router_actors < 0:
+            raise ValueError("compute.router_actors must be >= 0 (0: one per VAE actor)")
         if self.lease_ttl_s <= 0:
             raise ValueError("compute.lease_ttl_s must be > 0")
         for name, why in (("cut_resources", "CPUs are compute.cut_cpus"), ("writer_resources", "writers take no CPU")):

@@ -21,9 +21,9 @@ def block(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def listed(path: Path, committed_id: str = "") -> dict:
+def listed(path: Path, committed_id: str = "", partial: bool = False) -> dict:
     st = path.stat()
-    return dict(listing_row(str(path), st.st_size, st.st_mtime_ns), committed_id=committed_id)
+    return dict(listing_row(str(path), st.st_size, st.st_mtime_ns), committed_id=committed_id, partial=partial)
 
 
 def result(rows: list[dict]) -> dict[str, dict]:
@@ -72,6 +72,25 @@ def test_non_candidates_and_empty_files_pass_through(tmp_path: Path) -> None:
     e1.write_bytes(b"")
     e2.write_bytes(b"")
     txt = dict(listing_row(str(tmp_path / "n.txt"), 0, 1, candidate=False, reason="not a video: text file"),
-               committed_id="")
+               committed_id="", partial=False)
     got = result([listed(e1), listed(e2), txt])
     assert all(v == {"source_id": "", "dup_of": ""} for v in got.values()) and len(got) == 3
+
+
+def test_a_partly_committed_source_survives_its_copies_listed_or_not(tmp_path: Path) -> None:
+    """An interrupted run committed some clips of b.mp4. A copy with a smaller URI appearing before
+    the resume must not become the survivor: its clips (ids from the content) would be committed
+    a second time under its URI."""
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    for p in (a, b):
+        p.write_bytes(b"y" * 64)
+    sid = content_id(str(b))
+    part = dict(listed(b), committed_id=sid, partial=True)
+    got = result([part, listed(a), listed(b)])
+    assert got[str(b)] == {"source_id": sid, "dup_of": ""}  # to do again: its other clips are missing
+    assert got[str(a)] == {"source_id": sid, "dup_of": str(b)}
+    got = result([part, listed(a)])  # b moved away: a is still its copy, not a new source
+    assert got == {str(a): {"source_id": sid, "dup_of": str(b)}}
+    b.write_bytes(b"z" * 64)  # b rewritten with other bytes of the same size: a is a source of its own
+    got = result([part, listed(a), listed(b)])
+    assert got[str(a)]["dup_of"] == "" and got[str(b)]["dup_of"] == ""

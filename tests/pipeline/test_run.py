@@ -196,6 +196,15 @@ def test_dedupe_inputs_are_typed_even_when_empty() -> None:
     assert rows.schema == DEDUPE_INPUT_SCHEMA and rows["committed_id"].to_pylist() == [""]
     status = pa.Table.from_pylist([], schema=STATUS_SCHEMA)
     assert committed_rows(status).num_rows == 0
+    status = pa.Table.from_pylist([  # complete; incomplete with its source row; clips but no source row yet
+        {"source_uri": "a", "source_id": "sa", "size_bytes": 1, "mtime_ns": 1, "complete": True, "committed_ids": []},
+        {"source_uri": "b", "source_id": "sb", "size_bytes": 2, "mtime_ns": 1, "complete": False,
+         "committed_ids": ["b1"]},
+        {"source_uri": "c", "complete": False, "committed_ids": ["c1"]}], schema=STATUS_SCHEMA)
+    rows = committed_rows(status)
+    assert rows.schema == DEDUPE_INPUT_SCHEMA
+    assert rows.select(["uri", "committed_id", "partial"]).to_pylist() == [
+        {"uri": "a", "committed_id": "sa", "partial": False}, {"uri": "b", "committed_id": "sb", "partial": True}]
     from pipeline.state import TODO_SCHEMA, attach_skip_ids, partial_rows, todo_rows
 
     assert partial_rows(status).schema == TODO_SCHEMA == attach_skip_ids(pa.table({})).schema
@@ -640,3 +649,11 @@ def test_probe_and_cut_tasks_ask_for_the_cpu_node_resources() -> None:
         assert names[:2] == ["repartition", "flat_map"]  # probe and cut: one task per source block
         assert calls[1][1]["resources"] == want
         assert [kw.get("num_gpus") for n, kw in calls if n == "map_batches"] == [1.0, 1.0, None]  # caption, VAE, router
+    # the routers carry every byte of latents: one per VAE actor unless set, spread over the nodes
+    for routers, want in ((0, 3), (5, 5)):
+        cfg = PipelineConfig()
+        cfg.compute.vae_actors, cfg.compute.router_actors = 3, routers
+        calls.clear()
+        build_plan(fake_ray, cfg, "/tmp/out", Recorder(), Resume([]), fingerprints, [])
+        router = [kw for n, kw in calls if n == "map_batches"][-1]
+        assert router["compute"] == ("pool", want) and router["scheduling_strategy"] == "SPREAD"
