@@ -182,6 +182,19 @@ def read_state(ray, out: str, cfg: PipelineConfig, verify: bool) -> Resume:
     return resume
 
 
+def incomplete_examples(resume: Resume, n: int = 3) -> list[str]:
+    """The URIs of up to `n` incomplete sources (for an error message)."""
+    if resume.status is None:
+        return []
+    if isinstance(resume.status, pa.Table):
+        rows = resume.status.filter(pc.invert(resume.status["complete"])).slice(0, n).to_pylist()
+    else:
+        from ray.data.expressions import col
+
+        rows = resume.status.filter(expr=col("complete") == False).take(n)  # noqa: E712
+    return [str(r["source_uri"]) for r in rows]
+
+
 def _records_ds(ray, uris: list[str]):
     fs, _ = storage.resolve(uris[0])
     paths = [storage.resolve(u)[1] for u in uris]
@@ -599,7 +612,9 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
         phase("read_state")
     if resume.incomplete:
         sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
-                 "pass(es); re-run to finish them")
+                 f"pass(es), e.g. {', '.join(incomplete_examples(resume))}; re-run to finish them (a source "
+                 "no longer listed at its URI, or now a copy of a finished source, cannot be finished: list "
+                 "it again)")
     manifest = finalize(ray, cfg, out, resume, fingerprint)
     phase("finalize")
     if manifest["totals"]["inputs"] == 0:

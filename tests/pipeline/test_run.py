@@ -202,6 +202,9 @@ def test_dedupe_inputs_are_typed_even_when_empty() -> None:
          "committed_ids": ["b1"]},
         {"source_uri": "c", "complete": False, "committed_ids": ["c1"]}], schema=STATUS_SCHEMA)
     rows = committed_rows(status)
+    from pipeline.run import Resume, incomplete_examples
+
+    assert incomplete_examples(Resume([], status=status)) == ["b", "c"]  # what the stuck-run error names
     assert rows.schema == DEDUPE_INPUT_SCHEMA
     assert rows.select(["uri", "committed_id", "partial"]).to_pylist() == [
         {"uri": "a", "committed_id": "sa", "partial": False}, {"uri": "b", "committed_id": "sb", "partial": True}]
