@@ -100,6 +100,11 @@ REJECT_COLUMNS = ["source_id", "source_uri", "stage", "reason", "start_frame", "
 # Rejects made when the index is built (near-duplicates) name the clip they copy; records do not hold it.
 REJECT_ONLY_COLUMNS = ["duplicate_of"]
 SOURCE_KEY = ["source_uri", "size_bytes", "mtime_ns"]
+# A reject row of this stage closes a source an interrupted run committed in part and that can
+# no longer be cut under its URI (not listed any more, or now a copy of another source): its
+# committed clips are kept and it counts as complete (source_status), so later runs finish.
+CLOSED_STAGE = "resume"
+NOT_LISTED = "no longer listed"
 
 
 def record_table(rows: Iterable[dict[str, Any]], name: str, shard: dict[str, Any] | None = None) -> pa.Table:
@@ -170,7 +175,8 @@ def shards_named(table: pa.Table) -> pa.Table:
 
 
 def source_status(table: pa.Table) -> pa.Table:
-    """Per source (a listed file, keyed by URI): clips promised, clips accounted for, complete or not.
+    """Per source (a listed file, keyed by URI): clips promised, clips accounted for, complete or not
+    (or closed: a CLOSED_STAGE reject row).
 
     A source row promises `num_clips` (what its cut produced). A clip is accounted for when a
     clip row or a clip-level reject row (a later stage dropped it) with its id is committed.
@@ -189,10 +195,12 @@ def source_status(table: pa.Table) -> pa.Table:
     joined = summary.join(counted, "source_uri", join_type="full outer")
     committed = pc.fill_null(joined["committed_clips"], 0)
     promised = pc.fill_null(joined["num_clips"], -1)
+    closed = table.filter(pc.and_(pc.equal(kind, "reject"), pc.equal(table["stage"], CLOSED_STAGE)))["source_uri"]
+    complete = pc.or_(pc.equal(committed, promised), pc.is_in(joined["source_uri"], value_set=closed.combine_chunks()))
     return pa.table({
         "source_uri": joined["source_uri"], "source_id": joined["source_id"],
         "size_bytes": joined["size_bytes"], "mtime_ns": joined["mtime_ns"],
-        "num_clips": promised, "committed_clips": committed, "complete": pc.equal(committed, promised),
+        "num_clips": promised, "committed_clips": committed, "complete": pc.fill_null(complete, False),
     })
 
 

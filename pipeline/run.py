@@ -274,12 +274,12 @@ def non_empty_blocks(ray, ds):
 
 def committed_rows(status_table: pa.Table) -> pa.Table:
     """Committed sources as listing-shaped rows for the dedupe shuffle (typed even when empty): the
-    complete ones, and the incomplete ones whose source row was committed (`partial`: they survive
-    among copies; one with clips but no source row yet has no size to be grouped by)."""
+    complete ones, and the incomplete ones (`partial`: they survive among copies), each when its
+    source row was committed (a source with clips but no source row has no size to be grouped by)."""
     if status_table.num_rows == 0:
         return DEDUPE_INPUT_SCHEMA.empty_table()
-    known = pc.and_(pc.is_valid(status_table["size_bytes"]), pc.is_valid(status_table["source_id"]))
-    done = status_table.filter(pc.or_(status_table["complete"], known))
+    sized = pc.is_valid(status_table["size_bytes"])  # a source row was committed (not so for every closed one)
+    done = status_table.filter(pc.and_(sized, pc.or_(status_table["complete"], pc.is_valid(status_table["source_id"]))))
     n = done.num_rows
     return pa.table({
         "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": pc.fill_null(done["mtime_ns"], -1),
@@ -613,8 +613,8 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
     if resume.incomplete:
         sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
                  f"pass(es), e.g. {', '.join(incomplete_examples(resume))}; re-run to finish them (a source "
-                 "no longer listed at its URI, or now a copy of a finished source, cannot be finished: list "
-                 "it again)")
+                 "that can no longer be read stays incomplete: restore it, or take it out of the input and "
+                 "the next run closes it, keeping its committed clips)")
     manifest = finalize(ray, cfg, out, resume, fingerprint)
     phase("finalize")
     if manifest["totals"]["inputs"] == 0:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.listing import LISTING_SCHEMA
-from pipeline.records import of_kind, source_status
+from pipeline.records import NOT_LISTED, of_kind, source_status
 
 
 @dataclass
@@ -109,19 +109,20 @@ def partial_rows(status: pa.Table) -> pa.Table:
     n = part.num_rows
     if n == 0:
         return TODO_SCHEMA.empty_table()
-    empty = pa.nulls(n, pa.string())
-    return pa.table({
-        "uri": part["source_uri"], "size_bytes": pa.nulls(n, pa.int64()), "mtime_ns": pa.nulls(n, pa.int64()),
-        "sniffed": empty, "sidecars": empty, "source_meta": empty, "candidate": pa.nulls(n, pa.bool_()),
-        "reason": empty, "source_id": empty, "dup_of": empty,
+    return pa.table({  # as a row to close the source with when no row to do has its URI (attach_skip_ids)
+        "uri": part["source_uri"], "size_bytes": pc.fill_null(part["size_bytes"], 0),
+        "mtime_ns": pc.fill_null(part["mtime_ns"], -1), "sniffed": [""] * n, "sidecars": ["[]"] * n,
+        "source_meta": ["{}"] * n, "candidate": [False] * n, "reason": [NOT_LISTED] * n,
+        "source_id": pc.fill_null(part["source_id"], ""), "dup_of": [""] * n,
         "skip_clip_ids": [json.dumps(ids) for ids in part["committed_ids"].to_pylist()],
     }, schema=TODO_SCHEMA)
 
 
 def attach_skip_ids(t: pa.Table) -> pa.Table:
     """Rows of whole URIs (rows to do and partial_rows, hash-partitioned by uri) → the rows to do,
-    each with its source's committed clip ids ("[]" for none). A partial row whose URI is not
-    to do (no longer listed, or a duplicate now) goes no further."""
+    each with its source's committed clip ids ("[]" for none). A partial row whose URI has no
+    row to do (the file is no longer listed) becomes one itself, with reason NOT_LISTED: the
+    source step closes it (pipeline/steps.py), keeping what was committed."""
     if t.num_rows == 0:
         return TODO_SCHEMA.empty_table()
     t = t.cast(TODO_SCHEMA)
@@ -130,7 +131,9 @@ def attach_skip_ids(t: pa.Table) -> pa.Table:
     ids = dict(zip(part["uri"].to_pylist(), part["skip_clip_ids"].to_pylist()))
     todo = t.filter(undecided)
     skip = [ids.get(u, "[]") for u in todo["uri"].to_pylist()]
-    return todo.set_column(todo.schema.get_field_index("skip_clip_ids"), "skip_clip_ids", pa.array(skip, pa.string()))
+    todo = todo.set_column(todo.schema.get_field_index("skip_clip_ids"), "skip_clip_ids", pa.array(skip, pa.string()))
+    gone = part.filter(pc.invert(pc.is_in(part["uri"], value_set=todo["uri"].combine_chunks())))
+    return pa.concat_tables([todo, gone]) if gone.num_rows else todo
 
 
 def totals_block(table: pa.Table) -> dict[str, Any]:

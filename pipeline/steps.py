@@ -42,6 +42,7 @@ from pipeline.images import IMAGE_CONTAINER, probe_image
 from pipeline.neardup import clip_chash, clip_phash
 from pipeline.probe import ProbeError, StillImage, probe
 from pipeline.quality import clip_scores
+from pipeline.records import CLOSED_STAGE, NOT_LISTED
 from pipeline.settings import PipelineConfig
 from pipeline.shards import FRAME_SCORE_COLUMNS, clip_id, split_of
 from pipeline.text_overlay import load_text_detector, text_area
@@ -277,6 +278,20 @@ def make_cut_fn(cfg: PipelineConfig) -> Callable[[Row], Iterator[Row]]:
     return cut_row
 
 
+def closing_row(row: Row) -> Row | None:
+    """A source an interrupted run committed in part that cannot be cut again under its URI — no
+    longer listed, or now a copy of another source — gets one CLOSED_STAGE reject row instead of
+    a cut: its committed clips stay, and the source counts as complete, so later runs finish
+    rather than fail on it forever. Any other row: None."""
+    committed = json.loads(row.get("skip_clip_ids") or "[]")
+    if not committed or not (row.get("dup_of") or row.get("reason") == NOT_LISTED):
+        return None
+    why = f"same content as {row['dup_of']}" if row.get("dup_of") else NOT_LISTED
+    return side_row(reject_record(str(row.get("source_id") or uri_id(row["uri"])), row["uri"], CLOSED_STAGE,
+                                  f"closed: {why}; the {len(committed)} clip(s) an interrupted run committed are "
+                                  "kept, the rest are not cut"))
+
+
 def make_source_fn(cfg: PipelineConfig) -> Callable[[Row], Iterator[Row]]:
     """Listing row (+ source_id, dup_of from dedupe) → its clip, reject and source rows: probe and
     cut over one local copy of the file, hashed as it is copied.
@@ -287,6 +302,10 @@ def make_source_fn(cfg: PipelineConfig) -> Callable[[Row], Iterator[Row]]:
     probe_row, cut_row = make_probe_fn(cfg), make_cut_fn(cfg)
 
     def source_rows(row: Row) -> Iterator[Row]:
+        closing = closing_row(row)
+        if closing is not None:
+            yield closing
+            return
         if not row.get("candidate", True) or row.get("dup_of") or not int(row.get("size_bytes") or 0):
             yield from cut_row(probe_row(row))  # rejected without reading the file
             return

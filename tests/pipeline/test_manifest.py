@@ -60,6 +60,19 @@ def test_status_counts_clips_and_clip_level_rejects_and_lists_committed_ids() ->
     assert status["d"]["complete"] and status["d"]["num_clips"] == 0
 
 
+def test_a_closed_source_is_complete_with_the_clips_it_has() -> None:
+    from pipeline.records import CLOSED_STAGE
+
+    table = record_table([source("b", 3), clip("b", "b1"),  # 1 of 3 committed, then closed (gone)
+                          reject("b", CLOSED_STAGE, "closed: no longer listed"),
+                          clip("c", "c1"), reject("c", CLOSED_STAGE, "closed: no longer listed"),  # no source row
+                          source("e", 2), clip("e", "e1"), reject("e", "probe", "cannot read file")], "r")
+    status = {r["source_uri"]: r for r in status_block(table).to_pylist()}
+    assert status["b"]["complete"] and status["b"]["committed_clips"] == 1 and status["b"]["committed_ids"] == []
+    assert status["c"]["complete"] and status["c"]["num_clips"] == -1
+    assert not status["e"]["complete"]  # an ordinary reject does not close a source: it is retried
+
+
 def test_totals_count_repeated_side_rows_once_and_add_up() -> None:
     part1 = record_table([source("a", 2, 3.0), clip("a", "a1", "x", 5), clip("a", "a2", "y", 7),
                           reject("a", "scene", "too short"), reject("a", "scene", "too short"), source("a", 2, 3.0)],

@@ -142,6 +142,7 @@ def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
     import ray
 
     from pipeline.preflight import preflight
+    from pipeline.records import NOT_LISTED
     from pipeline.run import Resume, sources_to_do
     from pipeline.settings import PipelineConfig
     from pipeline.state import STATUS_SCHEMA
@@ -171,11 +172,13 @@ def test_small_and_large_listings_dedupe_alike(ray_local: None, tmp_path: Path,
         cfg.input.uri, cfg.output.uri, cfg.compute.small_state_mb = str(src), str(tmp_path / "out"), mb
         for resume in (Resume([]), Resume([], status=partial, incomplete=3)):
             todo = sources_to_do(ray, cfg, preflight(cfg), resume).take_all()
-            found.append(sorted((r["uri"], r["source_id"], r["dup_of"]) for r in todo))
-            skips.append({r["uri"]: json.loads(r["skip_clip_ids"] or "[]") for r in todo if r["skip_clip_ids"] not in
-                          ("", "[]")})
+            found.append(sorted((r["uri"], r["source_id"], r["dup_of"]) for r in todo if r["reason"] != NOT_LISTED))
+            skips.append({r["uri"]: (json.loads(r["skip_clip_ids"] or "[]"), r["reason"] == NOT_LISTED)
+                          for r in todo if r["skip_clip_ids"] not in ("", "[]")})
     assert all(f == found[0] for f in found) and len(found[0]) == 6
-    assert skips == [{}, {str(src / "0.mp4"): ["x1", "x2"], str(src / "1.mp4"): ["y1"]}] * 2
+    # the file no longer listed comes back as a row to close (pipeline.steps.closing_row)
+    assert skips == [{}, {str(src / "0.mp4"): (["x1", "x2"], False), str(src / "1.mp4"): (["y1"], False),
+                          str(src / "gone.mp4"): (["g1"], True)}] * 2
     dups = [r for r in found[0] if r[2]]
     carphone = sorted(str(p) for p in src.rglob("*.mp4") if p.read_bytes() == sample_clips["carphone_pristine"].read_bytes())
     assert [r[0] for r in dups] == carphone[1:] and {r[2] for r in dups} == {carphone[0]}
@@ -293,6 +296,39 @@ def test_a_damaged_shard_is_noticed_and_its_clips_redone(demo_out: Path, tmp_pat
     assert _run(out, "--verify")["this_run"]["clips_written"] > 0  # ... --verify redoes it
     _assert_exactly_once(out, expected)
     assert not flipped.exists()  # the damaged file itself is gone; its clips live in a new shard
+
+
+def test_a_source_gone_after_a_crash_is_closed_keeping_its_committed_clips(
+        ray_local: None, tmp_path: Path, sample_clips: dict[str, Path]) -> None:
+    """A source committed in part (its shard lost) and then removed from the input cannot be cut
+    again: the resume closes it (its committed clips stay, the run finishes) instead of failing
+    every run from then on; the other sources of the lost shard are redone as usual."""
+    from pipeline.records import CLOSED_STAGE
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    for name, path in sample_clips.items():
+        shutil.copy(path, src / f"{name}.mp4")
+    out = tmp_path / "data"
+    _run(out, "--input", str(src), *TINY_SHARDS)
+    index = read_index(str(out), read_manifest(str(out)), ["clip_id", "source_uri", "shard"]).to_pylist()
+    shards_of: dict[str, set] = {}
+    for r in index:
+        shards_of.setdefault(r["source_uri"], set()).add(r["shard"])
+    victim = min(u for u, s in shards_of.items() if len(s) > 1)  # a source over several shards
+    lost = sorted(shards_of[victim])[0]
+    (out / lost).write_bytes((out / lost).read_bytes()[:100])  # damaged: its record is dropped
+    Path(victim).unlink()  # ... and the source is gone before the resume
+    kept = sorted(r["clip_id"] for r in index if not (r["source_uri"] == victim and r["shard"] == lost))
+    summary = _run(out, "--input", str(src), *TINY_SHARDS)
+    assert summary["this_run"]["sources_resumed_in_part"] >= 1
+    _assert_exactly_once(out, kept)
+    manifest = read_manifest(str(out))
+    closed = [r for r in read_rejects(str(out), manifest).to_pylist() if r["stage"] == CLOSED_STAGE]
+    assert [r["source_uri"] for r in closed] == [victim] and "no longer listed" in closed[0]["reason"]
+    again = _run(out, "--input", str(src), *TINY_SHARDS)  # closed for good: nothing to do, no error
+    assert again["this_run"]["clips_written"] == 0 and again["this_run"]["sources_resumed_in_part"] == 0
+    _assert_exactly_once(out, kept)
 
 
 def test_changed_data_settings_on_same_output_are_refused(demo_out: Path) -> None:

@@ -134,3 +134,17 @@ def test_source_fn_rejects_unreadable_and_listed_rejects_without_a_copy(tmp_path
                dup_of=str(tmp_path / "first.mp4"))
     rej = json.loads(list(make_source_fn(cfg)(dup))[0]["record_json"])
     assert rej["stage"] == "dedupe" and "same content as" in rej["reason"]
+
+
+def test_only_a_partly_committed_source_that_cannot_be_cut_again_is_closed() -> None:
+    from pipeline.listing import listing_row
+    from pipeline.records import CLOSED_STAGE, NOT_LISTED
+    from pipeline.steps import closing_row
+
+    base = dict(listing_row("/v/a.mp4", 10, 1), source_id="s1", dup_of="", skip_clip_ids='["c1", "c2"]')
+    gone = closing_row(dict(base, candidate=False, reason=NOT_LISTED))
+    record = json.loads(gone["record_json"])
+    assert gone["kind"] == "reject" and record["stage"] == CLOSED_STAGE and "2 clip(s)" in record["reason"]
+    assert "same content as /v/b.mp4" in json.loads(closing_row(dict(base, dup_of="/v/b.mp4"))["record_json"])["reason"]
+    assert closing_row(base) is None  # listed, not a copy: cut again, skipping c1 and c2
+    assert closing_row(dict(base, dup_of="/v/b.mp4", skip_clip_ids="[]")) is None  # nothing committed: a plain dedupe reject
