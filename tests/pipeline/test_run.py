@@ -109,7 +109,7 @@ def test_rerun_skips_complete_sources_and_rewrites_nothing(demo_out: Path) -> No
     before = {p: p.stat().st_mtime_ns for p in demo_out.rglob("*") if p.is_file() and p.name != "summary.json"}
     manifest = (demo_out / "manifest.json").read_bytes()
     summary = _run(demo_out)
-    assert summary["this_run"] == {"clips_written": 0, "shards": 0, "records": 0}
+    assert summary["this_run"] == {"clips_written": 0, "shards": 0, "records": 0, "sources_resumed_in_part": 0}
     assert (demo_out / "manifest.json").read_bytes() == manifest  # byte-identical
     after = {p: p.stat().st_mtime_ns for p in demo_out.rglob("*") if p.is_file() and p.name != "summary.json"}
     assert after == before  # no file rewritten, none added
