@@ -79,7 +79,7 @@ class DedupConfig:
     # A cluster larger than this is split by a k-means of its own inside its group (work and
     # memory per group stay O(max_cluster^2) and O(max_cluster * dim)).
     max_cluster: int = 50_000
-    kmeans_sample: int = 50_000  # clips (chosen by hash of clip id) the driver fits k-means on
+    kmeans_sample: int = 50_000  # clips (chosen by hash of clip id) k-means is fitted on (one Ray task)
     # Clips of one source are not compared: consecutive windows of one long shot look alike by
     # construction and are not copies. True also drops repeats inside a video (a looped intro).
     same_source: bool = False

@@ -8,7 +8,7 @@ both ways; a group function gets whole groups (one or many) and decides each alo
 
   perceptual  clips → `tables` key rows each → group by key → Hamming search per group → pairs
   semantic    clips → group by shard → that shard's image_embedding column (ranged reads of the
-              column only) → a hash-chosen sample → k-means on the driver → nearest centroid
+              column only) → a hash-chosen sample → k-means (one task) → nearest centroid
               → group by cluster → SemDedup per cluster → pairs
   pairs       → group by clip → the best-ranked neighbour of each copy → decisions
   clips ∪ decisions → group by clip → clips with `duplicate_of` set on the dropped ones
@@ -19,7 +19,7 @@ thousands of keys in numpy rather than one Python call per key.
 Cost at 100M clips (20 tables × 16 bits, 768-d float16 embeddings, 5% copies): 2e9 key rows ×
 ~70 B = 140 GB through the shuffle and 1.5e12 Hamming comparisons; embeddings 100M × 1.5 KB =
 154 GB read as one ranged read per column chunk of each shard (~100k shards) and shuffled once
-by cluster; k-means on the driver over `kmeans_sample` rows (50k × 768 × 4 B = 154 MB); the final
+by cluster; k-means in one task over `kmeans_sample` rows (50k × 768 × 4 B = 154 MB); the final
 split shuffles the clip rows once (~1 KB each, ~100 GB). Driver memory is O(sample + clusters),
 never O(clips).
 """
@@ -324,6 +324,14 @@ def centroids_for(sample: pa.Table, clips: int, cfg: DedupConfig) -> np.ndarray 
     return kmeans(x, max(1, min(len(x), math.ceil(clips / cfg.cluster_size))), cfg.seed)
 
 
+KMEANS_CPUS = 8.0  # cores asked for the k-means task (its matrix products use them all)
+
+
+def _centroids_task(clips: int, cfg: DedupConfig, *blocks: pa.Table) -> np.ndarray | None:
+    """centroids_for over the sample's blocks (Ray passes each block ref in as its table)."""
+    return centroids_for(pa.concat_tables([EMBEDDING_SCHEMA.empty_table(), *blocks]), clips, cfg)
+
+
 def run_local(clips: pa.Table, out: str, cfg: DedupConfig, semantic: bool) -> pa.Table:
     """Small outputs: every step on one table in this process. Returns DECIDED_SCHEMA clip rows."""
     cands = candidates(clips)
@@ -364,8 +372,10 @@ def semantic_pairs_ds(ray, emb, cfg: DedupConfig, parts: int):
     fraction = min(1.0, cfg.kmeans_sample / n)
     sample = emb.map_batches(lambda t: t.filter(pa.array(in_sample(t["clip_id"], fraction, cfg.seed))),
                              batch_format="pyarrow").materialize()
-    centroids = centroids_for(pa.concat_tables([EMBEDDING_SCHEMA.empty_table(), *ray.get(sample.to_arrow_refs())]),
-                              n, cfg)
+    # k-means (minutes of BLAS at k = 10k) in a task on a worker's cores, not on the driver's
+    # node, which also drives the job; the sample's blocks go to it by reference.
+    cpus = max(1.0, min(KMEANS_CPUS, float(ray.cluster_resources().get("CPU", 1))))
+    centroids = ray.get(ray.remote(num_cpus=cpus)(_centroids_task).remote(n, cfg, *sample.to_arrow_refs()))
     if centroids is None:
         return None
     clustered = emb.map_batches(lambda t: with_cluster(t, centroids), batch_format="pyarrow")
