@@ -46,7 +46,7 @@ def dedupe_block(batch: Batch) -> Batch:
     out: list[dict[str, Any]] = []
     for size, group in sorted(groups.items()):
         out += _dedupe_group(group, size)
-    names = [k for k in batch if k not in ("committed_id", "partial")] + ["source_id", "dup_of"]
+    names = [k for k in batch if k not in ("committed_id", "partial", "num_clips")] + ["source_id", "dup_of"]
     return _columns(out, names)
 
 
@@ -68,16 +68,20 @@ def _dedupe_group(group: list[dict[str, Any]], size: int) -> list[dict[str, Any]
             hashed[str(r["uri"])] = content_id(str(r["uri"]))
         except OSError:
             pass  # unreadable: the probe step says so
-    # survivors: a complete committed copy, then a partly committed one (listed with that content,
-    # unreadable now, or not listed), then the smallest URI
-    survivors = {str(r["committed_id"]): str(r["uri"]) for r in sorted(committed, key=lambda r: str(r["uri"]))}
+    # survivors: a complete committed copy that holds clips, then a partly committed one (listed
+    # with that content, unreadable now, or not listed), then a complete one without clips (a
+    # duplicate rejected earlier, or a source too short to cut), then the smallest URI
+    by_uri = sorted(committed, key=lambda r: str(r["uri"]))
+    survivors = {str(r["committed_id"]): str(r["uri"]) for r in reversed(by_uri) if int(r.get("num_clips") or 0) > 0}
     for r in sorted(partial, key=lambda r: str(r["uri"])):
         sid = str(r["committed_id"])
         if hashed.get(str(r["uri"]), sid) == sid:
             survivors.setdefault(sid, str(r["uri"]))
+    for r in by_uri:
+        survivors.setdefault(str(r["committed_id"]), str(r["uri"]))
     for uri in sorted(hashed):
         survivors.setdefault(hashed[uri], uri)
-    committed_ids = {str(r["committed_id"]) for r in committed}
+    committed_here = {(str(r["committed_id"]), str(r["uri"])) for r in committed}
     out = []
     for r in todo:
         sid = hashed.get(str(r["uri"]))
@@ -85,7 +89,7 @@ def _dedupe_group(group: list[dict[str, Any]], size: int) -> list[dict[str, Any]
             r["source_id"] = sid
             if survivors[sid] != str(r["uri"]):
                 r["dup_of"] = survivors[sid]
-            elif sid in committed_ids:
+            elif (sid, str(r["uri"])) in committed_here:
                 continue  # this very file, committed before and only touched since: nothing to redo
         out.append(r)
     return out

@@ -254,7 +254,7 @@ def expand_tars(ds, cfg: PipelineConfig, index_dir: str | None = None):
 # committed_id: the source id of a source an earlier run committed ("": a listing row); partial:
 # that source is incomplete (pipeline/dedupe.py)
 DEDUPE_INPUT_SCHEMA = LISTING_SCHEMA.append(pa.field("committed_id", pa.string())).append(
-    pa.field("partial", pa.bool_()))
+    pa.field("partial", pa.bool_())).append(pa.field("num_clips", pa.int64()))  # clips its cut promised
 
 
 def with_committed_id(t: pa.Table) -> pa.Table:
@@ -264,7 +264,7 @@ def with_committed_id(t: pa.Table) -> pa.Table:
     t = t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
     n = t.num_rows
     return t.append_column("committed_id", pa.array([""] * n, pa.string())).append_column(
-        "partial", pa.array([False] * n, pa.bool_()))
+        "partial", pa.array([False] * n, pa.bool_())).append_column("num_clips", pa.array([0] * n, pa.int64()))
 
 
 def non_empty_blocks(ray, ds):
@@ -285,6 +285,7 @@ def committed_rows(status_table: pa.Table) -> pa.Table:
         "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": pc.fill_null(done["mtime_ns"], -1),
         "sniffed": [""] * n, "sidecars": ["[]"] * n, "source_meta": ["{}"] * n, "candidate": [True] * n,
         "reason": [""] * n, "committed_id": done["source_id"], "partial": pc.invert(done["complete"]),
+        "num_clips": done["num_clips"],
     }, schema=DEDUPE_INPUT_SCHEMA)
 
 
@@ -613,8 +614,9 @@ def _run(cfg: PipelineConfig, plan: Plan, run_id: str, verify: bool, t_start: fl
     if resume.incomplete:
         sys.exit(f"error: {resume.incomplete} source(s) are still incomplete after {cfg.compute.repair_passes + 1} "
                  f"pass(es), e.g. {', '.join(incomplete_examples(resume))}; re-run to finish them (a source "
-                 "that can no longer be read stays incomplete: restore it, or take it out of the input and "
-                 "the next run closes it, keeping its committed clips)")
+                 "that can no longer be read stays incomplete: restore it; one taken out of the input is "
+                 "closed by the next run, keeping its committed clips, unless it is a tar member or none of "
+                 "its records named it as a whole source yet)")
     manifest = finalize(ray, cfg, out, resume, fingerprint)
     phase("finalize")
     if manifest["totals"]["inputs"] == 0:

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import storage
 from pipeline.listing import LISTING_SCHEMA
 from pipeline.records import NOT_LISTED, of_kind, source_status
 
@@ -122,7 +123,7 @@ def attach_skip_ids(t: pa.Table) -> pa.Table:
     """Rows of whole URIs (rows to do and partial_rows, hash-partitioned by uri) → the rows to do,
     each with its source's committed clip ids ("[]" for none). A partial row whose URI has no
     row to do (the file is no longer listed) becomes one itself, with reason NOT_LISTED: the
-    source step closes it (pipeline/steps.py), keeping what was committed."""
+    source step closes it (pipeline/steps.py), keeping what was committed (see below for which)."""
     if t.num_rows == 0:
         return TODO_SCHEMA.empty_table()
     t = t.cast(TODO_SCHEMA)
@@ -133,6 +134,12 @@ def attach_skip_ids(t: pa.Table) -> pa.Table:
     skip = [ids.get(u, "[]") for u in todo["uri"].to_pylist()]
     todo = todo.set_column(todo.schema.get_field_index("skip_clip_ids"), "skip_clip_ids", pa.array(skip, pa.string()))
     gone = part.filter(pc.invert(pc.is_in(part["uri"], value_set=todo["uri"].combine_chunks())))
+    # Closed only with its source row committed (with none, a file that came back could not be
+    # known as done and would be cut again in full), and not a tar member (a tar unreadable for
+    # a moment lists none of its members). The others stay incomplete: the run says so.
+    closable = [bool(sid) and not storage.member_span(uri)
+                for uri, sid in zip(gone["uri"].to_pylist(), gone["source_id"].to_pylist())]
+    gone = gone.filter(pa.array(closable, pa.bool_()))
     return pa.concat_tables([todo, gone]) if gone.num_rows else todo
 
 

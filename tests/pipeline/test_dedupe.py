@@ -21,9 +21,10 @@ def block(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def listed(path: Path, committed_id: str = "", partial: bool = False) -> dict:
+def listed(path: Path, committed_id: str = "", partial: bool = False, num_clips: int = 0) -> dict:
     st = path.stat()
-    return dict(listing_row(str(path), st.st_size, st.st_mtime_ns), committed_id=committed_id, partial=partial)
+    return dict(listing_row(str(path), st.st_size, st.st_mtime_ns), committed_id=committed_id, partial=partial,
+                num_clips=num_clips)
 
 
 def result(rows: list[dict]) -> dict[str, dict]:
@@ -53,7 +54,7 @@ def test_committed_files_survive_and_are_not_redone(tmp_path: Path) -> None:
     for p in (old, new, renamed):
         p.write_bytes(b"x" * 64)
     sid = content_id(str(old))
-    committed = dict(listed(old), committed_id=sid)  # what the records say of m.mp4
+    committed = dict(listed(old), committed_id=sid, num_clips=2)  # what the records say of m.mp4
     got = result([committed, listed(old), listed(new), listed(renamed)])
     assert str(old) not in got  # listed and committed unchanged: done
     assert got[str(renamed)]["dup_of"] == str(old)  # smaller URI, but m.mp4 was committed first
@@ -72,7 +73,7 @@ def test_non_candidates_and_empty_files_pass_through(tmp_path: Path) -> None:
     e1.write_bytes(b"")
     e2.write_bytes(b"")
     txt = dict(listing_row(str(tmp_path / "n.txt"), 0, 1, candidate=False, reason="not a video: text file"),
-               committed_id="", partial=False)
+               committed_id="", partial=False, num_clips=0)
     got = result([listed(e1), listed(e2), txt])
     assert all(v == {"source_id": "", "dup_of": ""} for v in got.values()) and len(got) == 3
 
@@ -94,3 +95,19 @@ def test_a_partly_committed_source_survives_its_copies_listed_or_not(tmp_path: P
     b.write_bytes(b"z" * 64)  # b rewritten with other bytes of the same size: a is a source of its own
     got = result([part, listed(a), listed(b)])
     assert got[str(a)]["dup_of"] == "" and got[str(b)]["dup_of"] == ""
+
+
+def test_a_copy_without_clips_never_outranks_a_partly_committed_source(tmp_path: Path) -> None:
+    """c.mp4 was rejected as a copy of a.mp4 (complete, 0 clips); a.mp4 was committed in part. The
+    resume must cut a.mp4 again, not take it for a copy of c.mp4 (that would close it). A copy
+    that does hold the content's clips (x.mp4) does outrank it: a.mp4 cut again would repeat them."""
+    a, c, x = tmp_path / "a.mp4", tmp_path / "c.mp4", tmp_path / "x.mp4"
+    for p in (a, c):
+        p.write_bytes(b"w" * 64)
+    sid = content_id(str(a))
+    rows = [dict(listed(c), committed_id=sid), dict(listed(a), committed_id=sid, partial=True, num_clips=3),
+            listed(a), listed(c)]
+    assert result(rows) == {str(a): {"source_id": sid, "dup_of": ""}}  # c.mp4: done
+    x.write_bytes(b"w" * 64)
+    got = result(rows + [dict(listed(x), committed_id=sid, num_clips=3), listed(x)])
+    assert got == {str(a): {"source_id": sid, "dup_of": str(x)}}
