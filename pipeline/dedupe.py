@@ -72,7 +72,10 @@ def _dedupe_group(group: list[dict[str, Any]], size: int) -> list[dict[str, Any]
     # with that content, unreadable now, or not listed), then a complete one without clips (a
     # duplicate rejected earlier, or a source too short to cut), then the smallest URI
     by_uri = sorted(committed, key=lambda r: str(r["uri"]))
-    survivors = {str(r["committed_id"]): str(r["uri"]) for r in reversed(by_uri) if int(r.get("num_clips") or 0) > 0}
+    survivors: dict[str, str] = {}
+    for r in by_uri:
+        if int(r.get("num_clips") or 0) > 0:
+            survivors.setdefault(str(r["committed_id"]), str(r["uri"]))
     for r in sorted(partial, key=lambda r: str(r["uri"])):
         sid = str(r["committed_id"])
         if hashed.get(str(r["uri"]), sid) == sid:

@@ -61,7 +61,7 @@ from pipeline.records import (INDEX_COLUMNS, RECORD_SCHEMA, RECORDS_DIR, REJECT_
 from pipeline.samples import sample_clips
 from pipeline.settings import PipelineConfig, data_config
 from pipeline.shards import column_shapes, read_shard
-from pipeline.state import (TODO_SCHEMA, add_totals, attach_skip_ids, check_shards, drop_near_duplicates, partial_rows,
+from pipeline.state import (TO_DO_SCHEMA, add_totals, attach_skip_ids, check_shards, drop_near_duplicates, partial_rows,
                             status_block, todo_rows, totals_block, totals_json)
 from pipeline.steps import CaptionStage, VAEStage, make_source_fn
 from pipeline.text_encoder import null_text_uri
@@ -278,8 +278,8 @@ def committed_rows(status_table: pa.Table) -> pa.Table:
     source row was committed (a source with clips but no source row has no size to be grouped by)."""
     if status_table.num_rows == 0:
         return DEDUPE_INPUT_SCHEMA.empty_table()
-    sized = pc.is_valid(status_table["size_bytes"])  # a source row was committed (not so for every closed one)
-    done = status_table.filter(pc.and_(sized, pc.or_(status_table["complete"], pc.is_valid(status_table["source_id"]))))
+    # a size (and source id) only where a source row was committed: not so for every closed source
+    done = status_table.filter(pc.is_valid(status_table["size_bytes"]))
     n = done.num_rows
     return pa.table({
         "uri": done["source_uri"], "size_bytes": done["size_bytes"], "mtime_ns": pc.fill_null(done["mtime_ns"], -1),
@@ -316,8 +316,8 @@ def sources_to_do(ray, cfg: PipelineConfig, plan: Plan, resume: Resume):
     # Sources an interrupted run left incomplete: each one's committed clip ids join its own row
     # to do (by URI, in one shuffle over the rows to do, only in a run after such a crash), so the
     # cut skips them. The driver once gathered them into one set sent to every cut task and
-    # writer: ~1 GB per copy at 10^6 ids.
-    rows = _non_empty_blocks(ray, todo.union(status.map_batches(partial_rows, batch_format="pyarrow")), TODO_SCHEMA)
+    # writer: at 10^6 ids, 151 MB in each process holding it and 75 MB per pickled copy.
+    rows = _non_empty_blocks(ray, todo.union(status.map_batches(partial_rows, batch_format="pyarrow")), TO_DO_SCHEMA)
     rows = rows.repartition(1) if small else rows.repartition(num_blocks=_shuffle_blocks(ray, cfg), keys=["uri"])
     return rows.map_batches(attach_skip_ids, batch_format="pyarrow", batch_size=None).materialize()
 

@@ -91,32 +91,32 @@ def status_block(table: pa.Table) -> pa.Table:
 
 # A row to do: a listing row after dedupe, with the clip ids of it an interrupted run committed
 # (skip_clip_ids, a JSON list; "" while that is not decided: see attach_skip_ids).
-TODO_SCHEMA = LISTING_SCHEMA.append(pa.field("source_id", pa.string())).append(
+TO_DO_SCHEMA = LISTING_SCHEMA.append(pa.field("source_id", pa.string())).append(
     pa.field("dup_of", pa.string())).append(pa.field("skip_clip_ids", pa.string()))
 
 
 def todo_rows(t: pa.Table) -> pa.Table:
-    """Dedupe's output block, typed as TODO_SCHEMA, skip_clip_ids undecided ("")."""
+    """Dedupe's output block, typed as TO_DO_SCHEMA, skip_clip_ids undecided ("")."""
     if t.num_rows == 0:
-        return TODO_SCHEMA.empty_table()
-    t = t.select(TODO_SCHEMA.names[:-1]).cast(pa.schema(list(TODO_SCHEMA)[:-1]))
+        return TO_DO_SCHEMA.empty_table()
+    t = t.select(TO_DO_SCHEMA.names[:-1]).cast(pa.schema(list(TO_DO_SCHEMA)[:-1]))
     return t.append_column("skip_clip_ids", pa.array([""] * t.num_rows, pa.string()))
 
 
 def partial_rows(status: pa.Table) -> pa.Table:
-    """Status rows → one TODO_SCHEMA row per incomplete source: its URI and its committed clip ids
+    """Status rows → one TO_DO_SCHEMA row per incomplete source: its URI and its committed clip ids
     (never "", so attach_skip_ids tells them from rows to do); the other columns are unused."""
     part = status.filter(pc.invert(status["complete"])) if status.num_rows else status
     n = part.num_rows
     if n == 0:
-        return TODO_SCHEMA.empty_table()
+        return TO_DO_SCHEMA.empty_table()
     return pa.table({  # as a row to close the source with when no row to do has its URI (attach_skip_ids)
         "uri": part["source_uri"], "size_bytes": pc.fill_null(part["size_bytes"], 0),
         "mtime_ns": pc.fill_null(part["mtime_ns"], -1), "sniffed": [""] * n, "sidecars": ["[]"] * n,
         "source_meta": ["{}"] * n, "candidate": [False] * n, "reason": [NOT_LISTED] * n,
         "source_id": pc.fill_null(part["source_id"], ""), "dup_of": [""] * n,
         "skip_clip_ids": [json.dumps(ids) for ids in part["committed_ids"].to_pylist()],
-    }, schema=TODO_SCHEMA)
+    }, schema=TO_DO_SCHEMA)
 
 
 def attach_skip_ids(t: pa.Table) -> pa.Table:
@@ -125,8 +125,8 @@ def attach_skip_ids(t: pa.Table) -> pa.Table:
     row to do (the file is no longer listed) becomes one itself, with reason NOT_LISTED: the
     source step closes it (pipeline/steps.py), keeping what was committed (see below for which)."""
     if t.num_rows == 0:
-        return TODO_SCHEMA.empty_table()
-    t = t.cast(TODO_SCHEMA)
+        return TO_DO_SCHEMA.empty_table()
+    t = t.cast(TO_DO_SCHEMA)
     undecided = pc.equal(t["skip_clip_ids"], "")
     part = t.filter(pc.invert(undecided))
     ids = dict(zip(part["uri"].to_pylist(), part["skip_clip_ids"].to_pylist()))

@@ -283,8 +283,10 @@ def closing_row(row: Row) -> Row | None:
     longer listed, or now a copy of another source — gets one CLOSED_STAGE reject row instead of
     a cut: its committed clips stay, and the source counts as complete, so later runs finish
     rather than fail on it forever. Any other row: None."""
+    if not (row.get("dup_of") or row.get("reason") == NOT_LISTED):
+        return None
     committed = json.loads(row.get("skip_clip_ids") or "[]")
-    if not committed or not (row.get("dup_of") or row.get("reason") == NOT_LISTED):
+    if not committed:
         return None
     why = f"same content as {row['dup_of']}" if row.get("dup_of") else NOT_LISTED
     return side_row(reject_record(str(row.get("source_id") or uri_id(row["uri"])), row["uri"], CLOSED_STAGE,

@@ -133,7 +133,7 @@ def test_only_a_gone_source_with_its_source_row_and_not_in_a_tar_is_closed() -> 
     import pyarrow as pa
 
     from pipeline.records import NOT_LISTED
-    from pipeline.state import STATUS_SCHEMA, TODO_SCHEMA, attach_skip_ids, partial_rows
+    from pipeline.state import STATUS_SCHEMA, TO_DO_SCHEMA, attach_skip_ids, partial_rows
 
     def status(uri: str, sid: str | None, ids: list[str]) -> dict:
         return {"source_uri": uri, "source_id": sid, "size_bytes": 5 if sid else None, "mtime_ns": 1,
@@ -143,6 +143,6 @@ def test_only_a_gone_source_with_its_source_row_and_not_in_a_tar_is_closed() -> 
         status("/v/listed.mp4", "s0", ["l1"]), status("/v/gone.mp4", "s1", ["g1"]),
         status("/v/nosrc.mp4", None, ["n1"]), status("/v/t.tar#512+5/m.mp4", "s3", ["t1"])], schema=STATUS_SCHEMA))
     todo = pa.Table.from_pylist([{"uri": "/v/listed.mp4", "size_bytes": 5, "mtime_ns": 1, "candidate": True,
-                                  "reason": "", "source_id": "", "dup_of": "", "skip_clip_ids": ""}], schema=TODO_SCHEMA)
+                                  "reason": "", "source_id": "", "dup_of": "", "skip_clip_ids": ""}], schema=TO_DO_SCHEMA)
     out = {r["uri"]: (r["skip_clip_ids"], r["reason"]) for r in attach_skip_ids(pa.concat_tables([todo, parts])).to_pylist()}
     assert out == {"/v/listed.mp4": ('["l1"]', ""), "/v/gone.mp4": ('["g1"]', NOT_LISTED)}

@@ -211,10 +211,10 @@ def test_dedupe_inputs_are_typed_even_when_empty() -> None:
     assert rows.schema == DEDUPE_INPUT_SCHEMA
     assert rows.select(["uri", "committed_id", "partial"]).to_pylist() == [
         {"uri": "a", "committed_id": "sa", "partial": False}, {"uri": "b", "committed_id": "sb", "partial": True}]
-    from pipeline.state import TODO_SCHEMA, attach_skip_ids, partial_rows, todo_rows
+    from pipeline.state import TO_DO_SCHEMA, attach_skip_ids, partial_rows, todo_rows
 
-    assert partial_rows(status).schema == TODO_SCHEMA == attach_skip_ids(pa.table({})).schema
-    assert todo_rows(pa.table({})).schema == TODO_SCHEMA
+    assert partial_rows(status).schema == TO_DO_SCHEMA == attach_skip_ids(pa.table({})).schema
+    assert todo_rows(pa.table({})).schema == TO_DO_SCHEMA
 
 
 def test_empty_listing_blocks_stay_out_of_the_dedupe_shuffle(ray_local: None) -> None:
